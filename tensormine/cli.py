@@ -1,0 +1,96 @@
+"""The `tensormine` command: one entry point, one subcommand per component.
+
+    tensormine --help
+    tensormine keys new alice
+    tensormine chain status --config configs/demo.yaml --set chain.tempo=10
+
+Each component package that has commands exposes ``register(subparsers)`` in its own
+``cli`` module; this file only wires them together, sets up logging and turns the
+project's expected errors into one clear line and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from rich.console import Console
+
+from tensormine import __version__
+
+# Component modules that add subcommands, in the order `--help` lists them.
+COMMAND_MODULES = ("chain.cli", "store.cli", "tensormine.demo")
+
+logger = logging.getLogger("tensormine")
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line, exit status 2."""
+
+
+def make_console() -> Console:
+    """A rich console; off a terminal (pipes, files, tests) tables get 200 columns, not 80."""
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """The options every command that reads a run config takes."""
+    parser.add_argument("--config", "-c", help="run config YAML (default: built-in defaults)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set chain.tempo=10 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tensormine",
+        description="Run and inspect a decentralized training subnet.",
+    )
+    parser.add_argument("--version", action="version", version=f"tensormine {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from chain.errors import ChainError
+    from chain.keys import KeyFileError
+    from tensormine.config import ConfigError
+
+    return (CliError, ConfigError, ChainError, KeyFileError, FileNotFoundError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2) if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler: Callable[[argparse.Namespace], int | None] = args.handler
+    try:
+        return handler(args) or 0
+    except _expected_errors() as exc:
+        print(f"tensormine {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Loading a run config: YAML file + command-line overrides -> one validated `RunConfig`.
+
+    cfg = load_config("configs/demo.yaml", ["chain.tempo=10", "chain.block_time_s=0.5"])
+
+Every component contributes one section (`chain`, ...); the file may leave any section or
+key out and gets the defaults. Errors are `ConfigError`s whose message names the file and
+the dotted key, e.g. ``configs/demo.yaml: chain.tempo: Input should be greater than or
+equal to 1 (got 0)``. Overrides use the same dotted keys; their values are parsed as YAML
+scalars, so ``chain.yuma3=true`` is a bool and ``chain.tempo=10`` an int.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+
+from chain.config import ChainConfig
+from tensormine.schema import StrictModel
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and the key."""
+
+
+class RunSection(StrictModel):
+    """What identifies a run and where its files live."""
+
+    name: str = Field(default="local", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(default=0, ge=0)
+    dir: Path = Path("runs/local")
+
+
+class RunConfig(StrictModel):
+    """The whole configuration of a run; written into every checkpoint's metadata."""
+
+    run: RunSection = RunSection()
+    chain: ChainConfig = ChainConfig()
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The resolved config as plain JSON types (for manifests and checkpoints)."""
+        result: dict[str, Any] = json.loads(self.model_dump_json())
+        return result
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any, source: str) -> None:
+    parts = dotted.split(".")
+    if not dotted or any(not p for p in parts):
+        raise ConfigError(f"{source}: {dotted!r} is not a dotted key like chain.tempo")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: {dotted}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """Turn ``["chain.tempo=10", ...]`` into a nested dict; values are YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item}: expected KEY=VALUE, e.g. chain.tempo=10")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item}: value is not valid YAML: {exc}") from exc
+        _set_dotted(tree, key.strip(), value, f"--set {item}")
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _describe(exc: ValidationError, source: str, tree: Mapping[str, Any]) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{source}: {key}: unknown key")
+        elif "input" in err and err["type"] != "missing":
+            lines.append(f"{source}: {key}: {err['msg']} (got {err['input']!r})")
+        else:
+            lines.append(f"{source}: {key}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
+    """Read `path` (or the built-in defaults when None), apply overrides, validate."""
+    source = "defaults" if path is None else str(path)
+    tree: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            raise ConfigError(f"{source}: no such config file")
+        try:
+            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of sections")
+        tree = loaded
+    override_list = list(overrides)
+    if override_list:
+        source = f"{source} (with --set {' '.join(override_list)})"
+        tree = _merge(tree, parse_overrides(override_list))
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source, tree)) from None

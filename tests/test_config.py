@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tensormine.config import ConfigError, load_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_subtensors() -> None:
+    cfg = load_config()
+    assert cfg.chain.tempo == 360 and cfg.chain.block_time_s == 12.0
+    assert cfg.chain.max_uids == 256 and abs(cfg.chain.bond_alpha - 0.1) < 1e-12
+    assert cfg.chain.owner_cut_u16 == 11796
+
+
+def test_unknown_key_names_the_file_and_the_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "chain:\n  tempoo: 10\n")
+    with pytest.raises(ConfigError, match=r"run\.yaml: chain\.tempoo: unknown key"):
+        load_config(path)
+
+
+def test_wrong_type_and_range(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"chain\.tempo: .*integer"):
+        load_config(write(tmp_path, "chain:\n  tempo: ten\n"))
+    with pytest.raises(ConfigError, match=r"chain\.kappa: .*less than or equal to 1"):
+        load_config(write(tmp_path, "chain:\n  kappa: 2.0\n"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_overrides_are_typed_and_checked(tmp_path: Path) -> None:
+    cfg = load_config(
+        write(tmp_path, "chain:\n  tempo: 10\n"), ["chain.tempo=20", "chain.yuma3=true"]
+    )
+    assert cfg.chain.tempo == 20 and cfg.chain.yuma3 is True
+    with pytest.raises(ConfigError, match=r"--set chain\.nope=1.*chain\.nope: unknown key"):
+        load_config(None, ["chain.nope=1"])
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(None, ["chain.tempo"])
+
+
+def test_shipped_configs_load() -> None:
+    for path in sorted(Path("configs").glob("*.yaml")):
+        load_config(path)
