@@ -3,8 +3,10 @@
 This is the I/O around the pure pieces: `chain.consensus.yuma_epoch` does the math and
 `chain.distribution.split_emission` the integer payouts. What the ledger must do before
 calling Yuma, as subtensor does around its epoch:
-- weights and bonds of validator i on UID j are dropped when i last set weights at or
-  before j's registration (they were meant for the UID's previous holder);
+- weights of validator i on UID j are dropped when i last set weights at or
+  before j's registration (they were meant for the UID's previous holder), and bonds on
+  a UID registered within the last tempo are dropped;
+- stake below the validator minimum does not vote;
 - a UID is inactive when it has not set weights for `activity_cutoff` blocks;
 - validator permits are the top-K by stake (with the minimum stake).
 Emission to miners and validators is added to their stake, as on the chain; the owner's
@@ -56,6 +58,7 @@ class EpochInputs:
     bonds: NDArray[np.float64]
     active: NDArray[np.bool_]
     permits: NDArray[np.bool_]
+    owner_uid: int | None  # the owner's self-weight counts, as on the chain
 
 
 def load_inputs(rt: Runtime, block: int) -> EpochInputs:
@@ -68,20 +71,25 @@ def load_inputs(rt: Runtime, block: int) -> EpochInputs:
     n = len(neurons)
     registered = np.array([int(r[2]) for r in neurons], dtype=np.int64)
     last_update = np.array([int(r[3]) for r in neurons], dtype=np.int64)
-    # Entries set at or before the target's registration belong to its previous holder.
+    # Weights set at or before the target's registration were meant for its previous holder.
     outdated = last_update[:, None] <= registered[None, :]
     weights = _dense(conn.execute("SELECT uid, data FROM weights").fetchall(), n)
     weights[outdated] = 0.0
     bonds_q = _dense(conn.execute("SELECT uid, data FROM bonds").fetchall(), n)
     bonds = bonds_from_u16(bonds_q.astype(np.uint16), cfg.yuma3)
-    bonds[outdated] = 0.0
+    # Bonds on a UID registered within the last tempo were earned by its previous holder.
+    bonds[:, block - cfg.tempo <= registered] = 0.0
+    stake = np.array(rt.stakes_by_uid(), dtype=np.float64)
+    # Stake under the validator threshold carries no vote in consensus.
+    stake[stake < cfg.validator_min_stake_rao] = 0.0
     return EpochInputs(
         hotkeys=[str(r[1]) for r in neurons],
         weights=weights,
-        stake=np.array(rt.stakes_by_uid(), dtype=np.float64),
+        stake=stake,
         bonds=bonds,
         active=last_update + cfg.activity_cutoff >= block,
         permits=np.array(rt.permits(), dtype=bool),
+        owner_uid=rt.uid_of(rt.owner),
     )
 
 
@@ -98,6 +106,7 @@ def run_yuma(inputs: EpochInputs, cfg: ChainConfig) -> EpochResult:
         liquid_alpha=cfg.liquid_alpha,
         active=inputs.active,
         validator_permit=inputs.permits,
+        owner_uid=inputs.owner_uid,
     )
 
 
@@ -154,6 +163,7 @@ def run_epoch(rt: Runtime, block: int) -> None:
     conn.execute("UPDATE state SET pending_emission = ?", (payout.carried,))
 
     stored = bonds_to_u16(result.bonds, cfg.yuma3)
+    stored[~permits] = 0  # a UID without a permit holds no bonds
     conn.execute("DELETE FROM bonds")
     conn.executemany(
         "INSERT INTO bonds (uid, data) VALUES (?, ?)",
