@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
-            if exc.name != name:
+            # A component that is not installed adds no commands; a broken one still fails.
+            missing = exc.name or ""
+            if name != missing and not name.startswith(missing + "."):
                 raise
             continue
         module.register(sub)

@@ -19,8 +19,10 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
+from averaging.config import CompressionConfig, OuterConfig
 from chain.config import ChainConfig
 from tensormine.schema import StrictModel
+from train.config import DataConfig, ModelConfig, TrainConfig, WandbConfig, WindowConfig
 
 
 class ConfigError(ValueError):
@@ -40,6 +42,13 @@ class RunConfig(StrictModel):
 
     run: RunSection = RunSection()
     chain: ChainConfig = ChainConfig()
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    window: WindowConfig = WindowConfig()
+    outer: OuterConfig = OuterConfig()
+    compression: CompressionConfig = CompressionConfig()
+    wandb: WandbConfig = WandbConfig()
 
     def to_json_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON types (for manifests and checkpoints)."""

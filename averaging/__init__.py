@@ -1,0 +1,1 @@
+"""Combining miners' pseudo-gradients: compression, the outer optimizer, (later) hivemind."""

@@ -1,0 +1,1 @@
+"""The miner: the model and its shards, data pages, the inner loop, the miner process."""

@@ -1,0 +1,122 @@
+"""Typed configuration of the model, the data, the inner loop, windows and W&B.
+
+The `model:` section is the whole architecture, so a preset is just a YAML file
+(`configs/tiny.yaml`, `configs/small.yaml`, `configs/1b.yaml`). Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from tensormine.schema import StrictModel
+
+
+class ModelConfig(StrictModel):
+    """A Llama-architecture causal LM built from this config (no weight download)."""
+
+    arch: Literal["llama"] = "llama"
+    vocab_size: int = Field(default=4096, ge=259, le=262144)
+    hidden_size: int = Field(default=256, ge=8)
+    intermediate_size: int = Field(default=688, ge=8)
+    num_layers: int = Field(default=4, ge=1)
+    num_heads: int = Field(default=4, ge=1)
+    num_kv_heads: int = Field(default=4, ge=1)
+    max_seq_len: int = Field(default=256, ge=8)
+    rope_theta: float = Field(default=10000.0, gt=0)
+    init_std: float = Field(default=0.02, gt=0)
+    shards: int = Field(default=1, ge=1, description="S: shards of whole layers; 1 = data parallel")
+
+    @model_validator(mode="after")
+    def _heads(self) -> ModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}"
+            )
+        if self.shards > self.num_layers + 2:
+            raise ValueError(
+                f"shards {self.shards} > {self.num_layers + 2} units "
+                f"(embeddings, {self.num_layers} layers, head)"
+            )
+        return self
+
+
+class DataConfig(StrictModel):
+    """Where documents come from and how they become pages."""
+
+    source: Literal["stdlib", "files", "hub"] = "stdlib"
+    files: list[str] = Field(
+        default_factory=list, description="globs of .txt/.json/.jsonl/.parquet"
+    )
+    dataset: str | None = Field(default=None, description="Hub dataset id when source = hub")
+    dataset_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    streaming: bool = False
+    max_documents: int | None = Field(default=None, ge=1)
+    max_pages: int | None = Field(default=None, ge=1, description="cap on pages (streaming)")
+    tokenizer: str | None = Field(default=None, description="Hub tokenizer name; None = train BPE")
+    seq_len: int = Field(default=128, ge=8, description="tokens per page")
+    heldout_fraction: float = Field(default=0.05, gt=0.0, lt=0.5)
+    cache_dir: Path | None = Field(default=None, description="default: <run.dir>/data")
+
+    @model_validator(mode="after")
+    def _source(self) -> DataConfig:
+        if self.source == "files" and not self.files:
+            raise ValueError("source = files needs data.files (glob patterns)")
+        if self.source == "hub" and not self.dataset:
+            raise ValueError("source = hub needs data.dataset (a Hub dataset id)")
+        return self
+
+
+class TrainConfig(StrictModel):
+    """The inner loop (DiLoCo, arXiv 2311.08105): H AdamW steps per window."""
+
+    inner_steps: int = Field(default=20, ge=1, description="H")
+    batch_size: int = Field(default=8, ge=1, description="pages per optimizer step, all processes")
+    grad_accum: int = Field(default=1, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    warmup_steps: int = Field(default=5, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    beta1: float = Field(default=0.9, ge=0, lt=1)
+    beta2: float = Field(default=0.95, ge=0, lt=1)
+    grad_clip: float = Field(default=1.0, gt=0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    eval_pages: int = Field(
+        default=16, ge=1, description="held-out pages the miner reports its loss on each window"
+    )
+
+    @property
+    def pages_per_window(self) -> int:
+        return self.inner_steps * self.batch_size
+
+
+class WindowConfig(StrictModel):
+    """Time on the ledger: window w spans blocks [w·blocks, (w+1)·blocks)."""
+
+    blocks: int = Field(default=30, ge=2, description="ledger blocks per window")
+    publish_margin: int = Field(
+        default=2, ge=0, description="blocks before the window ends by which contributions are due"
+    )
+
+    @model_validator(mode="after")
+    def _margin(self) -> WindowConfig:
+        if self.publish_margin >= self.blocks:
+            raise ValueError("publish_margin must be smaller than blocks")
+        return self
+
+
+class WandbConfig(StrictModel):
+    """Weights & Biases: offline unless an API key is set; `wandb sync` uploads later."""
+
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "tensormine"
+    entity: str | None = None
+    dir: Path | None = Field(default=None, description="default: <run.dir>/wandb")
