@@ -92,3 +92,13 @@ def test_blocks_to_reach_is_a_ceiling() -> None:
     assert blocks_to_reach(0, 10, 3) == 4
     assert blocks_to_reach(0, 9, 3) == 3
     assert blocks_to_reach(10, 9, 3) == 0
+
+
+@given(st.integers(min_value=0, max_value=TOTAL_SUPPLY_RAO))
+def test_one_block_never_passes_the_cap(issuance: int) -> None:
+    assert issuance + block_emission(issuance) <= TOTAL_SUPPLY_RAO
+
+
+def test_emission_over_never_passes_the_cap() -> None:
+    start = TOTAL_SUPPLY_RAO - 10**9
+    assert start + emission_over(start, 10**12) < TOTAL_SUPPLY_RAO

@@ -342,3 +342,16 @@ def test_block_emission_follows_issuance(ledger: Ledger) -> None:
     )
     assert ledger.produce_block().emission == TAO
     assert ledger.produce_block().emission == block_emission(10_500_000 * TAO - 1 + TAO) == TAO // 2
+
+
+def test_issuance_stops_below_the_cap(ledger: Ledger) -> None:
+    from chain.emission import TOTAL_SUPPLY_RAO
+
+    alice = Keypair.generate()
+    near = TOTAL_SUPPLY_RAO - 50
+    ledger.conn.execute("UPDATE state SET total_issuance = ?, pending_emission = ?", (near, near))
+    ledger.advance(30)
+    issuance, _ = ledger.issuance()
+    assert issuance <= TOTAL_SUPPLY_RAO and ledger.produce_block().emission == 0
+    with pytest.raises(errors.InvalidCall, match="cap"):
+        ledger.submit_call(alice, "faucet", {"amount": TOTAL_SUPPLY_RAO - issuance + 1})
