@@ -6,7 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck pytest install clean
 
-$(STAMP): pyproject.toml
+# Reinstall when the packages change too: the editable install maps each top-level package.
+PACKAGES := $(wildcard */__init__.py)
+
+$(STAMP): pyproject.toml $(PACKAGES)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch is pinned to the CPU build in pyproject.toml; install it first so no CUDA build is resolved.

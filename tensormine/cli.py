@@ -73,9 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from chain.errors import ChainError
     from chain.keys import KeyFileError
+    from store.errors import StoreError
     from tensormine.config import ConfigError
 
-    return (CliError, ConfigError, ChainError, KeyFileError, FileNotFoundError)
+    return (CliError, ConfigError, ChainError, KeyFileError, StoreError, FileNotFoundError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

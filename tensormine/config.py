@@ -21,6 +21,7 @@ from pydantic import Field, ValidationError
 
 from averaging.config import CompressionConfig, OuterConfig
 from chain.config import ChainConfig
+from store.config import StoreConfig
 from tensormine.schema import StrictModel
 from train.config import DataConfig, ModelConfig, TrainConfig, WandbConfig, WindowConfig
 
@@ -42,6 +43,7 @@ class RunConfig(StrictModel):
 
     run: RunSection = RunSection()
     chain: ChainConfig = ChainConfig()
+    store: StoreConfig = StoreConfig()
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
