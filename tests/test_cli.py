@@ -17,7 +17,7 @@ FAST = [
     "--set", "chain.block_time_s=0.02",
     "--set", "chain.tempo=4",
     "--set", "chain.weights_rate_limit=0",
-    "--set", "chain.validator_min_stake_rao=1000000000000",  # 1,000 τ: beyond what a miner earns here
+    "--set", "chain.validator_min_stake_rao=1000000000000",  # 1,000 τ: more than a miner earns
     "--set", "chain.faucet_rao=10000000000000",
 ]  # fmt: skip
 
