@@ -31,6 +31,7 @@ def _loss(prov: Provenance) -> float | None:
     """The held-out loss a checkpoint records (validators write `heldout_loss`)."""
     return prov.metrics.get("heldout_loss", prov.metrics.get("loss"))
 
+
 def human_bytes(n: int) -> str:
     size = float(n)
     for unit in ("B", "kB", "MB", "GB", "TB"):
