@@ -1,0 +1,110 @@
+"""The miner in one process: clear errors on bad setups, and restart safety."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from chain.keys import create_key, load_key
+from chain.ledger import Ledger
+from chain.node import run_producer
+from tensormine.config import RunConfig, load_config
+from train.miner import Miner, main
+from train.model import model_fingerprint
+
+
+def small_config(run: Path, **extra: str) -> list[str]:
+    sets = {
+        "run.dir": str(run),
+        "chain.db": f"{run}/ledger.sqlite",
+        "store.root": f"{run}/store",
+        "data.cache_dir": f"{run}/data",
+        "chain.block_time_s": "0.05",
+        "window.blocks": "40",
+        "data.max_documents": "40",
+        "data.seq_len": "32",
+        "train.inner_steps": "2",
+        "train.batch_size": "2",
+        "train.warmup_steps": "1",
+        "train.eval_pages": "2",
+        "wandb.mode": "disabled",
+        **extra,
+    }
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[tuple[RunConfig, list[str], Path]]:
+    run, keys = tmp_path / "run", tmp_path / "keys"
+    sets = small_config(run)
+    cfg = load_config("configs/tiny.yaml", sets)
+    owner = create_key(keys, "owner")
+    miner = create_key(keys, "m0")
+    create_key(keys, "stranger")
+    with Ledger.create(cfg.chain.db, cfg.chain, owner.address) as ledger:
+        ledger.submit_call(miner, "register", {})
+        ledger.produce_block()
+    yield cfg, sets, keys
+
+
+def args(sets: list[str], keys: Path, hotkey: str) -> list[str]:
+    out = ["--config", "configs/tiny.yaml", "--hotkey", hotkey, "--keys-dir", str(keys)]
+    for item in sets:
+        out += ["--set", item]
+    return out
+
+
+def test_bad_setups_fail_with_a_clear_message(
+    setup: tuple[RunConfig, list[str], Path], caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    _, sets, keys = setup
+    assert main(args(sets, keys, "stranger")) == 2
+    assert "tensormine chain register --key stranger" in caplog.text
+    caplog.clear()
+    assert main(args(sets, keys, "nobody")) == 2
+    assert "tensormine keys new nobody" in caplog.text
+    caplog.clear()
+    elsewhere = small_config(tmp_path / "empty")
+    assert main([*args(elsewhere, keys, "m0"), "--set", "chain.block_time_s=0.01"]) == 2
+    assert "tensormine chain init" in caplog.text
+    caplog.clear()
+    assert main([*args(sets, keys, "m0"), "--set", "train.batch_sise=3"]) == 2
+    assert "train.batch_sise: unknown key" in caplog.text
+
+
+def test_restart_resumes_from_the_saved_state(setup: tuple[RunConfig, list[str], Path]) -> None:
+    cfg, _, keys = setup
+    stop = threading.Event()
+    producer = threading.Thread(
+        target=lambda: run_producer(Ledger(cfg.chain.db), stop=stop), daemon=True
+    )
+    producer.start()
+    try:
+        first = Miner(cfg, load_key(keys, "m0"), "m0", Accelerator(cpu=True))
+        reports = first.run(max_windows=1)
+        saved = model_fingerprint(first.model.state_dict())
+        first.close()
+        # A new process (here: a new Miner) picks up where the last finished window left it.
+        second = Miner(cfg, load_key(keys, "m0"), "m0", Accelerator(cpu=True))
+        assert second.load_state()
+        assert second.window == reports[0].window + 1
+        assert model_fingerprint(second.model.state_dict()) == saved
+        assert set(second.momentum) and all(
+            torch.isfinite(t).all() for t in second.momentum.values()
+        )
+        second.close()
+    finally:
+        stop.set()
+        producer.join(timeout=10)
+    lines = (cfg.run.dir / "miners" / "m0" / "windows.jsonl").read_text().splitlines()
+    assert [json.loads(line)["window"] for line in lines] == [reports[0].window]
+    # A half-written state folder from a kill mid-save is ignored: CURRENT still points home.
+    state = cfg.run.dir / "miners" / "m0" / "state"
+    (state / f".window-{reports[0].window + 5}.partial").mkdir()
+    assert (state / "CURRENT").read_text() == f"window-{reports[0].window + 1}"

@@ -1,0 +1,141 @@
+"""Two miners under `accelerate launch` against a real ledger and store, for several windows.
+
+One miner runs as a single process, the other as two DDP processes (gloo on CPU). Both
+must publish a verified contribution in every window they train, their held-out loss
+must fall, and each must leave an offline W&B run behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from averaging.compression import decode, expected_specs
+from chain.keys import create_key
+from chain.ledger import Ledger
+from store.api import open_store
+from store.safetensors_check import TORCH_DTYPES, TensorSpec
+from tensormine.config import load_config
+from train.model import build_model
+from train.shards import shard_map
+
+pytestmark = pytest.mark.e2e
+
+WINDOWS = 3
+
+
+def overrides(run: Path) -> list[str]:
+    return [
+        f"run.dir={run}",
+        f"chain.db={run}/ledger.sqlite",
+        f"store.root={run}/store",
+        f"data.cache_dir={run}/data",
+        "chain.block_time_s=0.2",
+        "chain.faucet_rao=1000000000000",
+        "chain.weights_rate_limit=0",
+        "window.blocks=60",
+        "window.publish_margin=3",
+        "data.max_documents=120",
+        "data.seq_len=64",
+        "train.inner_steps=8",
+        "train.batch_size=4",
+        "train.warmup_steps=2",
+        "train.lr=0.003",
+        "train.eval_pages=8",
+        "wandb.mode=offline",
+    ]
+
+
+def launch(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", *args],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+
+
+def test_two_miners_train_publish_and_improve(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    keys = tmp_path / "keys"
+    sets = overrides(run)
+    cfg = load_config("configs/tiny.yaml", sets)
+    owner = create_key(keys, "owner")
+    miners = {name: create_key(keys, name) for name in ("m0", "m1")}
+    with Ledger.create(cfg.chain.db, cfg.chain, owner.address) as ledger:
+        for kp in miners.values():
+            ledger.submit_call(kp, "register", {})
+        ledger.produce_block()
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    producer = subprocess.Popen(
+        [sys.executable, "-m", "tensormine.cli", "chain", "run", "--db", str(cfg.chain.db)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    miner_args = ["--config", "configs/tiny.yaml", *[a for s in sets for a in ("--set", s)]]
+    procs = {}
+    try:
+        procs["m0"] = launch(
+            ["--num_processes", "1", "-m", "train.miner", *miner_args, "--hotkey", "m0",
+             "--keys-dir", str(keys), "--windows", str(WINDOWS)],
+            env, tmp_path / "m0.log",
+        )  # fmt: skip
+        procs["m1"] = launch(
+            ["--multi_gpu", "--num_processes", "2", "-m", "train.miner", *miner_args,
+             "--hotkey", "m1", "--keys-dir", str(keys), "--windows", str(WINDOWS)],
+            env, tmp_path / "m1.log",
+        )  # fmt: skip
+        for name, proc in procs.items():
+            rc = proc.wait(timeout=600)
+            assert rc == 0, (tmp_path / f"{name}.log").read_text()[-4000:]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+        producer.send_signal(signal.SIGINT)
+        producer.wait(timeout=20)
+
+    store = open_store(cfg.store)
+    model = build_model(cfg.model, cfg.run.seed)
+    params = dict(model.named_parameters())
+    shards = shard_map(model, cfg.model.shards)
+    for name, kp in miners.items():
+        reports = [
+            json.loads(line)
+            for line in (run / "miners" / name / "windows.jsonl").read_text().splitlines()
+        ]
+        assert len(reports) == WINDOWS
+        assert [r["window"] for r in reports] == list(
+            range(reports[0]["window"], reports[0]["window"] + WINDOWS)
+        )
+        # Held-out loss falls: the last model beats the one the first window started from.
+        assert reports[-1]["heldout_loss"] < reports[0]["heldout_before"] - 0.1, reports
+        for report in reports:
+            assert not report["late"], report
+            refs = [
+                r
+                for r in store.list_contributions(report["window"], shard=report["shard"])
+                if r.hotkey == kp.address
+            ]
+            assert len(refs) == 1
+            # What a validator does: shapes from the model, encoding from the manifest.
+            manifest = store.read_manifest(refs[0])
+            shapes = {n: tuple(params[n].shape) for n in shards[report["shard"]]}
+            specs = expected_specs(shapes, manifest.compression.params)
+            expected = {
+                k: TensorSpec(TORCH_DTYPES[dtype], shape) for k, (dtype, shape) in specs.items()
+            }
+            got = store.load_contribution(
+                refs[0], hotkey=kp.address, uid=report["uid"], window=report["window"],
+                shard=report["shard"], expected=expected,
+            )  # fmt: skip
+            delta = decode(got.tensors, manifest.compression.params, shapes)
+            assert set(delta) == set(shapes)
+            assert all(bool(t.abs().sum() > 0) for t in delta.values())
+        runs = list((run / "miners" / name / "wandb").glob("offline-run-*"))
+        assert len(runs) == 1, runs
+        assert list(runs[0].glob("*.wandb")), "the offline run has no data file"

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from chain.keys import Keypair
+from chain.ledger import Ledger
+from tests.chain.conftest import fast_config
+from train.config import WindowConfig
+from train.windows import deadline, start_block, wait_for_block, window_of
+
+
+def test_window_arithmetic() -> None:
+    cfg = WindowConfig(blocks=30, publish_margin=2)
+    assert [window_of(b, cfg) for b in (0, 29, 30, 59, 60)] == [0, 0, 1, 1, 2]
+    assert start_block(2, cfg) == 60
+    assert deadline(2, cfg) == 88  # contributions for window 2 are late from block 88 on
+    with pytest.raises(ValueError, match="publish_margin"):
+        WindowConfig(blocks=5, publish_margin=5)
+
+
+def test_waiting_on_a_stalled_ledger_says_why(tmp_path: Path) -> None:
+    cfg = fast_config(tmp_path / "l.sqlite")
+    with Ledger.create(cfg.db, cfg, Keypair.generate().address) as ledger:
+        ledger.produce_block()
+        assert wait_for_block(ledger, 1, timeout=0.2) == 1
+        with pytest.raises(TimeoutError, match="chain run"):
+            wait_for_block(ledger, 5, timeout=0.3)

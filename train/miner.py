@@ -1,0 +1,512 @@
+"""The miner process: train the assigned shard each window and publish the pseudo-gradient.
+
+    accelerate launch -m train.miner --config configs/tiny.yaml --hotkey alice
+    accelerate launch --num_processes 2 -m train.miner --config configs/tiny.yaml --hotkey alice
+    tensormine miner --config configs/tiny.yaml --hotkey alice        # one process
+
+Every window w (ledger blocks [w·B, (w+1)·B)) the miner
+1. enters with θ_w: the canonical checkpoint of window w when the store has one (the
+   validators publish it; a local model that differs is replaced), else its own θ_w from
+   the previous window's outer step, else the run's deterministic window-0 checkpoint
+   (which the first miner to start writes to the store);
+2. trains its shard (a deterministic, balanced function of the miner UIDs and w) for H
+   AdamW steps on its assigned pages (a function of its hotkey, w and the run seed);
+3. forms Δ = θ_w − θ on the shard, compresses it, and publishes it with a manifest signed
+   by its hotkey before the window's deadline block (a late Δ is not published);
+4. applies the outer step (Nesterov SGD, DiLoCo) to the average Δ of its shard group —
+   itself alone until hivemind averaging takes over — giving its θ_{w+1};
+5. saves its state atomically (a killed miner restarts into the current window), appends
+   a line to ``<run dir>/miners/<name>/windows.jsonl``, and logs loss, learning rate, grad
+   norm, tokens/s, step time, bytes published, window, shard and held-out loss to W&B
+   (offline unless an API key is set).
+
+Several accelerate processes form one miner (DDP inside the inner loop); the main
+process alone talks to the ledger and the store and hands decisions to the others as
+integer tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from averaging.compression import decode, encode
+from averaging.outer import load_outer_state, outer_step, save_outer_state
+from chain.errors import ChainError
+from chain.keys import KeyFileError, Keypair, default_keys_dir, load_key
+from chain.ledger import Ledger
+from store.api import Store, open_store
+from store.checkpoint import Provenance
+from store.errors import NotFound, StoreConflict, StoreError
+from store.manifest import Compression
+from tensormine.config import ConfigError, RunConfig, load_config
+from tensormine.tracking import Tracker
+from train.data import Pages, load_pages
+from train.inner import StepStats, inner_loop, mean_loss
+from train.model import build_model, model_fingerprint
+from train.pages import assigned_pages, heldout_sample
+from train.shards import apply_to_shard, make_trainable, shard_for_miner, shard_map, shard_state
+from train.tokenizer import load_tokenizer
+from train.windows import deadline, start_block, wait_for_block, window_of
+
+logger = logging.getLogger("train.miner")
+
+STATE_POINTER = "CURRENT"
+EVAL_SAMPLE_KEY = b"tensormine/miner-eval"
+
+
+class MinerError(RuntimeError):
+    """The miner cannot go on; the message says what to do."""
+
+
+@dataclass
+class WindowReport:
+    window: int
+    uid: int
+    shard: int
+    loss: float
+    heldout_before: float  # held-out loss of θ_w, the model the window started from
+    heldout_loss: float  # held-out loss of θ_{w+1}, after the outer step
+    tokens_per_second: float
+    published_bytes: int
+    late: bool
+
+
+def resolve_mixed_precision(setting: str) -> str:
+    """`auto`: bf16 on a GPU that has it, else full precision (CPU bf16 is slower)."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def open_ledger(cfg: RunConfig, attempts: int = 5) -> Ledger:
+    """The run's ledger, with a few retries while another process is creating it."""
+    for attempt in range(attempts):
+        try:
+            return Ledger(cfg.chain.db)
+        except FileNotFoundError:
+            if attempt == attempts - 1:
+                raise MinerError(
+                    f"no ledger at {cfg.chain.db}; start one with `tensormine chain init` "
+                    "and `tensormine chain run` (or point chain.db at it)"
+                ) from None
+            time.sleep(2.0**attempt)
+    raise AssertionError("unreachable")
+
+
+class Miner:
+    """One miner (one hotkey), possibly spread over several accelerate processes."""
+
+    def __init__(self, cfg: RunConfig, keypair: Keypair, name: str, accelerator: Accelerator):
+        self.cfg = cfg
+        self.keypair = keypair
+        self.name = name
+        self.acc = accelerator
+        self.main = accelerator.is_main_process
+        self.dir = cfg.run.dir / "miners" / name
+        self.ledger = open_ledger(cfg)
+        uid = self.ledger.uid_of(keypair.address)
+        if uid is None:
+            raise MinerError(
+                f"hotkey {name} ({keypair.address}) is not registered on {cfg.chain.db}; "
+                f"register it with `tensormine chain register --key {name} --db {cfg.chain.db}`"
+            )
+        self.uid = uid
+        self.store: Store = open_store(cfg.store)
+        self.tracker = (
+            Tracker.start(
+                cfg.wandb,
+                run_dir=self.dir,
+                name=f"miner-{name}",
+                group=cfg.run.name,
+                job_type="miner",
+                config=cfg.to_json_dict(),
+            )
+            if self.main
+            else Tracker(None, "disabled")
+        )
+        self.global_step = 0
+        self.model = build_model(cfg.model, cfg.run.seed)
+        self.shards = shard_map(self.model, cfg.model.shards)
+        self.momentum: dict[str, torch.Tensor] = {}
+        self.residual: dict[str, torch.Tensor] = {}
+        self.window = -1  # the window the model's weights belong to
+        self._prepare_genesis_and_data()
+
+    # ---- start-up ------------------------------------------------------------------------
+    def _prepare_genesis_and_data(self) -> None:
+        """Window 0 in the store (deterministic, first miner writes it), tokenizer, pages."""
+        genesis = self.dir / "checkpoints" / "window-0"
+        if self.main:
+            self._ensure_window_zero()
+            if not genesis.exists():
+                self.store.pull_checkpoint(genesis, window=0)
+        self.acc.wait_for_everyone()
+        self.tokenizer = load_tokenizer_from(genesis)
+        align_special_tokens(self.model, self.tokenizer)
+        cache = self.cfg.data.cache_dir or self.cfg.run.dir / "data"
+        with self.acc.main_process_first():
+            self.pages: Pages = load_pages(
+                self.cfg.data, self.tokenizer, cache, min_train_pages=self.cfg.train.batch_size
+            )
+        needed = self.cfg.train.pages_per_window
+        if self.pages.train.shape[0] < needed:
+            raise MinerError(
+                f"the corpus gives {self.pages.train.shape[0]} train pages; a window needs "
+                f"{needed} (train.inner_steps × train.batch_size): use more data or fewer steps"
+            )
+        # A fixed sample spread over the held-out split (a prefix may be one document).
+        n_heldout = self.pages.heldout.shape[0]
+        spread = heldout_sample(
+            EVAL_SAMPLE_KEY, 0, n_heldout, min(self.cfg.train.eval_pages, n_heldout)
+        )
+        self.eval_pages = torch.from_numpy(self.pages.heldout[spread])
+
+    def _ensure_window_zero(self) -> None:
+        try:
+            self.store.resolve(window=0)
+            return
+        except NotFound:
+            pass
+        cache = self.cfg.data.cache_dir or self.cfg.run.dir / "data"
+        tokenizer = load_tokenizer(self.cfg.data, self.cfg.model.vocab_size, cache)
+        align_special_tokens(self.model, tokenizer)
+        prov = Provenance(
+            run_id=self.cfg.run.name,
+            window=0,
+            ledger_block=self.ledger.block_number(),
+            run_config=self.cfg.to_json_dict(),
+            metrics={},
+        )
+        try:
+            self.store.publish_checkpoint(self.model, tokenizer, prov)
+            logger.info("wrote the run's window-0 checkpoint to %s", self.store.location)
+        except StoreConflict:
+            logger.info("another miner wrote window 0 first")
+
+    # ---- state ---------------------------------------------------------------------------
+    @property
+    def state_dir(self) -> Path:
+        return self.dir / "state"
+
+    def save_state(self) -> None:
+        """Weights, outer momentum, residuals and window, atomically (main process)."""
+        from safetensors.torch import save_file
+
+        if not self.main:
+            return
+        root = self.state_dir
+        folder = root / f"window-{self.window}"
+        tmp = root / f".window-{self.window}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        save_outer_state(tmp / "outer.safetensors", self.momentum)
+        save_outer_state(tmp / "residual.safetensors", self.residual)
+        meta = {"window": self.window, "fingerprint": model_fingerprint(state), "uid": self.uid}
+        (tmp / "state.json").write_text(json.dumps(meta))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+        pointer = root / f".{STATE_POINTER}.tmp"
+        pointer.write_text(folder.name)
+        pointer.replace(root / STATE_POINTER)  # the switch to the new state is one rename
+        for old in root.glob("window-*"):
+            if old != folder:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def load_state(self) -> bool:
+        """Resume from the saved state, if any; returns whether there was one."""
+        from safetensors.torch import load_file
+
+        pointer = self.state_dir / STATE_POINTER
+        if not pointer.is_file():
+            return False
+        folder = self.state_dir / pointer.read_text().strip()
+        meta = json.loads((folder / "state.json").read_text())
+        shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        weights = load_file(str(folder / "model.safetensors"))
+        if {k: tuple(v.shape) for k, v in weights.items()} != shapes:
+            raise MinerError(f"{folder}: saved weights do not fit model {self.cfg.model}")
+        self.model.load_state_dict(weights)
+        self.momentum = load_outer_state(folder / "outer.safetensors", shapes)
+        self.residual = load_outer_state(folder / "residual.safetensors", shapes)
+        self.window = int(meta["window"])
+        logger.info("resumed %s at window %d from %s", self.name, self.window, folder)
+        return True
+
+    # ---- one window ----------------------------------------------------------------------
+    def _adopt(self, window: int) -> None:
+        """Make the model θ_window: the store's canonical checkpoint wins if there is one."""
+        target = self.dir / "checkpoints" / f"window-{window}"
+        have = torch.zeros(1, dtype=torch.long)
+        if self.main:
+            try:
+                if not target.exists():
+                    self.store.pull_checkpoint(target, window=window)
+                have[0] = 1
+            except NotFound:
+                have[0] = 0
+        have = broadcast(have)
+        if int(have[0]) == 1:
+            weights = load_checkpoint_weights(target)
+            mine = model_fingerprint(self.model.state_dict())
+            if model_fingerprint(weights) != mine or self.window != window:
+                logger.info("window %d: adopting the canonical checkpoint", window)
+                self.model.load_state_dict(weights)
+        elif self.window != window:
+            # No canonical θ yet: keep our own θ (from our last outer step) as θ_window.
+            logger.info(
+                "window %d: no canonical checkpoint; continuing from window %d", window, self.window
+            )
+        self.window = window
+
+    def _decide(self, window: int) -> tuple[int, int]:
+        """(shard, miner count) for `window`, decided by the main process, shared by all."""
+        decision = torch.zeros(2, dtype=torch.long)
+        if self.main:
+            neurons = self.ledger.neurons()
+            miners = [n.uid for n in neurons if not n.validator_permit]
+            if self.uid not in miners:
+                raise MinerError(
+                    f"UID {self.uid} is no longer a miner here (deregistered or holds a "
+                    "validator permit)"
+                )
+            decision[0] = shard_for_miner(self.uid, miners, window, self.cfg.model.shards)
+            decision[1] = len(miners)
+        decision = broadcast(decision)
+        return int(decision[0]), int(decision[1])
+
+    def train_window(self, window: int) -> WindowReport:
+        cfg = self.cfg
+        self._adopt(window)
+        shard, _ = self._decide(window)
+        names = self.shards[shard]
+        before = mean_loss(self.model, self.eval_pages, device=self.acc.device)
+        start = shard_state(self.model, names)  # θ_w on the shard
+        make_trainable(self.model, names)
+        order = assigned_pages(
+            self.keypair.address, window, cfg.run.seed, self.pages.train.shape[0],
+            cfg.train.pages_per_window,
+        )  # fmt: skip
+        pages = torch.from_numpy(self.pages.train[order])
+
+        def log_step(stat: StepStats) -> None:
+            self.global_step += 1
+            self.tracker.log(
+                {
+                    "train/loss": stat.loss,
+                    "train/lr": stat.lr,
+                    "train/grad_norm": stat.grad_norm,
+                    "train/tokens_per_s": stat.tokens / max(stat.seconds, 1e-9),
+                    "train/step_time_s": stat.seconds,
+                    "window": window,
+                    "shard": shard,
+                },
+                step=self.global_step,
+            )
+
+        stats = inner_loop(self.acc, self.model, names, pages, cfg.train, on_step=log_step)
+        trained = shard_state(self.model, names)
+        delta = {n: start[n] - trained[n] for n in names}  # pseudo-gradient Δ = θ_w − θ
+        residual = {n: self.residual[n] for n in names if n in self.residual} or None
+        encoded = encode(delta, cfg.compression, residual)
+        shapes = {n: tuple(delta[n].shape) for n in names}
+        sent = decode(encoded.tensors, encoded.params, shapes)
+        if encoded.residual is not None:
+            self.residual.update(encoded.residual)
+        late = False
+        if self.main:
+            late = self.ledger.block_number() >= deadline(window, cfg.window)
+            if late:
+                logger.warning(
+                    "window %d: training ended after the deadline; not publishing", window
+                )
+            else:
+                self.store.publish_contribution(
+                    encoded.tensors,
+                    keypair=self.keypair,
+                    uid=self.uid,
+                    window=window,
+                    shard=shard,
+                    compression=Compression(scheme=cfg.compression.scheme, params=encoded.params),
+                )
+        # The shard group is this miner alone until hivemind averaging takes over.
+        momentum = {n: self.momentum[n] for n in names if n in self.momentum}
+        new_params, new_momentum = outer_step(start, sent, momentum, cfg.outer)
+        self.momentum.update(new_momentum)
+        apply_to_shard(self.model, names, new_params)
+        self.window = window + 1
+        heldout = mean_loss(self.model, self.eval_pages, device=self.acc.device)
+        report = WindowReport(
+            window=window,
+            uid=self.uid,
+            shard=shard,
+            loss=stats.mean_loss,
+            heldout_before=before,
+            heldout_loss=heldout,
+            tokens_per_second=stats.tokens_per_second,
+            published_bytes=0 if late else encoded.nbytes,
+            late=late,
+        )
+        self.tracker.log(
+            {
+                "eval/heldout_loss": heldout,
+                "window/train_loss": stats.mean_loss,
+                "window/tokens_per_s": stats.tokens_per_second,
+                "window/published_bytes": report.published_bytes,
+                "window/late": int(late),
+            },
+            step=self.global_step,
+        )
+        self.save_state()
+        if self.main:
+            with (self.dir / "windows.jsonl").open("a") as fh:
+                fh.write(json.dumps(dataclasses.asdict(report)) + "\n")
+        logger.info(
+            "window %d shard %d: loss %.4f, held-out %.4f, %.0f tokens/s, published %d bytes%s",
+            window, shard, report.loss, heldout, report.tokens_per_second,
+            report.published_bytes, " (late)" if late else "",
+        )  # fmt: skip
+        return report
+
+    # ---- the loop ------------------------------------------------------------------------
+    def current_window(self) -> int:
+        now = torch.zeros(1, dtype=torch.long)
+        if self.main:
+            now[0] = window_of(self.ledger.block_number(), self.cfg.window)
+        return int(broadcast(now)[0])
+
+    def joinable_window(self) -> int:
+        """The window to train next: the current one while at most half of it has passed
+        (enough time to train and publish before the deadline), else the next one."""
+        now = torch.zeros(1, dtype=torch.long)
+        if self.main:
+            block = self.ledger.block_number()
+            window = window_of(block, self.cfg.window)
+            passed = block - start_block(window, self.cfg.window)
+            now[0] = window if passed * 2 <= self.cfg.window.blocks else window + 1
+        return int(broadcast(now)[0])
+
+    def run(self, max_windows: int | None = None) -> list[WindowReport]:
+        """Mine until `max_windows` windows were trained (forever when None)."""
+        self.load_state()
+        reports: list[WindowReport] = []
+        next_window = self.joinable_window()
+        while max_windows is None or len(reports) < max_windows:
+            target = max(next_window, self.joinable_window())
+            if target > next_window:
+                logger.info("late for window %d: skipping to window %d", next_window, target)
+            if self.current_window() < target:
+                if self.main:
+                    wait_for_block(self.ledger, target * self.cfg.window.blocks)
+                self.acc.wait_for_everyone()
+            reports.append(self.train_window(target))
+            next_window = target + 1
+        self.acc.wait_for_everyone()  # no process leaves while another is mid-collective
+        return reports
+
+    def close(self) -> None:
+        self.tracker.finish()
+        self.ledger.close()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def load_tokenizer_from(folder: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(folder))
+    return tokenizer
+
+
+def align_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Give the model's config and generation config the tokenizer's special ids, so a
+    published checkpoint generates (and stops) correctly with `transformers` alone."""
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, key, None)
+        setattr(model.config, key, value)
+        if model.generation_config is not None:
+            setattr(model.generation_config, key, value)
+
+
+def load_checkpoint_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """A pulled (already verified) checkpoint's weights, from safetensors only."""
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.is_file()
+        else ["model.safetensors"]
+    )
+    weights: dict[str, torch.Tensor] = {}
+    for name in files:
+        weights.update(load_file(str(folder / name)))
+    return {k: v.float() for k, v in weights.items()}
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="train.miner", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", "-c", help="run config YAML")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--hotkey", required=True, help="name of the miner's key")
+    parser.add_argument("--keys-dir", help="key directory (default $TENSORMINE_HOME/keys)")
+    parser.add_argument("--windows", type=int, help="stop after this many windows")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_arg_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    miner: Miner | None = None
+    try:
+        cfg = load_config(args.config, args.overrides)
+        keypair = load_key(
+            Path(args.keys_dir) if args.keys_dir else default_keys_dir(), args.hotkey
+        )
+        # Without a GPU, processes started by `accelerate launch --multi_gpu` form a gloo group.
+        accelerator = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
+        )
+        miner = Miner(cfg, keypair, args.hotkey, accelerator)
+        miner.run(args.windows)
+    except (MinerError, ConfigError, ChainError, KeyFileError, StoreError, TimeoutError) as exc:
+        logger.error("%s", exc)
+        return 2
+    except torch.OutOfMemoryError as exc:
+        logger.error(
+            "out of memory (%s): lower train.batch_size (raise train.grad_accum to keep the "
+            "batch), data.seq_len, or use a smaller model preset",
+            exc,
+        )
+        return 3
+    except KeyboardInterrupt:
+        logger.info("interrupted; the last finished window's state is saved")
+        return 130
+    finally:
+        if miner is not None:
+            miner.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

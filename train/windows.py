@@ -1,0 +1,54 @@
+"""Windows on the ledger: which window a block is in, and when its contributions are due.
+
+Window w spans blocks [w·B, (w+1)·B) with B = `window.blocks`. A contribution for window
+w must be in the store before block (w+1)·B − `publish_margin`, which leaves validators
+the margin to fetch everything before the next window begins.
+
+    window_of(block, cfg)     deadline(w, cfg)     start_block(w, cfg)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from chain.ledger import Ledger
+from train.config import WindowConfig
+
+logger = logging.getLogger(__name__)
+
+
+def window_of(block: int, cfg: WindowConfig) -> int:
+    return block // cfg.blocks
+
+
+def start_block(window: int, cfg: WindowConfig) -> int:
+    return window * cfg.blocks
+
+
+def deadline(window: int, cfg: WindowConfig) -> int:
+    """The first block at which a contribution for `window` is late."""
+    return (window + 1) * cfg.blocks - cfg.publish_margin
+
+
+def wait_for_block(ledger: Ledger, block: int, *, timeout: float | None = None) -> int:
+    """Poll until the ledger's head reaches `block`; returns the head.
+
+    Raises `TimeoutError` naming the ledger when no block arrives for `timeout` seconds
+    (default: 20 block times), which usually means no `tensormine chain run` is running.
+    """
+    block_time = ledger.config.block_time_s
+    limit = timeout if timeout is not None else max(10.0, 20 * block_time)
+    last_head, last_change = ledger.block_number(), time.monotonic()
+    while True:
+        head = ledger.block_number()
+        if head >= block:
+            return head
+        if head != last_head:
+            last_head, last_change = head, time.monotonic()
+        elif time.monotonic() - last_change > limit:
+            raise TimeoutError(
+                f"the ledger {ledger.path} made no block for {limit:.0f}s (head {head}); "
+                "is `tensormine chain run` producing blocks?"
+            )
+        time.sleep(min(0.5, block_time / 4))
