@@ -154,8 +154,7 @@ class Miner:
         genesis = self.dir / "checkpoints" / "window-0"
         if self.main:
             self._ensure_window_zero()
-            if not genesis.exists():
-                self.store.pull_checkpoint(genesis, window=0)
+            self._pull(0)
         self.acc.wait_for_everyone()
         self.tokenizer = load_tokenizer_from(genesis)
         align_special_tokens(self.model, self.tokenizer)
@@ -253,28 +252,46 @@ class Miner:
     # ---- one window ----------------------------------------------------------------------
     def _adopt(self, window: int) -> None:
         """Make the model θ_window: the store's canonical checkpoint wins if there is one."""
-        target = self.dir / "checkpoints" / f"window-{window}"
-        have = torch.zeros(1, dtype=torch.long)
+        chosen = torch.full((1,), -1, dtype=torch.long)
         if self.main:
-            try:
-                if not target.exists():
-                    self.store.pull_checkpoint(target, window=window)
-                have[0] = 1
-            except NotFound:
-                have[0] = 0
-        have = broadcast(have)
-        if int(have[0]) == 1:
-            weights = load_checkpoint_weights(target)
-            mine = model_fingerprint(self.model.state_dict())
-            if model_fingerprint(weights) != mine or self.window != window:
-                logger.info("window %d: adopting the canonical checkpoint", window)
+            chosen[0] = self._fetch_canonical(window)
+        source = int(broadcast(chosen)[0])
+        if source >= 0:
+            weights = load_checkpoint_weights(self.dir / "checkpoints" / f"window-{source}")
+            if model_fingerprint(weights) != model_fingerprint(self.model.state_dict()):
+                logger.info(
+                    "window %d: adopting the canonical checkpoint of window %d", window, source
+                )
                 self.model.load_state_dict(weights)
         elif self.window != window:
-            # No canonical θ yet: keep our own θ (from our last outer step) as θ_window.
+            # No canonical θ_window yet: our own θ from the last outer step stands in.
             logger.info(
-                "window %d: no canonical checkpoint; continuing from window %d", window, self.window
+                "window %d: no canonical checkpoint; using our own from window %d",
+                window,
+                self.window,
             )
         self.window = window
+
+    def _fetch_canonical(self, window: int) -> int:
+        """Pull the checkpoint to start `window` from and return its window, or -1 to keep
+        our own θ: the canonical θ_window if published; a miner without state of its own
+        takes the latest published one before it instead (window 0 at worst)."""
+        try:
+            self._pull(window)
+            return window
+        except NotFound:
+            if self.window >= 0:
+                return -1
+        earlier = [ref.window for ref in self.store.list_checkpoints() if ref.window < window]
+        if not earlier:
+            return -1
+        self._pull(max(earlier))
+        return max(earlier)
+
+    def _pull(self, window: int) -> None:
+        target = self.dir / "checkpoints" / f"window-{window}"
+        if not target.exists():
+            self.store.pull_checkpoint(target, window=window)
 
     def _decide(self, window: int) -> tuple[int, int]:
         """(shard, miner count) for `window`, decided by the main process, shared by all."""

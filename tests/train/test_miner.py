@@ -14,9 +14,11 @@ from accelerate import Accelerator
 from chain.keys import create_key, load_key
 from chain.ledger import Ledger
 from chain.node import run_producer
+from store.api import open_store
+from store.checkpoint import Provenance
 from tensormine.config import RunConfig, load_config
 from train.miner import Miner, main
-from train.model import model_fingerprint
+from train.model import build_model, model_fingerprint
 
 
 def small_config(run: Path, **extra: str) -> list[str]:
@@ -108,3 +110,24 @@ def test_restart_resumes_from_the_saved_state(setup: tuple[RunConfig, list[str],
     state = cfg.run.dir / "miners" / "m0" / "state"
     (state / f".window-{reports[0].window + 5}.partial").mkdir()
     assert (state / "CURRENT").read_text() == f"window-{reports[0].window + 1}"
+
+
+def test_canonical_checkpoints_win(setup: tuple[RunConfig, list[str], Path]) -> None:
+    cfg, _, keys = setup
+    miner = Miner(cfg, load_key(keys, "m0"), "m0", Accelerator(cpu=True))
+    canonical = build_model(cfg.model, seed=99)  # stands in for a validator's θ_3
+    open_store(cfg.store).publish_checkpoint(canonical, None, Provenance(run_id="t", window=3))
+    wanted = model_fingerprint(canonical.state_dict())
+    assert model_fingerprint(miner.model.state_dict()) != wanted
+    miner._adopt(3)  # a miner whose model differs adopts the canonical one
+    assert model_fingerprint(miner.model.state_dict()) == wanted
+    with torch.no_grad():
+        next(miner.model.parameters()).add_(1.0)  # its own outer step moved it on
+    own = model_fingerprint(miner.model.state_dict())
+    miner._adopt(4)  # nothing canonical for window 4: keep its own θ
+    assert model_fingerprint(miner.model.state_dict()) == own
+    miner.close()
+    fresh = Miner(cfg, load_key(keys, "m0"), "m0", Accelerator(cpu=True))
+    fresh._adopt(6)  # no state of its own: the latest canonical before window 6
+    assert model_fingerprint(fresh.model.state_dict()) == wanted
+    fresh.close()
