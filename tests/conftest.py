@@ -19,6 +19,7 @@ def _isolated_home(
     monkeypatch.setenv("TENSORMINE_HOME", str(home / "tensormine"))
     monkeypatch.setenv("HF_HOME", str(home / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("WANDB_MODE", "disabled")
     monkeypatch.setenv("WANDB_DIR", str(home / "wandb"))
 

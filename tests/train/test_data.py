@@ -25,12 +25,6 @@ from train.tokenizer import EOS, load_tokenizer, train_tokenizer
 WORDS = ["def", "return", "self", "value", "page", "miner", "window", "λ", "données", "\n"]
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-
-
 def make_docs(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [

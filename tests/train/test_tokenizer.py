@@ -30,12 +30,6 @@ ROOT = Path(__file__).resolve().parents[2]
 WORDS = ["def", "return", "self", "value", "page", "miner", "window", "λ", "données", "🙂", "\t"]
 
 
-@pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-
-
 def make_docs(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     return [
