@@ -20,6 +20,7 @@ import yaml
 from pydantic import Field, ValidationError
 
 from averaging.config import CompressionConfig, OuterConfig
+from averaging.settings import AveragingConfig
 from chain.config import ChainConfig
 from store.config import StoreConfig
 from tensormine.schema import StrictModel
@@ -50,6 +51,7 @@ class RunConfig(StrictModel):
     window: WindowConfig = WindowConfig()
     outer: OuterConfig = OuterConfig()
     compression: CompressionConfig = CompressionConfig()
+    averaging: AveragingConfig = AveragingConfig()
     wandb: WandbConfig = WandbConfig()
 
     def to_json_dict(self) -> dict[str, Any]:

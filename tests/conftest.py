@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+
+# hivemind's default shared-memory mode starts a torch_shm_manager child that outlives
+# tests; file descriptors inherited by its forked processes do the same job.
+os.environ.setdefault("HIVEMIND_MEMORY_SHARING_STRATEGY", "file_descriptor")
 from collections.abc import Iterator
 from pathlib import Path
 

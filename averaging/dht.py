@@ -1,0 +1,433 @@
+"""The hivemind DHT of a participant, its libp2p identity, and who is behind each peer id.
+
+    dht = start_dht(config.dht, run="demo", ledger=ledger)           # bootstraps from the ledger
+    ledger.submit_call(hotkey, "commit", {"data": commitment_for(dht, ledger, hotkey.address)})
+    publish_identity(dht, hotkey, run="demo", ttl=3600)              # optional second tie
+    directory = PeerDirectory(ledger, run="demo", dht=dht)
+    directory.peers()   # {"12D3KooW…": "5F…hotkey"} for registered hotkeys only
+    dht.shutdown()
+
+Every miner and validator runs one `hivemind.DHT` (a p2p daemon plus a Kademlia node).
+A newcomer needs nothing but the ledger: each registered hotkey commits a small JSON
+object ``{"dht": ["/ip4/…/tcp/…/p2p/<peer id>"]}`` (the ledger's `commit` extrinsic, at
+most 1024 bytes, signed by the hotkey), and `start_dht` bootstraps from those addresses.
+
+The same commitment ties the libp2p peer id to the hotkey, because only the hotkey could
+have signed it; libp2p authenticates every stream by its peer id, so a message arriving
+from that peer id speaks for that hotkey. A second tie that needs no block: a record
+signed by the hotkey (Ed25519 over the canonical JSON of {peer_id, hotkey, run, expires})
+stored under a run-scoped DHT key, checked by `IdentityRecordValidator` on every node that
+stores or returns it and again on read. `PeerDirectory` merges both, keeps only hotkeys
+registered on the ledger now, and drops any peer id that two hotkeys claim (neither claim
+can be trusted over the other). The averaging groups admit exactly the peers it lists.
+
+The libp2p identity (`identity_path`) is a private key file written with mode 0600 and
+reused on restart, so a participant keeps its peer id and its commitment stays valid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from hivemind import DHT
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.p2p import P2PDaemonError, PeerID
+from hivemind.proto import crypto_pb2
+from hivemind.utils.crypto import RSAPrivateKey
+from hivemind.utils.multiaddr import Multiaddr
+from hivemind.utils.multiaddr.exceptions import Error as MultiaddrError
+from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.timed_storage import get_dht_time
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from averaging.settings import DHTConfig
+from chain.keys import Keypair, is_address, signing_bytes, verify
+from chain.ledger import Ledger
+
+logger = logging.getLogger(__name__)
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_COMMITTED_MADDRS = 8
+_PEER_ID = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{30,128}$")  # base58
+
+
+class DHTStartError(RuntimeError):
+    """The DHT could not start or could not reach any bootstrap peer."""
+
+
+def check_run_name(run: str) -> str:
+    """Run names become DHT keys and hivemind group prefixes, which forbid '.'."""
+    if not RUN_NAME.match(run):
+        raise ValueError(f"run name {run!r}: use 1-64 letters, digits, '_' or '-'")
+    return run
+
+
+# ---- libp2p identity ----------------------------------------------------------------
+
+
+def ensure_identity(path: Path) -> PeerID:
+    """The peer id of the libp2p key at `path`, creating the key (mode 0600) if missing.
+
+    hivemind would create the file itself, but read-only (0400); we write it 0600 like the
+    hotkey files, atomically, and refuse a file that others can read.
+    """
+    path = Path(path)
+    if path.exists():
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise PermissionError(
+                f"{path} has mode {mode:o}; a libp2p identity must be 0600 (chmod 600 {path})"
+            )
+        return PeerID.from_identity(path.read_bytes())
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=RSAPrivateKey().to_bytes())
+    data = key.SerializeToString()
+    tmp = path.with_name(path.name + f".creating-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+    logger.info("created libp2p identity %s", path)
+    return PeerID.from_identity(data)
+
+
+# ---- multiaddrs and ledger commitments ----------------------------------------------
+
+
+def peer_id_of(maddr: str) -> str:
+    """The base58 peer id in a multiaddr's /p2p/ component; ValueError if it has none."""
+    try:
+        peer = Multiaddr(maddr)["p2p"]
+        PeerID.from_base58(peer)
+    except (MultiaddrError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{maddr!r} is not a multiaddr ending in /p2p/<peer id>") from exc
+    if not _PEER_ID.match(peer):
+        raise ValueError(f"{maddr!r}: {peer!r} is not a base58 peer id")
+    return str(peer)
+
+
+def visible_maddrs(dht: DHT) -> list[str]:
+    """Multiaddrs (with /p2p/) under which other peers can reach `dht`."""
+    return [str(m) for m in dht.get_visible_maddrs(latest=True)]
+
+
+class DHTCommitment(BaseModel):
+    """The part of a hotkey's ledger commitment that says where its DHT listens."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+    dht: list[str] = Field(min_length=1, max_length=MAX_COMMITTED_MADDRS)
+
+
+def parse_commitment(data: str) -> list[str]:
+    """The valid DHT multiaddrs in a commitment (empty if it has none); one peer id only."""
+    try:
+        body = json.loads(data)
+        maddrs = DHTCommitment.model_validate(body).dht
+        peers = {peer_id_of(m) for m in maddrs}
+    except (ValueError, TypeError, ValidationError):
+        return []
+    return maddrs if len(peers) == 1 else []
+
+
+def commitment_for(dht: DHT, ledger: Ledger, hotkey: str, maddrs: list[str] | None = None) -> str:
+    """The text to commit so that others find `dht` and tie its peer id to `hotkey`.
+
+    Other keys of the hotkey's current commitment (if it is a JSON object) are kept; only
+    ``"dht"`` is replaced. Addresses are dropped from the end until it fits in 1024 bytes.
+    """
+    own = dht.peer_id.to_base58()
+    addrs = maddrs if maddrs is not None else visible_maddrs(dht)
+    addrs = [m for m in addrs if peer_id_of(m) == own][:MAX_COMMITTED_MADDRS]
+    if not addrs:
+        raise ValueError(f"no multiaddr of peer {own} to commit")
+    body: dict[str, Any] = {}
+    current = ledger.commitments().get(hotkey)
+    if current is not None:
+        try:
+            old = json.loads(current[0])
+        except ValueError:
+            old = None
+        if isinstance(old, dict):
+            body = old
+    while addrs:
+        body["dht"] = addrs
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+        if len(text.encode()) <= 1024:
+            return text
+        addrs = addrs[:-1]
+    raise ValueError("the commitment has no room for a DHT address (other keys fill 1024 bytes)")
+
+
+def ledger_multiaddrs(
+    ledger: Ledger, *, exclude: set[str] | None = None, limit: int = 16
+) -> list[str]:
+    """Multiaddrs committed by registered hotkeys, newest commitments first, `limit` peers."""
+    skip = exclude or set()
+    rows = sorted(ledger.commitments().items(), key=lambda kv: kv[1][1], reverse=True)
+    out: list[str] = []
+    peers = 0
+    for _hotkey, (data, _block) in rows:
+        maddrs = parse_commitment(data)
+        if not maddrs or peer_id_of(maddrs[0]) in skip:
+            continue
+        out.extend(maddrs)
+        peers += 1
+        if peers >= limit:
+            break
+    return out
+
+
+# ---- signed identity records in the DHT ---------------------------------------------
+
+
+def identity_key(run: str) -> str:
+    return f"tensormine.{check_run_name(run)}.identity"
+
+
+class IdentityClaim(BaseModel):
+    """What a hotkey signs: "peer `peer_id` acts for me in `run` until `expires`"."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    peer_id: str = Field(pattern=_PEER_ID.pattern)
+    hotkey: str = Field(min_length=40, max_length=60)
+    run: str = Field(pattern=RUN_NAME.pattern)
+    expires: float
+
+    def message(self) -> bytes:
+        return signing_bytes(self.model_dump())
+
+
+class SignedIdentity(IdentityClaim):
+    signature: str = Field(pattern=r"^[0-9a-f]{128}$")
+
+    def claim(self) -> IdentityClaim:
+        return IdentityClaim.model_validate(self.model_dump(exclude={"signature"}))
+
+
+def sign_identity(keypair: Keypair, peer_id: str, run: str, expires: float) -> SignedIdentity:
+    claim = IdentityClaim(peer_id=peer_id, hotkey=keypair.address, run=run, expires=expires)
+    return SignedIdentity(**claim.model_dump(), signature=keypair.sign(claim.message()).hex())
+
+
+def verify_identity(value: object, *, run: str, hotkey: str | None = None) -> IdentityClaim | None:
+    """The claim in `value` if it is well formed, for `run` (and `hotkey`), and signed by its
+    hotkey; None otherwise. Expiry is the DHT's business (records expire with it)."""
+    try:
+        signed = SignedIdentity.model_validate(value)
+    except ValidationError:
+        return None
+    claim = signed.claim()
+    if claim.run != run or (hotkey is not None and claim.hotkey != hotkey):
+        return None
+    if not is_address(claim.hotkey):
+        return None
+    if not verify(claim.hotkey, claim.message(), bytes.fromhex(signed.signature)):
+        return None
+    return claim
+
+
+class IdentityRecordValidator(RecordValidatorBase):  # type: ignore[misc]
+    """Every DHT node refuses identity records that are malformed, unsigned, mis-keyed or
+    that outlive their own `expires`; other keys pass through untouched."""
+
+    def __init__(self, run: str) -> None:
+        self.run = check_run_name(run)
+        self._key_id = DHTID.generate(source=identity_key(run)).to_bytes()
+
+    def validate(self, record: DHTRecord) -> bool:
+        if record.key != self._key_id:
+            return True
+        try:
+            hotkey = MSGPackSerializer.loads(record.subkey)
+            value = MSGPackSerializer.loads(record.value)
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            logger.debug("identity record does not decode: %s", exc)
+            return False
+        if not isinstance(hotkey, str):
+            return False
+        claim = verify_identity(value, run=self.run, hotkey=hotkey)
+        if claim is None:
+            logger.debug("refused identity record for %r", hotkey)
+            return False
+        return bool(record.expiration_time <= claim.expires)
+
+
+def publish_identity(dht: DHT, keypair: Keypair, run: str, ttl: float) -> SignedIdentity:
+    """Store this peer's signed identity record under the run's key (subkey: hotkey)."""
+    expires = get_dht_time() + ttl
+    signed = sign_identity(keypair, dht.peer_id.to_base58(), run, expires)
+    ok = dht.store(
+        identity_key(run), signed.model_dump(), expiration_time=expires, subkey=keypair.address
+    )
+    if not ok:
+        raise DHTStartError(f"no DHT node accepted the identity record of {keypair.address}")
+    return signed
+
+
+def fetch_identities(dht: DHT, run: str) -> dict[str, IdentityClaim]:
+    """hotkey -> verified claim, from the run's identity key (checked again on read)."""
+    found = dht.get(identity_key(run), latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    out: dict[str, IdentityClaim] = {}
+    for hotkey, item in found.value.items():
+        if not isinstance(hotkey, str):
+            continue
+        claim = verify_identity(getattr(item, "value", None), run=run, hotkey=hotkey)
+        if claim is not None:
+            out[hotkey] = claim
+    return out
+
+
+class LedgerSource:
+    """A `Ledger`, or a ledger file opened once per thread that reads it.
+
+    SQLite connections belong to the thread that opened them; averaging may run in a
+    background thread while the miner trains, so lookups take a path where that matters.
+    """
+
+    def __init__(self, ledger: Ledger | Path | str) -> None:
+        self._shared = ledger if isinstance(ledger, Ledger) else None
+        self._path = None if isinstance(ledger, Ledger) else Path(ledger)
+        self._local = threading.local()
+
+    def get(self) -> Ledger:
+        if self._shared is not None:
+            return self._shared
+        ledger: Ledger | None = getattr(self._local, "ledger", None)
+        if ledger is None:
+            assert self._path is not None
+            ledger = Ledger(self._path)
+            self._local.ledger = ledger
+        return ledger
+
+
+class PeerDirectory:
+    """Which registered hotkey is behind each peer id, from the ledger (and the DHT)."""
+
+    def __init__(self, ledger: Ledger | Path | str, *, run: str, dht: DHT | None = None) -> None:
+        self.ledger, self.run, self.dht = LedgerSource(ledger), check_run_name(run), dht
+
+    def peers(self) -> dict[str, str]:
+        """peer id (base58) -> hotkey, for hotkeys registered now; contested peer ids dropped."""
+        ledger = self.ledger.get()
+        registered = {n.hotkey for n in ledger.neurons()}
+        claims: dict[str, set[str]] = defaultdict(set)
+        for hotkey, (data, _block) in ledger.commitments().items():
+            maddrs = parse_commitment(data)
+            if hotkey in registered and maddrs:
+                claims[peer_id_of(maddrs[0])].add(hotkey)
+        if self.dht is not None:
+            for hotkey, claim in fetch_identities(self.dht, self.run).items():
+                if hotkey in registered:
+                    claims[claim.peer_id].add(hotkey)
+        out: dict[str, str] = {}
+        for peer, hotkeys in claims.items():
+            if len(hotkeys) == 1:
+                out[peer] = next(iter(hotkeys))
+            else:
+                logger.warning("peer %s is claimed by %d hotkeys; refusing it", peer, len(hotkeys))
+        return out
+
+
+class StaticDirectory:
+    """A fixed peer id -> hotkey table (tests, or a config-pinned set of peers)."""
+
+    def __init__(self, table: Mapping[str, str]) -> None:
+        self.table = dict(table)
+
+    def peers(self) -> dict[str, str]:
+        return dict(self.table)
+
+
+# ---- starting and stopping ------------------------------------------------------------
+
+
+def host_maddrs(config: DHTConfig) -> list[str]:
+    proto = "ip6" if ":" in config.host else "ip4"
+    return [f"/{proto}/{config.host}/tcp/{config.port}"]
+
+
+def start_dht(
+    config: DHTConfig,
+    *,
+    run: str | None = None,
+    ledger: Ledger | None = None,
+    identity_path: Path | None = None,
+) -> DHT:
+    """Start a DHT node, bootstrapping from `config.initial_peers` and the ledger's peers.
+
+    With a `run`, the node validates identity records of that run. Bootstrap is retried
+    `bootstrap_attempts` times; if only ledger addresses were given and none answers (all
+    stale), the node starts alone and says so: its own commitment then lets others join it.
+    """
+    identity = identity_path if identity_path is not None else config.identity_path
+    own = ensure_identity(identity).to_base58() if identity is not None else None
+    from_ledger: list[str] = []
+    if ledger is not None and config.peers_from_ledger:
+        from_ledger = ledger_multiaddrs(
+            ledger, exclude={own} if own else None, limit=config.max_ledger_peers
+        )
+    validators = [IdentityRecordValidator(run)] if run is not None else []
+    kwargs: dict[str, Any] = {
+        "host_maddrs": host_maddrs(config),
+        "startup_timeout": config.startup_timeout_s,
+        "record_validators": validators,
+    }
+    if config.announce_maddrs:
+        kwargs["announce_maddrs"] = list(config.announce_maddrs)
+    if identity is not None:
+        kwargs["identity_path"] = str(identity)
+        kwargs["check_if_identity_free"] = config.check_identity_free
+
+    last_error: Exception | None = None
+    candidates: list[str] = []
+    for attempt in range(1, config.bootstrap_attempts + 1):
+        candidates = list(config.initial_peers) + from_ledger
+        try:
+            return _start(candidates, kwargs)
+        except (P2PDaemonError, RuntimeError) as exc:
+            last_error = exc
+            logger.warning(
+                "DHT start %d/%d with %d bootstrap addresses failed: %s",
+                attempt,
+                config.bootstrap_attempts,
+                len(candidates),
+                exc,
+            )
+            if attempt < config.bootstrap_attempts:
+                time.sleep(0.5 * attempt)  # peers may be restarting; give them a moment
+    if from_ledger and not config.initial_peers:
+        logger.warning("no committed DHT peer answered; starting a new DHT alone")
+        try:
+            return _start([], kwargs)
+        except (P2PDaemonError, RuntimeError) as exc:
+            last_error = exc
+    raise DHTStartError(f"could not start the DHT: {last_error}") from last_error
+
+
+def _start(initial_peers: list[str], kwargs: dict[str, Any]) -> DHT:
+    dht = DHT(initial_peers=initial_peers or None, start=False, **kwargs)
+    try:
+        dht.run_in_background(await_ready=True)
+    except BaseException:
+        # The node's process exits on a failed start; make sure it (and its daemon) is gone.
+        if dht.is_alive():
+            dht.terminate()
+        dht.join(5)
+        raise
+    logger.info("DHT %s listening on %s", dht.peer_id, visible_maddrs(dht))
+    return dht

@@ -1,0 +1,977 @@
+"""Averaging one window's pseudo-gradients Δ of one shard among that shard's miners.
+
+    averager = ShardAverager(dht, "demo", shard=0, template=shard_params, role=Role.MEMBER,
+                             config=AveragingConfig(), directory=PeerDirectory(ledger, run="demo",
+                             dht=dht), weight_of=LedgerWeights(ledger, "incentive", 1e-3))
+    result = averager.average(window=7, delta=delta, timeout=30)   # or raises AveragingFailed
+    result.tensors, result.members, result.dropped, result.bytes_sent, result.bytes_received
+    averager.shutdown()
+
+In DiLoCo (arXiv 2311.08105) every miner ends window w with a pseudo-gradient
+Δ_i = θ_w − θ_i of its shard; the outer step needs their average. The miners of one shard
+meet in one hivemind group per (run, shard, window) — hivemind prefix ``<run>_shard<s>``,
+group bits = the window in binary — and run hivemind's butterfly all-reduce: the vector
+is cut into parts, each member reduces a share of the parts for everyone and sends the
+result back. What we change, by subclassing hivemind's averager, matchmaking, runner and
+part reducer:
+
+- **Admission.** Only peer ids that `PeerDirectory` ties to a registered hotkey may lead,
+  join or send parts. A leader refuses their join requests, a follower leaves a group
+  that contains one, a reducer refuses their parts. The table travels to the averager's
+  process before each round, so the ledger is read in the caller's process only.
+- **Weights from the ledger.** Each reducer weighs a sender by ``weight_of(hotkey)`` of
+  the hotkey behind its (libp2p-authenticated) peer id, looked up before the round; the
+  weight a peer announces in its messages is ignored.
+- **Equal shares.** Every member reduces an equal share of the vector and aux peers none;
+  hivemind would size shares by the bandwidth each peer announces about itself.
+- **Robust reduction.** A reducer collects all contributions to a part before combining
+  them with `averaging.robust.aggregate` (mean, trimmed mean, or BTARD's CenteredClip,
+  arXiv 2106.11257), since a robust rule needs every row at once.
+- **One answer for all.** A reducer encodes the averaged part once and sends the same
+  bytes to everyone (itself included), with the set of senders it combined. Every member
+  therefore ends with bit-identical tensors, and knows exactly whose Δ is in them.
+  Plain hivemind sends each sender ``average − own part``, so fp16/8-bit rounding leaves
+  members with slightly different results.
+- **Drops.** A sender that stalls or breaks protocol is dropped by the reducers
+  (hivemind's timeouts). In strict mode a round counts only if every part came back and
+  was combined over the same senders; otherwise the members restore their Δ, remember who
+  failed them, and form a new group without those peers until the deadline. The result
+  reports members and dropped hotkeys; on failure `AveragingFailed` says why.
+- **Auxiliary peers** (validators, other shards' miners) join with ``role=Role.AUX``:
+  they send an empty placeholder per part, reduce nothing, have weight 0, and receive the
+  average (hivemind's own AUX peers reduce but never receive it).
+- **Bytes.** Every protobuf message of the all-reduce is counted where it is sent and
+  received (payload bytes, before libp2p framing); matchmaking's few hundred bytes are not.
+
+Wire codecs (`AveragingConfig.wire`): hivemind's `Float16Compression`, its uniform 8-bit
+format (repaired for NumPy 2 in `averaging.wire.Uniform8BitCodec`), and our sparse top-k
+with sender-side error feedback (`averaging.wire`, SparseLoCo arXiv 2508.15706).
+
+Not covered: a reducer that lies (a wrong average, a false contributor set) is caught only
+if it breaks the format; BTARD's verification of reducers by random re-computation is not
+implemented, so members should rely on validators scoring the published Δ as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol
+
+import msgpack
+import torch
+from hivemind import DHT
+from hivemind.averaging import DecentralizedAverager
+from hivemind.averaging.allreduce import AllReduceRunner
+from hivemind.averaging.key_manager import GroupKeyManager
+from hivemind.averaging.load_balancing import load_balance_peers
+from hivemind.averaging.matchmaking import Matchmaking, MatchmakingException
+from hivemind.averaging.partition import (
+    AllreduceException,
+    BannedException,
+    TensorPartReducer,
+)
+from hivemind.compression import CompressionInfo
+from hivemind.p2p import P2PDaemonError, P2PHandlerError, PeerID
+from hivemind.proto import averaging_pb2
+from hivemind.utils.asyncio import (
+    aiter_with_timeout,
+    amap_in_executor,
+    attach_event_on_finished,
+    enter_asynchronously,
+)
+from hivemind.utils.mpfuture import MPFuture
+from hivemind.utils.serializer import MSGPackSerializer
+
+from averaging.dht import LedgerSource, check_run_name
+from averaging.robust import aggregate
+from averaging.settings import AveragingConfig, RobustConfig
+from averaging.wire import TopKSparsifier, codec_for, decode_part
+from chain.config import RAO_PER_TAO
+from chain.ledger import Ledger, Neuron
+
+logger = logging.getLogger(__name__)
+
+
+class Role(StrEnum):
+    MEMBER = "member"  # contributes its Δ and receives the average
+    AUX = "aux"  # contributes nothing, receives the average
+
+
+class AveragingFailed(RuntimeError):
+    """No average this round (no group, timeout, too many drops); fall back to the canonical
+    checkpoint of the store."""
+
+
+@dataclass(frozen=True)
+class AverageResult:
+    tensors: dict[str, torch.Tensor]  # the average, same names, shapes and dtypes as the template
+    members: list[str]  # hotkeys whose Δ is in the average
+    dropped: list[str]  # hotkeys that were in a group of this round but are not in it
+    aux: list[str]  # hotkeys of auxiliary peers of the final group
+    bytes_sent: int  # all-reduce payload bytes this peer sent, all attempts
+    bytes_received: int
+    seconds: float
+    attempts: int  # groups this round went through (> 1 after a failed attempt)
+
+
+class Directory(Protocol):
+    def peers(self) -> Mapping[str, str]:
+        """peer id (base58) -> hotkey of every admitted peer."""
+        ...
+
+
+WeightSource = Literal["uniform", "stake", "incentive", "trust"]
+
+
+class LedgerWeights:
+    """``weight_of(hotkey)`` from the ledger's latest block: `source` of the hotkey's neuron,
+    at least `floor` (so a newly registered member still counts); 0 for unregistered ones."""
+
+    def __init__(self, ledger: Ledger | Path | str, source: WeightSource, floor: float) -> None:
+        if not floor > 0:
+            raise ValueError("floor must be positive")
+        self.ledger, self.source, self.floor = LedgerSource(ledger), source, floor
+        self._block = -1
+        self._neurons: dict[str, Neuron] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, hotkey: str) -> float:
+        with self._lock:
+            ledger = self.ledger.get()
+            block = ledger.block_number()
+            if block != self._block:
+                self._neurons = {n.hotkey: n for n in ledger.neurons()}
+                self._block = block
+            neuron = self._neurons.get(hotkey)
+        if neuron is None:
+            return 0.0
+        if self.source == "uniform":
+            return 1.0
+        value = {
+            "stake": neuron.stake / RAO_PER_TAO,
+            "incentive": neuron.incentive,
+            "trust": neuron.trust,
+        }[self.source]
+        return max(float(value), self.floor)
+
+
+def group_prefix(run: str, shard: int) -> str:
+    if shard < 0:
+        raise ValueError("shard must be non-negative")
+    return f"{check_run_name(run)}_shard{shard}"
+
+
+def window_bits(window: int) -> str:
+    if window < 0:
+        raise ValueError("window must be non-negative")
+    return format(window, "b")
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    hotkey: str
+    weight: float
+
+
+# ---- what runs inside the averager's process -------------------------------------------
+
+
+@dataclass
+class _RoundLog:
+    """One `average` call, across its attempts (lives in the averager's process)."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    attempts: int = 0
+    seen_members: set[PeerID] = field(default_factory=set)
+    blocked: set[PeerID] = field(default_factory=set)  # failed us in an earlier attempt
+
+
+@dataclass(frozen=True)
+class _Reduced:
+    encoded: Any  # runtime_pb2.Tensor: the part of the average as every peer receives it
+    value: torch.Tensor  # decode(encoded)
+    contributors: bytes  # bitmap over sender indices
+
+
+def _bitmap(indices: Sequence[int], size: int) -> bytes:
+    out = bytearray((size + 7) // 8)
+    for i in indices:
+        out[i // 8] |= 1 << (i % 8)
+    return bytes(out)
+
+
+def _from_bitmap(bitmap: bytes, size: int) -> list[int]:
+    return [i for i in range(size) if i // 8 < len(bitmap) and bitmap[i // 8] >> (i % 8) & 1]
+
+
+def _parse_gather(blob: bytes) -> tuple[float | None, Role]:
+    """(bandwidth, role) from a peer's matchmaking metadata; ValueError if malformed."""
+    try:
+        bandwidth, _mode, user = MSGPackSerializer.loads(blob)
+        info = MSGPackSerializer.loads(user)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ValueError(f"undecodable gather data: {exc}") from exc
+    if not isinstance(info, dict) or set(info) != {"role"} or info["role"] not in ("member", "aux"):
+        raise ValueError(f"gather data must be {{'role': 'member'|'aux'}}, got {info!r}")
+    if bandwidth is not None and not (
+        isinstance(bandwidth, int | float) and math.isfinite(bandwidth) and bandwidth >= 0
+    ):
+        raise ValueError(f"bad bandwidth {bandwidth!r}")
+    return (None if bandwidth is None else float(bandwidth)), Role(info["role"])
+
+
+class LedgerPartReducer(TensorPartReducer):  # type: ignore[misc]
+    """hivemind's reducer, but it keeps every row of a part and combines them at the end
+    with ledger weights and the configured robust rule, then encodes the result once."""
+
+    current_part_future: asyncio.Future[Any]
+
+    def __init__(
+        self,
+        part_shapes: Sequence[torch.Size],
+        num_senders: int,
+        *,
+        weights: Sequence[float],
+        contributes: Sequence[bool],
+        robust: RobustConfig,
+        codec: Any,
+    ) -> None:
+        self.weights, self.contributes = list(weights), list(contributes)
+        self.robust, self.codec = robust, codec
+        self._rows: dict[int, torch.Tensor] = {}
+        super().__init__(part_shapes, num_senders)
+
+    def reset_accumulators(self) -> None:
+        if self.current_part_index >= self.num_parts - 1:
+            self.finalize()
+            return
+        self.current_part_index += 1
+        self.current_part_accumulated_from = 0
+        self.current_part_future = asyncio.Future()
+        self.num_current_senders = sum(
+            self.current_part_index < failed_after for failed_after in self.sender_failed_after
+        )
+        self._rows = {}
+
+    async def accumulate_part(
+        self,
+        sender_index: int,
+        part_index: int,
+        tensor_part: torch.Tensor | None,
+        weight: float = 0.0,
+    ) -> _Reduced:
+        """Add one sender's part (None for an auxiliary peer); await the combined part.
+
+        `weight` is what the sender announced and is ignored. A part of the wrong shape or
+        with non-finite values is refused *before* it counts as received, so banning its
+        sender never leaves the part waiting for a row that will not come.
+        """
+        if not 0 <= sender_index < self.num_senders or not 0 <= part_index < self.num_parts:
+            raise AllreduceException(f"part {part_index} of sender {sender_index}: out of range")
+        if self.contributes[sender_index]:
+            expected = self.part_shapes[part_index]
+            if tensor_part is None or tuple(tensor_part.shape) != tuple(expected):
+                got = None if tensor_part is None else tuple(tensor_part.shape)
+                raise AllreduceException(
+                    f"sender {sender_index} sent part {part_index} of shape {got}, "
+                    f"expected {tuple(expected)}"
+                )
+            if not bool(torch.isfinite(tensor_part).all()):
+                raise AllreduceException(f"sender {sender_index} sent non-finite values")
+        self.num_parts_received[sender_index] += 1
+
+        while part_index > self.current_part_index:
+            await asyncio.wait(
+                {self.current_part_future, asyncio.create_task(self.finished.wait())},
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if self.finished.is_set():
+                raise AllreduceException(f"part {part_index} arrived after the reducer finished")
+        if self.sender_failed_after[sender_index] != float("inf"):
+            raise BannedException(f"sender {sender_index} was banned in background")
+        if self.finished.is_set():
+            raise AllreduceException(f"part {part_index} arrived after the reducer finished")
+        if part_index != self.current_part_index:
+            raise AllreduceException(f"part {part_index} arrived twice")
+
+        future = self.current_part_future
+        if self.contributes[sender_index] and tensor_part is not None:
+            self._rows[sender_index] = tensor_part
+        self.current_part_accumulated_from += 1
+        self.check_current_part_finished()
+        # Shielded: when one sender's stream is cancelled (its peer died), cancelling its
+        # wait must not cancel the part that every other sender is waiting for.
+        result: _Reduced = await asyncio.shield(future)
+        return result
+
+    def check_current_part_finished(self) -> None:
+        if self.current_part_accumulated_from < self.num_current_senders:
+            return
+        future = self.current_part_future
+        if future.done():  # cancelled by `finalize`; nobody is left to answer
+            return
+        try:
+            reduced = self._reduce()
+        except (ValueError, TypeError, RuntimeError) as exc:
+            # Every awaiting sender must learn that this part failed, or it would wait for
+            # it until the all-reduce times out.
+            future.set_exception(
+                AllreduceException(f"part {self.current_part_index} has no average: {exc}")
+            )
+            # Nobody may await it if every sender has gone; do not warn about that.
+            future.exception()
+        else:
+            future.set_result(reduced)
+        self.reset_accumulators()
+
+    def _reduce(self) -> _Reduced:
+        rows = sorted(i for i in self._rows if self.weights[i] > 0)
+        if not rows:
+            raise ValueError("no contribution with positive ledger weight")
+        stack = torch.stack([self._rows[i].to(torch.float32) for i in rows])
+        weights = torch.tensor([self.weights[i] for i in rows], dtype=torch.float64)
+        value = aggregate(stack, weights, self.robust)
+        encoded = self.codec.compress(value, CompressionInfo.from_tensor(value), False)
+        return _Reduced(encoded, decode_part(encoded), _bitmap(rows, self.num_senders))
+
+    def finalize(self) -> None:
+        if not self.finished.is_set():
+            if hasattr(self, "current_part_future"):
+                self.current_part_future.cancel()
+            self._rows = {}
+            self.finished.set()
+            if self.num_parts and self.num_senders:
+                received = sum(self.num_parts_received)
+                expected = self.num_parts * self.num_senders
+                if received != expected:
+                    logger.debug("reducer got %d of %d parts", received, expected)
+
+
+class LedgerAllReduceRunner(AllReduceRunner):  # type: ignore[misc]
+    """hivemind's butterfly all-reduce with admission, ledger weights, robust parts, one
+    encoded answer per part with its contributor set, aux placeholders and byte counts."""
+
+    tensor_part_reducer: Any
+
+    def __init__(
+        self,
+        *,
+        peers: Mapping[PeerID, PeerInfo],
+        admitted: Callable[[PeerID], bool],
+        roles: Sequence[Role],
+        robust: RobustConfig,
+        codec: Any,
+        log: _RoundLog,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self._peers, self._admitted, self._log = peers, admitted, log
+        role_of = dict(zip(self.ordered_peer_ids, roles, strict=True))
+        self.role = role_of[self.peer_id]
+        self.sender_roles = [role_of[p] for p in self.sender_peer_ids]
+        # The container registers averages, not deltas, so a failed reducer leaves our own
+        # values for its parts (and the consistency check below rejects the attempt).
+        self.tensor_part_container.return_deltas = False
+        # Retire the base class's reducer quietly (it would warn that it received nothing).
+        self.tensor_part_reducer.num_parts = 0
+        self.tensor_part_reducer.finalize()
+        self.tensor_part_reducer = LedgerPartReducer(
+            tuple(part.shape for part in self.parts_for_local_averaging),
+            len(self.sender_peer_ids),
+            weights=[
+                peers[p].weight if r is Role.MEMBER and p in peers else 0.0
+                for p, r in zip(self.sender_peer_ids, self.sender_roles, strict=True)
+            ],
+            contributes=[r is Role.MEMBER for r in self.sender_roles],
+            robust=robust,
+            codec=codec,
+        )
+        self._codec = codec
+        self.contributors: dict[tuple[int, int], bytes] = {}
+        self.failed_reducers: set[PeerID] = set()
+
+    # -- as a sender ----------------------------------------------------------------
+    async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[Any]:
+        if self.role is Role.AUX:
+            for _ in range(self.tensor_part_container.num_parts_by_peer[peer_index]):
+                msg = averaging_pb2.AveragingData(
+                    code=averaging_pb2.PART_FOR_AVERAGING, group_id=self.group_id
+                )
+                self._log.bytes_sent += msg.ByteSize()
+                yield msg
+            return
+        async for msg in super()._generate_input_for_peer(peer_index):
+            self._log.bytes_sent += msg.ByteSize()
+            yield msg
+
+    async def _communicate_with_peer(self, peer_id: PeerID) -> None:
+        peer_index = self.ordered_peer_ids.index(peer_id)
+        container = self.tensor_part_container
+        if peer_id == self.peer_id:
+            sender_index = self.sender_peer_ids.index(peer_id)
+            try:
+                for part_index, part in enumerate(self.parts_for_local_averaging):
+                    reduced = await self.tensor_part_reducer.accumulate_part(
+                        sender_index, part_index, part if self.role is Role.MEMBER else None
+                    )
+                    self.contributors[peer_index, part_index] = reduced.contributors
+                    container.register_processed_part(peer_index, part_index, reduced.value)
+            except BaseException:
+                # Fill our own share with local values so the outputs do not wait for it;
+                # the missing contributor sets make the attempt fail in strict mode.
+                container.register_failed_reducer(peer_index)
+                raise
+            return
+
+        expected = [part.shape for part, _info in container._input_parts_by_peer[peer_index]]
+        loop = asyncio.get_running_loop()
+        try:
+            done_sending = asyncio.Event()
+            parts = self._generate_input_for_peer(peer_index)
+            inputs = attach_event_on_finished(parts, done_sending)
+            stream = await self._get_peer_stub(peer_id).rpc_aggregate_part(inputs)
+            if self.should_delay_results(self.peer_id):
+                await done_sending.wait()
+            part_index = 0
+            async for msg in aiter_with_timeout(stream, self.reducer_timeout):
+                self._log.bytes_received += msg.ByteSize()
+                if msg.code != averaging_pb2.AVERAGED_PART:
+                    code = averaging_pb2.MessageCode.Name(msg.code)
+                    raise AllreduceException(f"{peer_id} answered {code}")
+                if part_index >= len(expected):
+                    raise AllreduceException(f"{peer_id} sent more parts than it reduces")
+                value = await loop.run_in_executor(None, decode_part, msg.tensor_part)
+                if tuple(value.shape) != tuple(expected[part_index]):
+                    raise AllreduceException(f"{peer_id} sent an average of the wrong shape")
+                if not bool(torch.isfinite(value).all()):
+                    raise AllreduceException(f"{peer_id} sent a non-finite average")
+                self.contributors[peer_index, part_index] = bytes(msg.peer_id)
+                container.register_processed_part(peer_index, part_index, value)
+                part_index += 1
+            if part_index != len(expected):
+                raise AllreduceException(f"{peer_id} sent {part_index} of {len(expected)} parts")
+        except BaseException as exc:
+            if isinstance(exc, Exception):
+                logger.debug("reducer %s failed us: %r", peer_id, exc)
+            self.failed_reducers.add(peer_id)
+            container.register_failed_reducer(peer_index)
+            raise
+
+    # -- as a reducer -----------------------------------------------------------------
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[Any], context: Any
+    ) -> AsyncIterator[Any]:
+        remote = context.remote_id
+        if not self._admitted(remote) or remote not in self.sender_peer_ids:
+            logger.warning("refused parts from %s: not an admitted sender of this group", remote)
+            yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+            return
+
+        async def counted() -> AsyncIterator[Any]:
+            async for msg in stream:
+                self._log.bytes_received += msg.ByteSize()
+                yield msg
+
+        async for msg in super().rpc_aggregate_part(counted(), context):
+            self._log.bytes_sent += msg.ByteSize()
+            yield msg
+
+    async def _accumulate_parts_streaming(
+        self, stream: AsyncIterator[Any], sender_index: int
+    ) -> AsyncIterator[Any]:
+        contributes = self.tensor_part_reducer.contributes[sender_index]
+
+        def decode(msg: Any) -> torch.Tensor | None:
+            return decode_part(msg.tensor_part) if contributes else None
+
+        part_index = 0
+        try:
+            async for part in amap_in_executor(
+                decode, stream, max_prefetch=self.tensor_part_container.prefetch
+            ):
+                try:
+                    reduced = await self.tensor_part_reducer.accumulate_part(
+                        sender_index, part_index, part
+                    )
+                    part_index += 1
+                except BannedException:
+                    break
+                # `peer_id` is unused in hivemind's replies; it carries who is in this part.
+                yield averaging_pb2.AveragingData(
+                    code=averaging_pb2.AVERAGED_PART,
+                    tensor_part=reduced.encoded,
+                    peer_id=reduced.contributors,
+                )
+        finally:
+            if part_index != self.tensor_part_reducer.num_parts:
+                await self._ban_sender(self.sender_peer_ids[sender_index])
+
+    # -- after the run ----------------------------------------------------------------
+    def contributor_sets(self) -> set[frozenset[PeerID]]:
+        """The distinct sets of senders combined into the parts we received."""
+        size = len(self.sender_peer_ids)
+        return {
+            frozenset(self.sender_peer_ids[i] for i in _from_bitmap(bitmap, size))
+            for bitmap in self.contributors.values()
+        }
+
+    def missing_parts(self) -> int:
+        total = int(sum(self.tensor_part_container.num_parts_by_peer))
+        return total - len(self.contributors)
+
+
+class _WindowKeyManager(GroupKeyManager):  # type: ignore[misc]
+    """Group bits name the window; hivemind would reshuffle them after every group, which
+    would scatter the retry of a failed round over several keys."""
+
+    async def update_key_on_group_assembled(self, group_info: Any) -> None:
+        return None
+
+
+class LedgerMatchmaking(Matchmaking):  # type: ignore[misc]
+    """Matchmaking that only deals with admitted peers with well-formed metadata."""
+
+    group_key_manager: Any
+
+    def __init__(self, *args: Any, admitted: Callable[[PeerID], bool], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._admitted = admitted
+        self.group_key_manager = _WindowKeyManager(
+            self.group_key_manager.dht,
+            self.group_key_manager.prefix,
+            self.group_key_manager.group_bits,
+            self.group_key_manager.target_group_size,
+        )
+
+    def set_target_group_size(self, size: int | None) -> None:
+        self.target_group_size = size
+        self.potential_leaders.target_group_size = size
+        self.group_key_manager.target_group_size = size
+
+    def _check_reasons_to_reject(self, request: Any, context: Any) -> Any:
+        if not self._admitted(context.remote_id):
+            logger.info("refused join request from unadmitted peer %s", context.remote_id)
+            return averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+        try:
+            _parse_gather(request.gather)
+        except ValueError as exc:
+            logger.info("refused join request from %s: %s", context.remote_id, exc)
+            return averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+        return super()._check_reasons_to_reject(request, context)
+
+    async def _request_join_group(self, leader: PeerID) -> Any:
+        if not self._admitted(leader):
+            logger.debug("not joining unadmitted leader %s", leader)
+            return None
+        return await super()._request_join_group(leader)
+
+    async def follower_assemble_group(self, leader: PeerID, msg: Any) -> Any:
+        strangers = [p for p in map(PeerID, msg.ordered_peer_ids) if not self._admitted(p)]
+        if strangers:
+            raise MatchmakingException(f"leader {leader} grouped us with unadmitted {strangers}")
+        return await super().follower_assemble_group(leader, msg)
+
+
+class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
+    """The averager process behind `ShardAverager` (one per shard and participant)."""
+
+    runner_class: ClassVar[type[LedgerAllReduceRunner]] = LedgerAllReduceRunner
+    _matchmaking: Any
+
+    def __init__(
+        self,
+        averaged_tensors: Sequence[torch.Tensor],
+        dht: DHT,
+        *,
+        prefix: str,
+        config: AveragingConfig,
+        role: Role,
+    ) -> None:
+        # Set before the base class forks the averager process, which needs them.
+        # (Names avoid multiprocessing.Process's own attributes such as `_config`.)
+        self.tm_config, self.tm_role = config, role
+        self.tm_codec = codec_for(config.wire)
+        self.tm_peers: dict[PeerID, PeerInfo] = {}
+        self.tm_log = _RoundLog()
+        super().__init__(
+            averaged_tensors,
+            dht,
+            start=True,
+            prefix=prefix,
+            target_group_size=config.target_group_size,
+            min_group_size=config.min_group_size,
+            min_matchmaking_time=config.min_matchmaking_time_s,
+            request_timeout=config.request_timeout_s,
+            allreduce_timeout=config.allreduce_timeout_s,
+            sender_timeout=config.sender_timeout_s,
+            reducer_timeout=2 * config.sender_timeout_s,
+            compression=self.tm_codec,
+            part_size_bytes=config.part_size_bytes,
+            # Announced for hivemind's format only; shares are set by role (see below).
+            bandwidth=0.0 if role is Role.AUX else None,
+            allow_state_sharing=False,
+            shutdown_timeout=5,
+        )
+
+    @classmethod
+    def _get_handle_name(cls, namespace: str | None, method_name: str) -> str:
+        # hivemind names RPC handlers after the class; subclasses (fault injection in tests,
+        # variants) must still speak to plain LedgerAverager peers.
+        name = f"LedgerAverager.{method_name}"
+        return name if namespace is None else f"{namespace}::{name}"
+
+    def run_in_background(self, await_ready: bool = True, timeout: float | None = None) -> None:
+        # hivemind ignores SIGINT in the *calling* process (so that the child inherits it),
+        # which leaves the miner deaf to Ctrl+C and fails outside the main thread; the
+        # child ignores it by itself in `run` instead.
+        self.start()
+        if await_ready:
+            self.wait_until_ready(timeout)
+
+    def run(self) -> None:
+        # The caller handles Ctrl+C and shuts us down in order; dying mid-round would not help.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        super().run()
+
+    # -- called from the caller's process ---------------------------------------------
+    def configure_round(
+        self, *, bits: str, peers: Mapping[str, PeerInfo], target_group_size: int | None
+    ) -> None:
+        future: Any = MPFuture()
+        self._outer_pipe.send(
+            (
+                "_configure_round",
+                [],
+                {"bits": bits, "peers": dict(peers), "target": target_group_size, "future": future},
+            )
+        )
+        future.result(timeout=30)
+
+    # -- inside the averager's process ------------------------------------------------
+    def _is_admitted(self, peer: PeerID) -> bool:
+        return peer in self.tm_peers and peer not in self.tm_log.blocked
+
+    async def _configure_round(
+        self, *, bits: str, peers: dict[str, PeerInfo], target: int | None, future: Any
+    ) -> None:
+        try:
+            if not isinstance(self._matchmaking, LedgerMatchmaking):
+                self._matchmaking = LedgerMatchmaking(
+                    self._p2p,
+                    self.schema_hash,
+                    self.dht,
+                    client_mode=self.client_mode,
+                    admitted=self._is_admitted,
+                    **self.matchmaking_kwargs,
+                )
+            self._matchmaking.group_key_manager.group_bits = bits
+            self._matchmaking.set_target_group_size(target)
+            self.tm_peers = {PeerID.from_base58(k): v for k, v in peers.items()}
+            self.tm_log = _RoundLog()
+            future.set_result(None)
+        except (ValueError, TypeError, AttributeError) as exc:
+            future.set_exception(exc)
+
+    async def _aggregate_with_group(
+        self, group_info: Any, min_vector_size: int, **kwargs: Any
+    ) -> dict[str, Any]:
+        log = self.tm_log
+        log.attempts += 1
+        try:
+            gathered = [_parse_gather(blob) for blob in group_info.gathered]
+        except ValueError as exc:
+            raise AllreduceException(f"malformed group metadata: {exc}") from exc
+        strangers = [p for p in group_info.peer_ids if not self._is_admitted(p)]
+        if strangers:
+            raise AllreduceException(f"group contains unadmitted peers {strangers}")
+        roles = [role for _bw, role in gathered]
+        members = [p for p, r in zip(group_info.peer_ids, roles, strict=True) if r is Role.MEMBER]
+        log.seen_members.update(members)
+        if sum(self.tm_peers[p].weight for p in members) <= 0:
+            raise AllreduceException("no member of the group has ledger weight")
+
+        # Equal shares for members, none for aux peers. hivemind would size shares by the
+        # bandwidth each peer announces, which lets one peer claim to reduce everything.
+        bandwidths = [0.0 if role is Role.AUX else None for role in roles]
+        loop = asyncio.get_running_loop()
+        fractions = await loop.run_in_executor(
+            None, load_balance_peers, self.total_size, bandwidths, min_vector_size
+        )
+        async with enter_asynchronously(self.get_tensors()) as local_tensors:
+            runner = await self._run_allreduce_inplace_(
+                local_tensors, group_info, peer_fractions=fractions, roles=roles, **kwargs
+            )
+        # One set in strict mode; without it, everyone who is in some part.
+        contributors: frozenset[PeerID] = frozenset().union(*runner.contributor_sets())
+        by_role = dict(zip(group_info.peer_ids, roles, strict=True))
+        return {
+            "members": sorted(self.tm_peers[p].hotkey for p in contributors),
+            "dropped": sorted({self.tm_peers[p].hotkey for p in log.seen_members - contributors}),
+            "aux": sorted(self.tm_peers[p].hotkey for p, r in by_role.items() if r is Role.AUX),
+            "bytes_sent": log.bytes_sent,
+            "bytes_received": log.bytes_received,
+            "attempts": log.attempts,
+        }
+
+    async def _run_allreduce_inplace_(
+        self,
+        tensors: Sequence[torch.Tensor],
+        group_info: Any,
+        group_id: bytes | None = None,
+        *,
+        roles: Sequence[Role],
+        **kwargs: Any,
+    ) -> LedgerAllReduceRunner:
+        group_id = group_info.group_id if group_id is None else group_id
+        runner = self.runner_class(
+            p2p=self._p2p,
+            servicer_type=type(self),
+            prefix=self.prefix,
+            tensors=tensors,
+            group_id=group_id,
+            ordered_peer_ids=group_info.peer_ids,
+            peers=self.tm_peers,
+            admitted=self._is_admitted,
+            roles=roles,
+            robust=self.tm_config.robust,
+            codec=self.tm_codec,
+            log=self.tm_log,
+            **kwargs,
+        )
+        self._running_groups[group_id].set_result(runner)
+        try:
+            outputs = [tensor async for tensor in runner]
+        finally:
+            # Whoever failed us this attempt does not get into the next one: reducers that
+            # did not answer, senders we dropped, and senders that some reducer dropped (the
+            # contributor sets tell every member the same story, so all of them agree).
+            sets = runner.contributor_sets()
+            disputed = frozenset().union(*sets) - frozenset.intersection(*sets) if sets else set()
+            self.tm_log.blocked.update(runner.failed_reducers, runner.banned_senders, disputed)
+        problem = self._check_outputs(runner)
+        if problem is not None:
+            raise AllreduceException(problem)
+        for tensor, output in zip(tensors, outputs, strict=True):
+            tensor.copy_(output)
+        return runner
+
+    def _check_outputs(self, runner: LedgerAllReduceRunner) -> str | None:
+        """Why this attempt's result must not be used (strict mode), or None."""
+        if not self.tm_config.strict:
+            return None
+        if runner.failed_reducers or runner.missing_parts():
+            return f"reducers {sorted(map(str, runner.failed_reducers))} did not answer"
+        sets = runner.contributor_sets()
+        if len(sets) > 1:
+            return f"parts were reduced over {len(sets)} different sets of senders"
+        return None
+
+
+# ---- the caller's side -------------------------------------------------------------------
+
+
+_STEP_ERRORS = (
+    AllreduceException,
+    MatchmakingException,
+    P2PDaemonError,
+    P2PHandlerError,
+    AssertionError,
+    StopAsyncIteration,
+    RuntimeError,
+    concurrent.futures.CancelledError,
+    asyncio.CancelledError,
+    asyncio.InvalidStateError,
+)
+
+
+class ShardAverager:
+    """Averages Δ of one shard with that shard's group, once per window."""
+
+    averager_class: ClassVar[type[LedgerAverager]] = LedgerAverager
+
+    def __init__(
+        self,
+        dht: DHT,
+        run: str,
+        shard: int,
+        template: Mapping[str, torch.Tensor],
+        *,
+        role: Role = Role.MEMBER,
+        config: AveragingConfig,
+        directory: Directory,
+        weight_of: Callable[[str], float],
+    ) -> None:
+        if not template:
+            raise ValueError("the template has no tensors")
+        self.run, self.shard, self.role, self.config = check_run_name(run), shard, role, config
+        self.directory, self.weight_of = directory, weight_of
+        self._shapes = {name: tuple(t.shape) for name, t in template.items()}
+        self._dtypes = {name: t.dtype for name, t in template.items()}
+        buffers = [torch.zeros(shape, dtype=torch.float32) for shape in self._shapes.values()]
+        self._sparsifier = (
+            TopKSparsifier(config.topk_density, config.topk_chunk)
+            if config.wire == "topk" and role is Role.MEMBER
+            else None
+        )
+        self._averager = self.averager_class(
+            buffers, dht, prefix=group_prefix(run, shard), config=config, role=role
+        )
+        self.peer_id = dht.peer_id.to_base58()
+
+    def average(
+        self,
+        window: int,
+        delta: Mapping[str, torch.Tensor] | None = None,
+        *,
+        timeout: float,
+        expected_peers: int | None = None,
+        start_at: float | None = None,
+    ) -> AverageResult:
+        """All-reduce `delta` with this window's group; members pass Δ, aux peers None.
+
+        Forms a group for up to `timeout` seconds (earlier once `expected_peers` joined),
+        then runs the all-reduce for up to `allreduce_timeout_s`; a failed attempt is
+        retried with the remaining peers until `timeout`. Raises `AveragingFailed`.
+
+        `start_at` (unix time, within `timeout`) is when the group should be complete. Peers
+        that pass the same value (e.g. the window's end from the ledger) declare the same
+        expiry and so all pick the same leader, the lowest peer id; without it each peer
+        declares "now + min_matchmaking_time", and a peer that starts late may be left out.
+        One call at a time per averager.
+        """
+        start = time.monotonic()
+        if not timeout > self.config.min_matchmaking_time_s:
+            raise ValueError("timeout must exceed min_matchmaking_time_s (groups need that long)")
+        if start_at is not None and not start_at < time.time() + timeout:
+            raise ValueError("start_at must fall within the timeout")
+        values = self._check_delta(delta)
+        peers = self._peer_table()
+        if self._sparsifier is not None:
+            values = self._sparsifier.sparsify(values)
+        with self._averager.get_tensors() as buffers:
+            for buffer, name in zip(buffers, self._shapes, strict=True):
+                if name in values:
+                    buffer.copy_(values[name])
+                else:
+                    buffer.zero_()
+        if not self._averager.is_alive():
+            raise AveragingFailed("the averager process is not running")
+        self._averager.configure_round(
+            bits=window_bits(window),
+            peers=peers,
+            target_group_size=expected_peers or self.config.target_group_size,
+        )
+        step = self._averager.step(
+            gather={"role": self.role.value},
+            scheduled_time=start_at,
+            timeout=timeout,
+            allow_retries=True,
+            wait=False,
+        )
+        try:
+            report = self._wait(step, window, timeout + self.config.allreduce_timeout_s + 5.0)
+        except _STEP_ERRORS as exc:
+            self._discard()
+            if isinstance(exc, AveragingFailed):
+                raise
+            raise AveragingFailed(f"window {window}: {type(exc).__name__}: {exc}") from exc
+        with self._averager.get_tensors() as buffers:
+            tensors = {
+                name: buffer.detach().clone().to(self._dtypes[name])
+                for buffer, name in zip(buffers, self._shapes, strict=True)
+            }
+        if self._sparsifier is not None:
+            self._sparsifier.commit()
+        if report["dropped"]:
+            logger.warning("window %d shard %d: dropped %s", window, self.shard, report["dropped"])
+        return AverageResult(
+            tensors=tensors,
+            members=list(report["members"]),
+            dropped=list(report["dropped"]),
+            aux=list(report["aux"]),
+            bytes_sent=int(report["bytes_sent"]),
+            bytes_received=int(report["bytes_received"]),
+            seconds=time.monotonic() - start,
+            attempts=int(report["attempts"]),
+        )
+
+    def _wait(self, step: Any, window: int, limit: float) -> dict[str, Any]:
+        """The step's report; polls so that a dead averager process fails the round at once
+        (its result would never arrive) and the wait never outlasts `limit`."""
+        end = time.monotonic() + limit
+        while True:
+            try:
+                report: dict[str, Any] = step.result(
+                    timeout=min(1.0, max(0.0, end - time.monotonic()))
+                )
+                return report
+            except TimeoutError as exc:
+                if step.done():  # the averager's own all-reduce timeout
+                    raise AveragingFailed(
+                        f"window {window}: all-reduce took over {self.config.allreduce_timeout_s}s"
+                    ) from exc
+                if not self._averager.is_alive():
+                    raise AveragingFailed(f"window {window}: the averager process died") from exc
+                if time.monotonic() >= end:
+                    step.cancel()
+                    raise AveragingFailed(
+                        f"window {window}: no result within {limit:.0f}s"
+                    ) from exc
+
+    def _check_delta(self, delta: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        if self.role is Role.AUX:
+            if delta is not None:
+                raise ValueError("an auxiliary peer contributes no Δ; pass delta=None")
+            return {}
+        if delta is None or set(delta) != set(self._shapes):
+            raise ValueError(f"Δ must have exactly the template's tensors {sorted(self._shapes)}")
+        out = {}
+        for name, tensor in delta.items():
+            if tuple(tensor.shape) != self._shapes[name]:
+                raise ValueError(
+                    f"Δ[{name}] has shape {tuple(tensor.shape)}, expected {self._shapes[name]}"
+                )
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"Δ[{name}] has non-finite values")
+            out[name] = tensor.detach().to(device="cpu", dtype=torch.float32)
+        return out
+
+    def _peer_table(self) -> dict[str, PeerInfo]:
+        table = {}
+        for peer, hotkey in self.directory.peers().items():
+            weight = float(self.weight_of(hotkey))
+            if not math.isfinite(weight) or weight < 0:
+                raise ValueError(f"weight_of({hotkey}) = {weight}; weights must be finite and ≥ 0")
+            table[peer] = PeerInfo(hotkey, weight)
+        if self.peer_id not in table:
+            raise AveragingFailed(
+                f"this peer {self.peer_id} is not tied to a registered hotkey; commit its "
+                "multiaddrs (or publish its identity record) first"
+            )
+        return table
+
+    def _discard(self) -> None:
+        if self._sparsifier is not None:
+            self._sparsifier.discard()
+
+    def shutdown(self) -> None:
+        if self._averager.is_alive():
+            self._averager.shutdown()
+        self._averager.join(10)
+
+    def __enter__(self) -> ShardAverager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
