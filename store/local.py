@@ -50,6 +50,11 @@ def is_local_store(path: Path) -> bool:
     return (path / MARKER).is_file()
 
 
+def _is_marker_temp(path: Path) -> bool:
+    """A marker being written atomically by another process (see `fsio.temp_name`)."""
+    return path.name.startswith(".tmp-") and path.name.endswith(f"-{MARKER}")
+
+
 class LocalBackend(Backend):
     """A store in a folder. `create=False` refuses a folder that is not a store yet."""
 
@@ -59,7 +64,10 @@ class LocalBackend(Backend):
             return
         if not create:
             raise NotFound(f"{root} is not a tensormine store (no {MARKER})")
-        if root.exists() and any(root.iterdir()):
+        # Another process may be creating this store right now: its marker's temp file is
+        # not foreign content, and the marker may appear while we look.
+        foreign = [p for p in root.iterdir() if not _is_marker_temp(p)] if root.exists() else []
+        if foreign and not is_local_store(root):
             raise StoreError(f"{root} exists, is not empty and is not a tensormine store")
         root.mkdir(parents=True, exist_ok=True)
         write_atomic(root / MARKER, (json.dumps(MARKER_BODY) + "\n").encode())

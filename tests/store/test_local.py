@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,32 @@ def test_contributions_from_several_miners_stores(tmp_path: Path) -> None:
         got = validator.load_contribution(ref, hotkey=ref.hotkey, uid=i, window=3, shard=0)
         assert torch.equal(got.tensors["a"], torch.full((4,), float(i)))
     assert validator.list_contributions(3, 0) == []
+
+
+def test_many_processes_creating_one_store_at_once(tmp_path: Path) -> None:
+    # Several miners start together on a fresh run folder: every one must open the store.
+    root = tmp_path / "store"
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def create() -> None:
+        barrier.wait()
+        try:
+            for _ in range(20):
+                LocalBackend(root)
+        except BaseException as exc:  # noqa: BLE001 - reported to the test below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert (root / "store.json").is_file()
+    # A foreign folder with content is still refused.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("hi")
+    with pytest.raises(StoreError, match="not a tensormine store"):
+        LocalBackend(other)
