@@ -169,11 +169,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     with open_ledger(args) as ledger:
         block_time = ledger.config.block_time_s
         print(f"producing blocks every {block_time}s on {ledger.path} (Ctrl+C stops)")
-        started = time.monotonic()
+        started, first = time.monotonic(), ledger.head().number
 
         def report(header: Any) -> None:
             if header.epoch or header.number % max(1, int(60 / block_time)) == 0:
-                rate = produced_so_far[0] / max(1e-9, time.monotonic() - started)
+                rate = (header.number - first) / max(1e-9, time.monotonic() - started)
                 logger.info(
                     "block %d%s, %.2f blocks/s, pool %d",
                     header.number,
@@ -181,9 +181,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     rate,
                     ledger.pool_size(),
                 )
-            produced_so_far[0] += 1
 
-        produced_so_far = [0]
         produced = run_producer(ledger, max_blocks=args.blocks, on_block=report)
         print(f"stopped after {produced} blocks; head is block {ledger.head().number}")
     return 0

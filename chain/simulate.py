@@ -117,12 +117,12 @@ def project(ledger: Ledger, blocks: int) -> Projection:
 
 
 def _mint(proj: Projection, blocks: int, emission: int) -> None:
-    before = block_emission(proj.issuance)
+    """`blocks` blocks at `emission` rao each (the emission at the current issuance)."""
     proj.block += blocks
     proj.issuance += blocks * emission
     proj.pending += blocks * emission
     after = block_emission(proj.issuance)
-    if after != before:
+    if after != emission:
         proj.halvings.append(Halving(proj.block, proj.issuance, after))
         logger.debug(
             "block %d: issuance %d rao, emission now %d rao/block", proj.block, proj.issuance, after

@@ -146,6 +146,7 @@ class Miner:
         self.momentum: dict[str, torch.Tensor] = {}
         self.residual: dict[str, torch.Tensor] = {}
         self.window = -1  # the window the model's weights belong to
+        self._heldout: float | None = None  # held-out loss of the current weights, if known
         self._prepare_genesis_and_data()
 
     # ---- start-up ------------------------------------------------------------------------
@@ -158,10 +159,12 @@ class Miner:
         self.acc.wait_for_everyone()
         self.tokenizer = load_tokenizer_from(genesis)
         align_special_tokens(self.model, self.tokenizer)
-        cache = self.cfg.data.cache_dir or self.cfg.run.dir / "data"
         with self.acc.main_process_first():
             self.pages: Pages = load_pages(
-                self.cfg.data, self.tokenizer, cache, min_train_pages=self.cfg.train.batch_size
+                self.cfg.data,
+                self.tokenizer,
+                self.data_cache,
+                min_train_pages=self.cfg.train.batch_size,
             )
         needed = self.cfg.train.pages_per_window
         if self.pages.train.shape[0] < needed:
@@ -182,8 +185,7 @@ class Miner:
             return
         except NotFound:
             pass
-        cache = self.cfg.data.cache_dir or self.cfg.run.dir / "data"
-        tokenizer = load_tokenizer(self.cfg.data, self.cfg.model.vocab_size, cache)
+        tokenizer = load_tokenizer(self.cfg.data, self.cfg.model.vocab_size, self.data_cache)
         align_special_tokens(self.model, tokenizer)
         prov = Provenance(
             run_id=self.cfg.run.name,
@@ -197,6 +199,10 @@ class Miner:
             logger.info("wrote the run's window-0 checkpoint to %s", self.store.location)
         except StoreConflict:
             logger.info("another miner wrote window 0 first")
+
+    @property
+    def data_cache(self) -> Path:
+        return self.cfg.data.cache_dir or self.cfg.run.dir / "data"
 
     # ---- state ---------------------------------------------------------------------------
     @property
@@ -243,6 +249,7 @@ class Miner:
         if {k: tuple(v.shape) for k, v in weights.items()} != shapes:
             raise MinerError(f"{folder}: saved weights do not fit model {self.cfg.model}")
         self.model.load_state_dict(weights)
+        self._heldout = None
         self.momentum = load_outer_state(folder / "outer.safetensors", shapes)
         self.residual = load_outer_state(folder / "residual.safetensors", shapes)
         self.window = int(meta["window"])
@@ -263,6 +270,7 @@ class Miner:
                     "window %d: adopting the canonical checkpoint of window %d", window, source
                 )
                 self.model.load_state_dict(weights)
+                self._heldout = None
         elif self.window != window:
             # No canonical θ_window yet: our own θ from the last outer step stands in.
             logger.info(
@@ -314,7 +322,10 @@ class Miner:
         self._adopt(window)
         shard, _ = self._decide(window)
         names = self.shards[shard]
-        before = mean_loss(self.model, self.eval_pages, device=self.acc.device)
+        # θ_w's loss is the last window's result unless _adopt replaced the weights.
+        before = self._heldout
+        if before is None:
+            before = mean_loss(self.model, self.eval_pages, device=self.acc.device)
         start = shard_state(self.model, names)  # θ_w on the shard
         make_trainable(self.model, names)
         order = assigned_pages(
@@ -370,6 +381,7 @@ class Miner:
         apply_to_shard(self.model, names, new_params)
         self.window = window + 1
         heldout = mean_loss(self.model, self.eval_pages, device=self.acc.device)
+        self._heldout = heldout
         report = WindowReport(
             window=window,
             uid=self.uid,

@@ -204,18 +204,14 @@ def test_unstake_more_than_staked_and_overspending(ledger: Ledger) -> None:
     with pytest.raises(errors.InsufficientFunds, match="staked"):
         ledger.submit_call(alice, "remove_stake", {"amount": 5 * TAO})
     with pytest.raises(errors.InsufficientFunds, match="free"):
-        ledger.submit_call(alice, "transfer", {"dest": owner_address(ledger), "amount": 7 * TAO})
+        ledger.submit_call(alice, "transfer", {"dest": ledger.owner, "amount": 7 * TAO})
     # Two pending calls that are each fine alone but not together: the second is refused.
-    ledger.submit_call(alice, "transfer", {"dest": owner_address(ledger), "amount": 5 * TAO})
+    ledger.submit_call(alice, "transfer", {"dest": ledger.owner, "amount": 5 * TAO})
     with pytest.raises(errors.InsufficientFunds):
-        ledger.submit_call(alice, "transfer", {"dest": owner_address(ledger), "amount": 5 * TAO})
+        ledger.submit_call(alice, "transfer", {"dest": ledger.owner, "amount": 5 * TAO})
     assert state_digest(ledger.conn) == before
     ledger.produce_block()
     assert ledger.account(alice.address).balance == 1 * TAO
-
-
-def owner_address(ledger: Ledger) -> str:
-    return ledger.owner
 
 
 def test_call_that_fails_inside_its_block_uses_its_nonce_only(ledger: Ledger) -> None:
