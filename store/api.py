@@ -28,6 +28,7 @@ here, the same for both.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import shutil
 import uuid
@@ -62,7 +63,7 @@ from store.manifest import (
     manifest_bytes,
     parse_manifest,
 )
-from store.safetensors_check import TensorSpec, check_safetensors, load_safetensors
+from store.safetensors_check import TensorSpec, check_safetensors_bytes, load_safetensors_bytes
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -356,43 +357,49 @@ class Store:
         if manifest.size > limit:
             raise Rejected("too_large", f"manifest declares {manifest.size} bytes, limit {limit}")
         path = backend.contribution_file(ref, manifest.file, limit)
+        # One read: every check below and the load see the same bytes, even if a newer
+        # contribution replaces (and removes) the file meanwhile. The size is capped above.
         try:
-            return self._load_verified(ref, manifest, path, expected, require_finite)
+            with path.open("rb") as fh:
+                data = fh.read(limit + 1)
         except FileNotFoundError:
-            # Replaced by a newer contribution (and removed) while we were reading it.
-            raise Rejected("not_found", f"{manifest.file} disappeared while being read") from None
+            raise Rejected("not_found", f"{manifest.file} disappeared before it was read") from None
+        return self._load_verified(ref, manifest, data, expected, require_finite)
 
     def _load_verified(
         self,
         ref: ContributionRef,
         manifest: ContributionManifest,
-        path: Path,
+        data: bytes,
         expected: Mapping[str, TensorSpec] | None,
         require_finite: bool,
     ) -> VerifiedContribution:
         limit = self.cfg.max_contribution_bytes
-        digest, size = sha256_file(path)
-        if size != manifest.size:
+        if len(data) != manifest.size:
             raise Rejected(
-                "size_mismatch", f"{manifest.file}: {size} bytes, manifest says {manifest.size}"
+                "size_mismatch",
+                f"{manifest.file}: {len(data)} bytes, manifest says {manifest.size}",
             )
+        digest = hashlib.sha256(data).hexdigest()
         if digest != manifest.sha256:
             raise Rejected(
                 "sha256_mismatch",
                 f"{manifest.file}: sha256 {digest[:16]}… expected {manifest.sha256[:16]}…",
             )
-        header = check_safetensors(
-            path, max_header_bytes=self.cfg.max_header_bytes, max_file_bytes=limit
-        )
+        header = check_safetensors_bytes(
+            data, name=manifest.file, max_header_bytes=self.cfg.max_header_bytes,
+            max_file_bytes=limit,
+        )  # fmt: skip
         if header.tensors != manifest.tensor_specs():
             raise Rejected(
                 "manifest_mismatch", "the file's tensors differ from the manifest's list"
             )
         if expected is not None:
             _match_expected(header.tensors, expected)
-        tensors = load_safetensors(
-            path, max_header_bytes=self.cfg.max_header_bytes, max_file_bytes=limit
-        )
+        tensors = load_safetensors_bytes(
+            data, name=manifest.file, max_header_bytes=self.cfg.max_header_bytes,
+            max_file_bytes=limit,
+        )  # fmt: skip
         if require_finite:
             for name, tensor in tensors.items():
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):

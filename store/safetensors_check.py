@@ -18,12 +18,13 @@ ever unpickles.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import struct
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePath
+from typing import Any, BinaryIO
 
 import torch
 
@@ -150,10 +151,7 @@ def check_safetensors(
 
     Reads only the first ``8 + N`` bytes; the data itself is not read.
     """
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise Rejected("not_safetensors", f"{path.name}: {path.suffix} files hold pickles")
-    if path.suffix.lower() != ".safetensors":
-        raise Rejected("not_safetensors", f"{path.name}: expected a .safetensors file")
+    _check_name(path.name)
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -161,40 +159,63 @@ def check_safetensors(
     if max_file_bytes is not None and size > max_file_bytes:
         raise Rejected("too_large", f"{path.name}: {size} bytes, limit {max_file_bytes}")
     with path.open("rb") as fh:
-        head = fh.read(8)
-        # The first bytes of a pickle or zip can also be a valid header length, so
-        # other formats are only named once the bytes failed to parse as safetensors.
-        sniffed = _sniff_format(head)
-        if len(head) < 8:
-            raise Rejected("not_safetensors", f"{path.name}: {size} bytes, too short")
-        (n,) = struct.unpack("<Q", head)
-        if n > max_header_bytes:
-            if sniffed:
-                raise Rejected("not_safetensors", f"{path.name} is {sniffed}, not safetensors")
-            raise Rejected(
-                "header_too_large", f"{path.name}: header of {n} bytes, limit {max_header_bytes}"
-            )
-        if 8 + n > size:
-            if sniffed:
-                raise Rejected("not_safetensors", f"{path.name} is {sniffed}, not safetensors")
-            raise Rejected(
-                "bad_header", f"{path.name}: header claims {n} bytes, file has {size - 8} after it"
-            )
-        raw = fh.read(n)
+        return _check_stream(fh, size, path.name, max_header_bytes)
+
+
+def check_safetensors_bytes(
+    data: bytes, *, name: str, max_header_bytes: int, max_file_bytes: int | None = None
+) -> SafetensorsHeader:
+    """`check_safetensors` for a file already read into memory (`name` is its file name)."""
+    _check_name(name)
+    if max_file_bytes is not None and len(data) > max_file_bytes:
+        raise Rejected("too_large", f"{name}: {len(data)} bytes, limit {max_file_bytes}")
+    return _check_stream(io.BytesIO(data), len(data), name, max_header_bytes)
+
+
+def _check_name(name: str) -> None:
+    suffix = PurePath(name).suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise Rejected("not_safetensors", f"{name}: {suffix} files hold pickles")
+    if suffix != ".safetensors":
+        raise Rejected("not_safetensors", f"{name}: expected a .safetensors file")
+
+
+def _check_stream(fh: BinaryIO, size: int, label: str, max_header_bytes: int) -> SafetensorsHeader:
+    """The header checks, reading the first ``8 + N`` bytes of `fh` (`size` bytes long)."""
+    head = fh.read(8)
+    # The first bytes of a pickle or zip can also be a valid header length, so
+    # other formats are only named once the bytes failed to parse as safetensors.
+    sniffed = _sniff_format(head)
+    if len(head) < 8:
+        raise Rejected("not_safetensors", f"{label}: {size} bytes, too short")
+    (n,) = struct.unpack("<Q", head)
+    if n > max_header_bytes:
+        if sniffed:
+            raise Rejected("not_safetensors", f"{label} is {sniffed}, not safetensors")
+        raise Rejected(
+            "header_too_large", f"{label}: header of {n} bytes, limit {max_header_bytes}"
+        )
+    if 8 + n > size:
+        if sniffed:
+            raise Rejected("not_safetensors", f"{label} is {sniffed}, not safetensors")
+        raise Rejected(
+            "bad_header", f"{label}: header claims {n} bytes, file has {size - 8} after it"
+        )
+    raw = fh.read(n)
     what = f"is {sniffed}, not safetensors" if sniffed else "has no JSON header"
     if not raw.startswith(b"{"):
-        raise Rejected("not_safetensors", f"{path.name} {what}")
+        raise Rejected("not_safetensors", f"{label} {what}")
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
     except (UnicodeDecodeError, ValueError) as exc:
-        raise Rejected("not_safetensors", f"{path.name} {what}: {exc}") from None
+        raise Rejected("not_safetensors", f"{label} {what}: {exc}") from None
     if not isinstance(header, dict):
-        raise Rejected("not_safetensors", f"{path.name}: header is not a JSON object")
+        raise Rejected("not_safetensors", f"{label}: header is not a JSON object")
     metadata = header.pop("__metadata__", {})
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
-        raise Rejected("bad_header", f"{path.name}: __metadata__ must map strings to strings")
+        raise Rejected("bad_header", f"{label}: __metadata__ must map strings to strings")
 
     tensors: dict[str, TensorSpec] = {}
     spans: list[tuple[int, int, str]] = []
@@ -208,17 +229,32 @@ def check_safetensors(
     for start, end, name in sorted(spans):
         if start != cursor:
             what = "overlaps the previous tensor" if start < cursor else "leaves a gap before it"
-            raise Rejected("bad_header", f"{path.name}: tensor {name!r} at {start} {what}")
+            raise Rejected("bad_header", f"{label}: tensor {name!r} at {start} {what}")
         cursor = end
     if cursor > data_size:
         raise Rejected(
-            "bad_header", f"{path.name}: tensors need {cursor} data bytes, file has {data_size}"
+            "bad_header", f"{label}: tensors need {cursor} data bytes, file has {data_size}"
         )
     if cursor < data_size:
-        raise Rejected(
-            "bad_header", f"{path.name}: {data_size - cursor} bytes after the last tensor"
-        )
+        raise Rejected("bad_header", f"{label}: {data_size - cursor} bytes after the last tensor")
     return SafetensorsHeader(tensors=tensors, metadata=metadata, data_start=8 + n, file_size=size)
+
+
+def load_safetensors_bytes(
+    data: bytes, *, name: str, max_header_bytes: int, max_file_bytes: int | None = None
+) -> dict[str, torch.Tensor]:
+    """`check_safetensors_bytes`, then every tensor of `data` on the CPU."""
+    check_safetensors_bytes(
+        data, name=name, max_header_bytes=max_header_bytes, max_file_bytes=max_file_bytes
+    )
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        loaded: dict[str, torch.Tensor] = load(data)
+    except SafetensorError as exc:
+        raise Rejected("bad_header", f"{name}: {exc}") from None
+    return loaded
 
 
 def load_safetensors(
