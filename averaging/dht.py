@@ -27,6 +27,8 @@ reused on restart, so a participant keeps its peer id and its commitment stays v
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import os
@@ -419,10 +421,58 @@ def start_dht(
     raise DHTStartError(f"could not start the DHT: {last_error}") from last_error
 
 
+def join_ledger_peers(dht: DHT, ledger: Ledger, *, limit: int = 64, timeout: float = 20.0) -> int:
+    """Connect to the committed peers that this node is not connected to; returns how many
+    answered a DHT ping (and are now in its routing table).
+
+    Peers that start at the same moment find no commitments yet and each start a DHT of
+    their own; calling this now and then (the miner does it every window) joins such
+    islands into one network, and brings back peers that restarted on a new address.
+    """
+    own = dht.peer_id.to_base58()
+    targets: dict[str, list[str]] = {}
+    for maddr in ledger_multiaddrs(ledger, exclude={own}, limit=limit):
+        targets.setdefault(peer_id_of(maddr), []).append(maddr)
+    if not targets:
+        return 0
+    future = dht.run_coroutine(functools.partial(_connect_and_ping, targets), return_future=True)
+    try:
+        answered: int = future.result(timeout=timeout)
+    except TimeoutError:
+        future.cancel()
+        logger.warning("joining %d peers took over %.0fs; going on", len(targets), timeout)
+        return 0
+    return answered
+
+
+async def _connect_and_ping(targets: dict[str, list[str]], _dht: DHT, node: Any) -> int:
+    """Runs inside the DHT's process (hivemind's `run_coroutine`)."""
+    connected = {str(info.peer_id) for info in await node.p2p.list_peers()}
+    answered = 0
+    for peer, maddrs in targets.items():
+        if peer in connected:
+            continue
+        peer_id = PeerID.from_base58(peer)
+        try:
+            # hivemind's P2P has no public call to dial a new address after start; the
+            # daemon wants the transport address without the /p2p/<peer id> suffix.
+            transports = [Multiaddr(m.split("/p2p/")[0]) for m in maddrs]
+            await asyncio.wait_for(node.p2p._client.connect(peer_id, transports), timeout=5)
+        except (TimeoutError, P2PDaemonError, OSError, ValueError) as exc:
+            logger.debug("could not reach %s: %r", peer, exc)  # ControlFailure: unreachable
+            continue
+        if await node.protocol.call_ping(peer_id) is not None:
+            answered += 1
+    if answered:
+        logger.info("joined %d peer(s) from the ledger's commitments", answered)
+    return answered
+
+
 def _start(initial_peers: list[str], kwargs: dict[str, Any]) -> DHT:
     dht = DHT(initial_peers=initial_peers or None, start=False, **kwargs)
     try:
-        dht.run_in_background(await_ready=True)
+        # hivemind waits forever for a node that never gets ready unless told otherwise.
+        dht.run_in_background(await_ready=True, timeout=kwargs["startup_timeout"])
     except BaseException:
         # The node's process exits on a failed start; make sure it (and its daemon) is gone.
         if dht.is_alive():

@@ -40,6 +40,14 @@ part reducer:
 - **Auxiliary peers** (validators, other shards' miners) join with ``role=Role.AUX``:
   they send an empty placeholder per part, reduce nothing, have weight 0, and receive the
   average (hivemind's own AUX peers reduce but never receive it).
+- **Roles per round.** `average(..., role=)` makes one averager a member in one window
+  and an auxiliary peer in the next, as shard assignments move.
+- **Who is in step.** A peer may announce a `base` (a fingerprint of the model it starts
+  the window from); the result lists every peer's, so peers that started from different
+  models find out (`averaging.participant.Participant.in_step`).
+- **State for late joiners.** `share_state(priority, provider)` offers the provider's
+  state through hivemind's state download; `load_state_from_peers` asks only peers in the
+  directory, newest declared state first, and reads at most `max_bytes` from each.
 - **Bytes.** Every protobuf message of the all-reduce is counted where it is sent and
   received (payload bytes, before libp2p framing); matchmaking's few hundred bytes are not.
 
@@ -58,6 +66,7 @@ import asyncio
 import concurrent.futures
 import logging
 import math
+import re
 import signal
 import threading
 import time
@@ -80,7 +89,7 @@ from hivemind.averaging.partition import (
     BannedException,
     TensorPartReducer,
 )
-from hivemind.compression import CompressionInfo
+from hivemind.compression import CompressionInfo, deserialize_torch_tensor
 from hivemind.p2p import P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import averaging_pb2
 from hivemind.utils.asyncio import (
@@ -91,6 +100,7 @@ from hivemind.utils.asyncio import (
 )
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.serializer import MSGPackSerializer
+from hivemind.utils.streaming import combine_from_streaming
 
 from averaging.dht import LedgerSource, check_run_name
 from averaging.robust import aggregate
@@ -122,6 +132,22 @@ class AverageResult:
     bytes_received: int
     seconds: float
     attempts: int  # groups this round went through (> 1 after a failed attempt)
+    bases: dict[str, str] = field(default_factory=dict)  # hotkey -> announced θ_w fingerprint
+
+
+# What a participant shares with late joiners: small JSON-able metadata and tensors, or
+# None while it has nothing trustworthy to share. Called in the caller's process.
+StateProvider = Callable[[], tuple[dict[str, Any], list[torch.Tensor]] | None]
+
+
+@dataclass(frozen=True)
+class PeerState:
+    """A state downloaded from a peer: untrusted until the caller checked it."""
+
+    hotkey: str
+    metadata: dict[str, Any]
+    tensors: list[torch.Tensor]
+    nbytes: int
 
 
 class Directory(Protocol):
@@ -215,20 +241,33 @@ def _from_bitmap(bitmap: bytes, size: int) -> list[int]:
     return [i for i in range(size) if i // 8 < len(bitmap) and bitmap[i // 8] >> (i % 8) & 1]
 
 
-def _parse_gather(blob: bytes) -> tuple[float | None, Role]:
-    """(bandwidth, role) from a peer's matchmaking metadata; ValueError if malformed."""
+_BASE = re.compile(r"^[0-9a-f]{8,64}$")
+
+
+def _parse_gather(blob: bytes) -> tuple[float | None, Role, str | None]:
+    """(bandwidth, role, base) from a peer's matchmaking metadata; ValueError if malformed.
+
+    `base` is an optional fingerprint of the model the peer starts the window from, so
+    that every peer learns whether it is in step with the others."""
     try:
         bandwidth, _mode, user = MSGPackSerializer.loads(blob)
         info = MSGPackSerializer.loads(user)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise ValueError(f"undecodable gather data: {exc}") from exc
-    if not isinstance(info, dict) or set(info) != {"role"} or info["role"] not in ("member", "aux"):
-        raise ValueError(f"gather data must be {{'role': 'member'|'aux'}}, got {info!r}")
+    if (
+        not isinstance(info, dict)
+        or not {"role"} <= set(info) <= {"role", "base"}
+        or info["role"] not in ("member", "aux")
+    ):
+        raise ValueError(f"gather data must be {{'role': 'member'|'aux', 'base'?}}, got {info!r}")
+    base = info.get("base")
+    if base is not None and not (isinstance(base, str) and _BASE.match(base)):
+        raise ValueError(f"bad base fingerprint {base!r}")
     if bandwidth is not None and not (
         isinstance(bandwidth, int | float) and math.isfinite(bandwidth) and bandwidth >= 0
     ):
         raise ValueError(f"bad bandwidth {bandwidth!r}")
-    return (None if bandwidth is None else float(bandwidth)), Role(info["role"])
+    return (None if bandwidth is None else float(bandwidth)), Role(info["role"]), base
 
 
 class LedgerPartReducer(TensorPartReducer):  # type: ignore[misc]
@@ -604,6 +643,7 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
         self.tm_codec = codec_for(config.wire)
         self.tm_peers: dict[PeerID, PeerInfo] = {}
         self.tm_log = _RoundLog()
+        self.tm_state_provider: StateProvider | None = None
         super().__init__(
             averaged_tensors,
             dht,
@@ -620,7 +660,8 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
             part_size_bytes=config.part_size_bytes,
             # Announced for hivemind's format only; shares are set by role (see below).
             bandwidth=0.0 if role is Role.AUX else None,
-            allow_state_sharing=False,
+            allow_state_sharing=False,  # switched on by `ShardAverager.share_state`
+            declare_state_period=10,
             shutdown_timeout=5,
         )
 
@@ -658,7 +699,115 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
         )
         future.result(timeout=30)
 
+    def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], None]:
+        # hivemind calls this in the caller's process (a background thread) when a peer
+        # downloads our state; refusing raises there and the peer tries the next one.
+        provider = self.tm_state_provider
+        state = provider() if provider is not None else None
+        if state is None:
+            raise RuntimeError("no state to share")
+        metadata, tensors = state
+        return metadata, tensors, None
+
+    def download_state(
+        self, peers: Mapping[str, PeerInfo], *, timeout: float, max_bytes: int
+    ) -> tuple[str, Any, list[torch.Tensor], int] | None:
+        future: Any = MPFuture()
+        self._outer_pipe.send(
+            (
+                "_download_state",
+                [],
+                {
+                    "peers": dict(peers),
+                    "timeout": timeout,
+                    "max_bytes": max_bytes,
+                    "future": future,
+                },
+            )
+        )
+        try:
+            result: tuple[str, Any, list[torch.Tensor], int] | None = future.result(
+                timeout=timeout + 30
+            )
+        except TimeoutError:
+            future.cancel()
+            logger.warning("no state from any peer within %.0fs", timeout + 30)
+            return None
+        return result
+
     # -- inside the averager's process ------------------------------------------------
+    async def _download_state(
+        self, *, peers: dict[str, PeerInfo], timeout: float, max_bytes: int, future: Any
+    ) -> None:
+        """hivemind's `load_state_from_peers`, but only from admitted (registered) peers, in
+        order of the window they declare, reading at most `max_bytes` from each."""
+        try:
+            admitted = {PeerID.from_base58(k): v for k, v in peers.items()}
+            key = f"{self._matchmaking.group_key_manager.prefix}.all_averagers"
+            found = await asyncio.wait_for(
+                self.dht.get(key, latest=True, return_future=True), timeout=timeout
+            )
+            declared = found.value if found is not None and isinstance(found.value, dict) else {}
+            ranked = []
+            for subkey, entry in declared.items():
+                try:
+                    peer = PeerID(subkey)
+                except (TypeError, ValueError):
+                    continue
+                value = getattr(entry, "value", None)
+                if peer == self.peer_id or peer not in admitted:
+                    continue
+                if isinstance(value, int | float) and math.isfinite(value):
+                    ranked.append((float(value), peer))
+            ranked.sort(key=lambda item: item[0], reverse=True)
+            deadline = time.monotonic() + timeout
+            for _priority, peer in ranked:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    got = await asyncio.wait_for(
+                        self._read_state(peer, max_bytes), timeout=remaining
+                    )
+                except (TimeoutError, *_STATE_ERRORS) as exc:
+                    logger.warning("state download from %s failed: %r", peer, exc)
+                    continue
+                if got is not None:
+                    metadata, tensors, nbytes = got
+                    future.set_result((admitted[peer].hotkey, metadata, tensors, nbytes))
+                    return
+            future.set_result(None)
+        except Exception as exc:  # noqa: BLE001 - handed to the caller, who re-raises it
+            if not future.done():
+                future.set_exception(exc)
+
+    async def _read_state(
+        self, peer: PeerID, max_bytes: int
+    ) -> tuple[Any, list[torch.Tensor], int] | None:
+        stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
+        stream = await stub.rpc_download_state(averaging_pb2.DownloadRequest())
+        metadata: Any = None
+        tensors: list[torch.Tensor] = []
+        parts: list[Any] = []
+        total = 0
+        async for message in stream:
+            total += message.ByteSize()
+            if total > max_bytes:
+                raise AllreduceException(f"{peer} sent over {max_bytes} bytes of state")
+            if message.metadata:
+                if metadata is not None:
+                    raise AllreduceException(f"{peer} sent its metadata twice")
+                metadata = MSGPackSerializer.loads(message.metadata)
+            if message.tensor_part.dtype and parts:
+                tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+                parts = []
+            parts.append(message.tensor_part)
+        if parts:
+            tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
+        if metadata is None:
+            return None  # the peer declined (nothing to share)
+        return metadata, tensors, total
+
     def _is_admitted(self, peer: PeerID) -> bool:
         return peer in self.tm_peers and peer not in self.tm_log.blocked
 
@@ -695,7 +844,7 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
         strangers = [p for p in group_info.peer_ids if not self._is_admitted(p)]
         if strangers:
             raise AllreduceException(f"group contains unadmitted peers {strangers}")
-        roles = [role for _bw, role in gathered]
+        roles = [role for _bw, role, _base in gathered]
         members = [p for p, r in zip(group_info.peer_ids, roles, strict=True) if r is Role.MEMBER]
         log.seen_members.update(members)
         if sum(self.tm_peers[p].weight for p in members) <= 0:
@@ -715,7 +864,14 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
         # One set in strict mode; without it, everyone who is in some part.
         contributors: frozenset[PeerID] = frozenset().union(*runner.contributor_sets())
         by_role = dict(zip(group_info.peer_ids, roles, strict=True))
+        bases = {
+            self.tm_peers[p].hotkey: base
+            for p, (_bw, _role, base) in zip(group_info.peer_ids, gathered, strict=True)
+            if base is not None
+            and p in contributors | {q for q, r in by_role.items() if r is Role.AUX}
+        }
         return {
+            "bases": bases,
             "members": sorted(self.tm_peers[p].hotkey for p in contributors),
             "dropped": sorted({self.tm_peers[p].hotkey for p in log.seen_members - contributors}),
             "aux": sorted(self.tm_peers[p].hotkey for p, r in by_role.items() if r is Role.AUX),
@@ -781,6 +937,17 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
 # ---- the caller's side -------------------------------------------------------------------
 
 
+_STATE_ERRORS = (
+    AllreduceException,
+    P2PDaemonError,
+    P2PHandlerError,
+    StopAsyncIteration,
+    ValueError,
+    TypeError,
+    RuntimeError,
+    msgpack.UnpackException,
+)
+
 _STEP_ERRORS = (
     AllreduceException,
     MatchmakingException,
@@ -811,6 +978,7 @@ class ShardAverager:
         config: AveragingConfig,
         directory: Directory,
         weight_of: Callable[[str], float],
+        state_provider: StateProvider | None = None,
     ) -> None:
         if not template:
             raise ValueError("the template has no tensors")
@@ -819,14 +987,17 @@ class ShardAverager:
         self._shapes = {name: tuple(t.shape) for name, t in template.items()}
         self._dtypes = {name: t.dtype for name, t in template.items()}
         buffers = [torch.zeros(shape, dtype=torch.float32) for shape in self._shapes.values()]
+        # Kept even while this peer is auxiliary: its error feedback carries over to the
+        # next window in which it is a member again.
         self._sparsifier = (
             TopKSparsifier(config.topk_density, config.topk_chunk)
-            if config.wire == "topk" and role is Role.MEMBER
+            if config.wire == "topk"
             else None
         )
         self._averager = self.averager_class(
             buffers, dht, prefix=group_prefix(run, shard), config=config, role=role
         )
+        self._averager.tm_state_provider = state_provider
         self.peer_id = dht.peer_id.to_base58()
 
     def average(
@@ -837,8 +1008,16 @@ class ShardAverager:
         timeout: float,
         expected_peers: int | None = None,
         start_at: float | None = None,
+        role: Role | None = None,
+        base: str | None = None,
     ) -> AverageResult:
         """All-reduce `delta` with this window's group; members pass Δ, aux peers None.
+
+        `role` overrides the averager's default role for this round (a miner is a member
+        of its own shard's group and an auxiliary peer of the others, which change with
+        the window). `base` (hex, 8–64 digits), e.g. a fingerprint of the model the
+        window started from, is announced to the group; the result's `bases` lists what
+        every peer of the final group announced.
 
         Forms a group for up to `timeout` seconds (earlier once `expected_peers` joined),
         then runs the all-reduce for up to `allreduce_timeout_s`; a failed attempt is
@@ -855,9 +1034,10 @@ class ShardAverager:
             raise ValueError("timeout must exceed min_matchmaking_time_s (groups need that long)")
         if start_at is not None and not start_at < time.time() + timeout:
             raise ValueError("start_at must fall within the timeout")
-        values = self._check_delta(delta)
+        role = self.role if role is None else role
+        values = self._check_delta(delta, role)
         peers = self._peer_table()
-        if self._sparsifier is not None:
+        if self._sparsifier is not None and role is Role.MEMBER:
             values = self._sparsifier.sparsify(values)
         with self._averager.get_tensors() as buffers:
             for buffer, name in zip(buffers, self._shapes, strict=True):
@@ -873,7 +1053,7 @@ class ShardAverager:
             target_group_size=expected_peers or self.config.target_group_size,
         )
         step = self._averager.step(
-            gather={"role": self.role.value},
+            gather={"role": role.value} if base is None else {"role": role.value, "base": base},
             scheduled_time=start_at,
             timeout=timeout,
             allow_retries=True,
@@ -882,7 +1062,7 @@ class ShardAverager:
         try:
             report = self._wait(step, window, timeout + self.config.allreduce_timeout_s + 5.0)
         except _STEP_ERRORS as exc:
-            self._discard()
+            self._discard(role)
             if isinstance(exc, AveragingFailed):
                 raise
             raise AveragingFailed(f"window {window}: {type(exc).__name__}: {exc}") from exc
@@ -891,7 +1071,7 @@ class ShardAverager:
                 name: buffer.detach().clone().to(self._dtypes[name])
                 for buffer, name in zip(buffers, self._shapes, strict=True)
             }
-        if self._sparsifier is not None:
+        if self._sparsifier is not None and role is Role.MEMBER:
             self._sparsifier.commit()
         if report["dropped"]:
             logger.warning("window %d shard %d: dropped %s", window, self.shard, report["dropped"])
@@ -904,6 +1084,7 @@ class ShardAverager:
             bytes_received=int(report["bytes_received"]),
             seconds=time.monotonic() - start,
             attempts=int(report["attempts"]),
+            bases=dict(report["bases"]),
         )
 
     def _wait(self, step: Any, window: int, limit: float) -> dict[str, Any]:
@@ -929,8 +1110,10 @@ class ShardAverager:
                         f"window {window}: no result within {limit:.0f}s"
                     ) from exc
 
-    def _check_delta(self, delta: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
-        if self.role is Role.AUX:
+    def _check_delta(
+        self, delta: Mapping[str, torch.Tensor] | None, role: Role
+    ) -> dict[str, torch.Tensor]:
+        if role is Role.AUX:
             if delta is not None:
                 raise ValueError("an auxiliary peer contributes no Δ; pass delta=None")
             return {}
@@ -961,8 +1144,40 @@ class ShardAverager:
             )
         return table
 
-    def _discard(self) -> None:
-        if self._sparsifier is not None:
+    def share_state(self, priority: float, provider: StateProvider | None = None) -> None:
+        """Offer the state provider's state to peers that call `load_state_from_peers`;
+        peers try the highest `priority` (e.g. the window the state belongs to) first."""
+        if provider is not None:
+            self._averager.tm_state_provider = provider
+        if self._averager.tm_state_provider is None:
+            raise ValueError("no state provider to share from")
+        self._averager.state_sharing_priority = float(priority)
+        self._averager.allow_state_sharing = True
+
+    def stop_sharing_state(self) -> None:
+        self._averager.allow_state_sharing = False
+
+    def load_state_from_peers(self, *, timeout: float, max_bytes: int) -> PeerState | None:
+        """The state of the registered peer that declares the newest one, or None.
+
+        Only peers in the directory are asked; each may send at most `max_bytes`. The
+        result is still untrusted: check its metadata, shapes and values before use.
+        """
+        if not self._averager.is_alive():
+            raise AveragingFailed("the averager process is not running")
+        got = self._averager.download_state(
+            self._peer_table(), timeout=timeout, max_bytes=max_bytes
+        )
+        if got is None:
+            return None
+        hotkey, metadata, tensors, nbytes = got
+        if not isinstance(metadata, dict):
+            logger.warning("state from %s has metadata of type %s", hotkey, type(metadata))
+            return None
+        return PeerState(hotkey, metadata, tensors, nbytes)
+
+    def _discard(self, role: Role) -> None:
+        if self._sparsifier is not None and role is Role.MEMBER:
             self._sparsifier.discard()
 
     def shutdown(self) -> None:

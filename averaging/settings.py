@@ -39,7 +39,11 @@ class DHTConfig(StrictModel):
         default=None, description="libp2p private key (created 0600); None: a new peer id per start"
     )
     check_identity_free: bool = Field(
-        default=True, description="refuse to start if another live peer already uses the identity"
+        default=False,
+        description=(
+            "refuse to start if another live peer uses the identity; hivemind's check dials "
+            "the identity through the bootstrap peers and can hang for minutes after a crash"
+        ),
     )
     identity_ttl_s: float = Field(
         default=3600.0, gt=0, le=7 * 86400, description="lifetime of the signed peer-id record"
@@ -65,6 +69,10 @@ class RobustConfig(StrictModel):
 class AveragingConfig(StrictModel):
     """The all-reduce of one shard's pseudo-gradients Δ among that shard's miners."""
 
+    enabled: bool = Field(
+        default=True,
+        description="average Δ with the shard's group over hivemind; off: each miner alone",
+    )
     dht: DHTConfig = Field(default_factory=DHTConfig)
     wire: Literal["none", "fp16", "int8", "topk"] = Field(
         default="fp16", description="codec for parts on the wire"
@@ -93,6 +101,9 @@ class AveragingConfig(StrictModel):
         ge=1 << 10,
         le=1 << 24,
         description="parts of the vector on the wire; small enough that every member reduces some",
+    )
+    state_timeout_s: float = Field(
+        default=30.0, gt=0, description="how long a late joiner tries to download peers' state"
     )
     strict: bool = Field(
         default=True,

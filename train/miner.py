@@ -5,24 +5,31 @@
     tensormine miner --config configs/tiny.yaml --hotkey alice        # one process
 
 Every window w (ledger blocks [w·B, (w+1)·B)) the miner
-1. enters with θ_w: the canonical checkpoint of window w when the store has one (the
-   validators publish it; a local model that differs is replaced), else its own θ_w from
-   the previous window's outer step, else the run's deterministic window-0 checkpoint
-   (which the first miner to start writes to the store);
+1. enters with θ_w. With hivemind averaging (`averaging.enabled`, the default) a miner
+   whose last round succeeded keeps its own θ_w, which every miner in step shares; one
+   that joins late or missed a round downloads θ_w and the outer momentum from a
+   registered peer in step, else falls back to the store. The store's θ_w is the
+   canonical checkpoint of window w (the validators publish it), else the latest one
+   before it, else the run's deterministic window-0 checkpoint (which the first miner to
+   start writes). Without averaging the canonical checkpoint always wins when present;
 2. trains its shard (a deterministic, balanced function of the miner UIDs and w) for H
    AdamW steps on its assigned pages (a function of its hotkey, w and the run seed);
 3. forms Δ = θ_w − θ on the shard, compresses it, and publishes it with a manifest signed
    by its hotkey before the window's deadline block (a late Δ is not published);
-4. applies the outer step (Nesterov SGD, DiLoCo) to the average Δ of its shard group —
-   itself alone until hivemind averaging takes over — giving its θ_{w+1};
+4. at the deadline, all-reduces that Δ with the other miners of its shard over hivemind
+   (a member of its shard's group, an auxiliary peer of the other shards' groups, all at
+   once) and applies the outer step (Nesterov SGD, DiLoCo) to every shard's average,
+   giving θ_{w+1}, identical on every miner in step. A group that fails leaves the
+   miner with its own Δ on its shard (and θ_w on the shards it missed), out of step until
+   it loads a peer's state or the store's checkpoint at the next window;
 5. saves its state atomically (a killed miner restarts into the current window), appends
    a line to ``<run dir>/miners/<name>/windows.jsonl``, and logs loss, learning rate, grad
    norm, tokens/s, step time, bytes published, window, shard and held-out loss to W&B
    (offline unless an API key is set).
 
 Several accelerate processes form one miner (DDP inside the inner loop); the main
-process alone talks to the ledger and the store and hands decisions to the others as
-integer tensors.
+process alone talks to the ledger, the store and the DHT, and hands decisions to the
+others as integer tensors and the model as a broadcast of its weights.
 """
 
 from __future__ import annotations
@@ -33,10 +40,12 @@ import json
 import logging
 import shutil
 import sys
+import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -44,7 +53,9 @@ from accelerate.utils import broadcast
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from averaging.compression import decode, encode
+from averaging.group import AverageResult, AveragingFailed
 from averaging.outer import load_outer_state, outer_step, save_outer_state
+from averaging.participant import Participant
 from chain.errors import ChainError
 from chain.keys import KeyFileError, Keypair, default_keys_dir, load_key
 from chain.ledger import Ledger
@@ -58,9 +69,10 @@ from train.data import Pages, load_pages
 from train.inner import StepStats, inner_loop, mean_loss
 from train.model import build_model, model_fingerprint
 from train.pages import assigned_pages, heldout_sample
+from train.peer_state import PeerStateError, pack_state, unpack_state
 from train.shards import apply_to_shard, make_trainable, shard_for_miner, shard_map, shard_state
 from train.tokenizer import load_tokenizer
-from train.windows import deadline, start_block, wait_for_block, window_of
+from train.windows import block_time, deadline, start_block, wait_for_block, window_of
 
 logger = logging.getLogger("train.miner")
 
@@ -83,6 +95,13 @@ class WindowReport:
     tokens_per_second: float
     published_bytes: int
     late: bool
+    fingerprint: str = ""  # of θ_{w+1}: miners in step with their groups agree on it
+    synced: bool = False  # every group of the window averaged (θ_{w+1} is the group's)
+    members: list[str] = field(default_factory=list)  # hotkeys averaged in our shard's group
+    dropped: list[str] = field(default_factory=list)
+    averaging_bytes_sent: int = 0
+    averaging_bytes_received: int = 0
+    averaging_seconds: float = 0.0
 
 
 def resolve_mixed_precision(setting: str) -> str:
@@ -148,6 +167,21 @@ class Miner:
         self.window = -1  # the window the model's weights belong to
         self._heldout: float | None = None  # held-out loss of the current weights, if known
         self._prepare_genesis_and_data()
+        # Averaging (main process only): `synced` means the model is the groups' θ_window.
+        self.seat: Participant | None = None
+        self.synced = False
+        self._shared: tuple[dict[str, Any], list[torch.Tensor]] | None = None
+        self._shared_lock = threading.Lock()
+        if self.main and cfg.averaging.enabled:
+            self.seat = Participant.join(
+                cfg.averaging,
+                run=averaging_run_name(cfg.run.name),
+                ledger=self.ledger,
+                keypair=keypair,
+                identity_path=self.dir / "dht.key",
+                templates={i: shard_state(self.model, ns) for i, ns in enumerate(self.shards)},
+                commit_timeout=max(30.0, 10 * cfg.chain.block_time_s),
+            )
 
     # ---- start-up ------------------------------------------------------------------------
     def _prepare_genesis_and_data(self) -> None:
@@ -258,11 +292,25 @@ class Miner:
 
     # ---- one window ----------------------------------------------------------------------
     def _adopt(self, window: int) -> None:
-        """Make the model θ_window: the store's canonical checkpoint wins if there is one."""
-        chosen = torch.full((1,), -1, dtype=torch.long)
+        """Make the model θ_window (see the module docstring), decided and loaded by the
+        main process and copied to the other processes."""
+        changed = torch.zeros(1, dtype=torch.long)
         if self.main:
-            chosen[0] = self._fetch_canonical(window)
-        source = int(broadcast(chosen)[0])
+            changed[0] = int(self._choose_start(window))
+        if int(broadcast(changed)[0]):
+            self._sync_ranks()
+            self._heldout = None
+        self.window = window
+
+    def _choose_start(self, window: int) -> bool:
+        """Main process: load θ_window into the model; returns whether the weights changed."""
+        if self.seat is not None:
+            if self.synced and self.window == window:
+                return False  # the groups' θ_window, which every miner in step has
+            if self._load_from_peers(window):
+                return True
+            self.synced = False
+        source = self._fetch_canonical(window)
         if source >= 0:
             weights = load_checkpoint_weights(self.dir / "checkpoints" / f"window-{source}")
             if model_fingerprint(weights) != model_fingerprint(self.model.state_dict()):
@@ -270,7 +318,7 @@ class Miner:
                     "window %d: adopting the canonical checkpoint of window %d", window, source
                 )
                 self.model.load_state_dict(weights)
-                self._heldout = None
+                return True
         elif self.window != window:
             # No canonical θ_window yet: our own θ from the last outer step stands in.
             logger.info(
@@ -278,7 +326,40 @@ class Miner:
                 window,
                 self.window,
             )
-        self.window = window
+        return False
+
+    def _load_from_peers(self, window: int) -> bool:
+        """Main process: take θ_window and the outer momentum from a registered peer in step."""
+        assert self.seat is not None
+        own = self.model.state_dict()
+        budget = 3 * sum(t.numel() * 4 for t in own.values()) + (1 << 20)  # θ + b + framing
+        try:
+            got = self.seat.load_state(timeout=self.cfg.averaging.state_timeout_s, max_bytes=budget)
+        except AveragingFailed as exc:
+            logger.warning("window %d: cannot ask peers for their state: %s", window, exc)
+            return False
+        if got is None:
+            logger.info("window %d: no peer shares its state", window)
+            return False
+        try:
+            weights, momentum = unpack_state(got.metadata, got.tensors, expected=own, window=window)
+        except PeerStateError as exc:
+            logger.warning("window %d: refused the state of %s: %s", window, got.hotkey, exc)
+            return False
+        self.model.load_state_dict(weights)
+        self.momentum = momentum
+        self.synced = True
+        logger.info(
+            "window %d: loaded θ and outer momentum from %s (%d bytes)",
+            window, got.hotkey, got.nbytes,
+        )  # fmt: skip
+        return True
+
+    def _sync_ranks(self) -> None:
+        """Copy the main process's weights to the other processes of this miner."""
+        if self.acc.num_processes > 1:
+            for tensor in self.model.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
 
     def _fetch_canonical(self, window: int) -> int:
         """Pull the checkpoint to start `window` from and return its window, or -1 to keep
@@ -301,9 +382,11 @@ class Miner:
         if not target.exists():
             self.store.pull_checkpoint(target, window=window)
 
-    def _decide(self, window: int) -> tuple[int, int]:
-        """(shard, miner count) for `window`, decided by the main process, shared by all."""
-        decision = torch.zeros(2, dtype=torch.long)
+    def _decide(self, window: int) -> tuple[int, list[int]]:
+        """(our shard, the shards some miner trains) for `window`, decided by the main
+        process from the ledger's miner UIDs and shared with the other processes."""
+        n_shards = self.cfg.model.shards
+        decision = torch.zeros(1 + n_shards, dtype=torch.long)
         if self.main:
             neurons = self.ledger.neurons()
             miners = [n.uid for n in neurons if not n.validator_permit]
@@ -312,21 +395,24 @@ class Miner:
                     f"UID {self.uid} is no longer a miner here (deregistered or holds a "
                     "validator permit)"
                 )
-            decision[0] = shard_for_miner(self.uid, miners, window, self.cfg.model.shards)
-            decision[1] = len(miners)
+            decision[0] = shard_for_miner(self.uid, miners, window, n_shards)
+            for uid in miners:
+                decision[1 + shard_for_miner(uid, miners, window, n_shards)] = 1
         decision = broadcast(decision)
-        return int(decision[0]), int(decision[1])
+        return int(decision[0]), [s for s in range(n_shards) if int(decision[1 + s])]
 
     def train_window(self, window: int) -> WindowReport:
         cfg = self.cfg
         self._adopt(window)
-        shard, _ = self._decide(window)
+        shard, active = self._decide(window)
         names = self.shards[shard]
         # θ_w's loss is the last window's result unless _adopt replaced the weights.
         before = self._heldout
         if before is None:
             before = mean_loss(self.model, self.eval_pages, device=self.acc.device)
         start = shard_state(self.model, names)  # θ_w on the shard
+        # Announced to the groups: peers that start from different models learn it.
+        base = model_fingerprint(self.model.state_dict())[:16] if self.seat is not None else ""
         make_trainable(self.model, names)
         order = assigned_pages(
             self.keypair.address, window, cfg.run.seed, self.pages.train.shape[0],
@@ -350,56 +436,36 @@ class Miner:
             )
 
         stats = inner_loop(self.acc, self.model, names, pages, cfg.train, on_step=log_step)
-        trained = shard_state(self.model, names)
-        delta = {n: start[n] - trained[n] for n in names}  # pseudo-gradient Δ = θ_w − θ
-        residual = {n: self.residual[n] for n in names if n in self.residual} or None
-        encoded = encode(delta, cfg.compression, residual)
-        shapes = {n: tuple(delta[n].shape) for n in names}
-        sent = decode(encoded.tensors, encoded.params, shapes)
-        if encoded.residual is not None:
-            self.residual.update(encoded.residual)
-        late = False
-        if self.main:
-            late = self.ledger.block_number() >= deadline(window, cfg.window)
-            if late:
-                logger.warning(
-                    "window %d: training ended after the deadline; not publishing", window
-                )
-            else:
-                self.store.publish_contribution(
-                    encoded.tensors,
-                    keypair=self.keypair,
-                    uid=self.uid,
-                    window=window,
-                    shard=shard,
-                    compression=Compression(scheme=cfg.compression.scheme, params=encoded.params),
-                )
-        # The shard group is this miner alone until hivemind averaging takes over.
-        momentum = {n: self.momentum[n] for n in names if n in self.momentum}
-        new_params, new_momentum = outer_step(start, sent, momentum, cfg.outer)
-        self.momentum.update(new_momentum)
-        apply_to_shard(self.model, names, new_params)
-        self.window = window + 1
-        heldout = mean_loss(self.model, self.eval_pages, device=self.acc.device)
-        self._heldout = heldout
         report = WindowReport(
             window=window,
             uid=self.uid,
             shard=shard,
             loss=stats.mean_loss,
             heldout_before=before,
-            heldout_loss=heldout,
+            heldout_loss=float("nan"),
             tokens_per_second=stats.tokens_per_second,
-            published_bytes=0 if late else encoded.nbytes,
-            late=late,
+            published_bytes=0,
+            late=False,
         )
+        if self.main:
+            self._publish_and_step(window, shard, active, start, report, base)
+        self._sync_ranks()
+        self.window = window + 1
+        heldout = mean_loss(self.model, self.eval_pages, device=self.acc.device)
+        self._heldout = report.heldout_loss = heldout
         self.tracker.log(
             {
                 "eval/heldout_loss": heldout,
                 "window/train_loss": stats.mean_loss,
                 "window/tokens_per_s": stats.tokens_per_second,
                 "window/published_bytes": report.published_bytes,
-                "window/late": int(late),
+                "window/late": int(report.late),
+                "averaging/synced": int(report.synced),
+                "averaging/members": len(report.members),
+                "averaging/dropped": len(report.dropped),
+                "averaging/bytes_sent": report.averaging_bytes_sent,
+                "averaging/bytes_received": report.averaging_bytes_received,
+                "averaging/seconds": report.averaging_seconds,
             },
             step=self.global_step,
         )
@@ -408,11 +474,121 @@ class Miner:
             with (self.dir / "windows.jsonl").open("a") as fh:
                 fh.write(json.dumps(dataclasses.asdict(report)) + "\n")
         logger.info(
-            "window %d shard %d: loss %.4f, held-out %.4f, %.0f tokens/s, published %d bytes%s",
+            "window %d shard %d: loss %.4f, held-out %.4f, %.0f tokens/s, published %d bytes%s; "
+            "averaged with %d (%s), sent %d received %d bytes in %.1fs",
             window, shard, report.loss, heldout, report.tokens_per_second,
-            report.published_bytes, " (late)" if late else "",
+            report.published_bytes, " (late)" if report.late else "",
+            len(report.members), "in step" if report.synced else "out of step",
+            report.averaging_bytes_sent, report.averaging_bytes_received,
+            report.averaging_seconds,
         )  # fmt: skip
         return report
+
+    def _publish_and_step(
+        self,
+        window: int,
+        shard: int,
+        active: list[int],
+        start: dict[str, torch.Tensor],
+        report: WindowReport,
+        base: str,
+    ) -> None:
+        """Main process: Δ → store, Δ → the groups, outer step on every averaged shard."""
+        cfg = self.cfg
+        names = self.shards[shard]
+        trained = shard_state(self.model, names)
+        delta = {n: start[n] - trained[n] for n in names}  # pseudo-gradient Δ = θ_w − θ
+        residual = {n: self.residual[n] for n in names if n in self.residual} or None
+        encoded = encode(delta, cfg.compression, residual)
+        shapes = {n: tuple(delta[n].shape) for n in names}
+        sent = decode(encoded.tensors, encoded.params, shapes)  # what validators will see
+        if encoded.residual is not None:
+            self.residual.update(encoded.residual)
+        due = deadline(window, cfg.window)
+        report.late = self.ledger.block_number() >= due
+        if report.late:
+            logger.warning("window %d: training ended after the deadline; not publishing", window)
+        else:
+            self.store.publish_contribution(
+                encoded.tensors,
+                keypair=self.keypair,
+                uid=self.uid,
+                window=window,
+                shard=shard,
+                compression=Compression(scheme=cfg.compression.scheme, params=encoded.params),
+            )
+            report.published_bytes = encoded.nbytes
+
+        # The groups meet at the deadline: every miner computes the same time from the
+        # ledger, so all declare the same expiry and agree on a leader. A late Δ is kept
+        # out of the groups as it is out of the store.
+        outcomes: dict[int, AverageResult | AveragingFailed] = {}
+        if self.seat is not None and not report.late:
+            start_at = block_time(self.ledger, due, anchor=start_block(window, cfg.window))
+            # A group that has not formed by the window's end will not: give up then, so
+            # that a failed round never makes the miner late for the next window.
+            tail = cfg.window.publish_margin * cfg.chain.block_time_s
+            timeout = max(start_at - time.time() + tail, cfg.averaging.min_matchmaking_time_s + 0.5)
+            outcomes = self.seat.average_window(
+                window,
+                {shard: sent},
+                start_at=start_at,
+                timeout=timeout,
+                receive=active,
+                base=base,
+            )
+        synced = (
+            self.seat is not None
+            and all(isinstance(outcomes.get(s), AverageResult) for s in {shard, *active})
+            and Participant.in_step(outcomes, self.keypair.address)
+        )
+        if outcomes and not synced:
+            logger.warning(
+                "window %d: out of step with the groups (a group failed, or our θ_w differs "
+                "from most peers'); loading a peer's state next window",
+                window,
+            )
+        for s, shard_names in enumerate(self.shards):
+            outcome = outcomes.get(s)
+            if isinstance(outcome, AverageResult):
+                average = outcome.tensors
+            elif s == shard:
+                average = sent  # on our own: our Δ alone
+            else:
+                continue  # this shard stays θ_w here
+            theta = start if s == shard else shard_state(self.model, shard_names)
+            momentum = {n: self.momentum[n] for n in shard_names if n in self.momentum}
+            new_params, new_momentum = outer_step(theta, average, momentum, cfg.outer)
+            self.momentum.update(new_momentum)
+            apply_to_shard(self.model, shard_names, new_params)
+        own = outcomes.get(shard)
+        if isinstance(own, AverageResult):
+            report.members, report.dropped = own.members, own.dropped
+        for outcome in outcomes.values():
+            if isinstance(outcome, AverageResult):
+                report.averaging_bytes_sent += outcome.bytes_sent
+                report.averaging_bytes_received += outcome.bytes_received
+                report.averaging_seconds = max(report.averaging_seconds, outcome.seconds)
+        report.synced = self.synced = synced
+        report.fingerprint = model_fingerprint(self.model.state_dict())
+        self._share(window + 1)
+
+    def _share(self, window: int) -> None:
+        """Offer θ_window and the momentum to late joiners while we are in step."""
+        if self.seat is None:
+            return
+        if not self.synced:
+            self.seat.stop_sharing_state()
+            return
+        state = pack_state(self.model.state_dict(), self.momentum, window=window)
+        with self._shared_lock:
+            self._shared = state
+        self.seat.share_state(self._shared_state, priority=window)
+
+    def _shared_state(self) -> tuple[dict[str, Any], list[torch.Tensor]] | None:
+        # Called from hivemind's thread when a peer downloads our state.
+        with self._shared_lock:
+            return self._shared
 
     # ---- the loop ------------------------------------------------------------------------
     def current_window(self) -> int:
@@ -451,10 +627,17 @@ class Miner:
         return reports
 
     def close(self) -> None:
+        if self.seat is not None:
+            self.seat.close()
         self.tracker.finish()
         self.ledger.close()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def averaging_run_name(run: str) -> str:
+    """The run's name as hivemind keys allow it (run names may contain dots)."""
+    return run.replace(".", "-")
 
 
 def load_tokenizer_from(folder: Path) -> PreTrainedTokenizerBase:
@@ -519,7 +702,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         miner = Miner(cfg, keypair, args.hotkey, accelerator)
         miner.run(args.windows)
     except (MinerError, ConfigError, ChainError, KeyFileError, StoreError, TimeoutError) as exc:
-        logger.error("%s", exc)
+        logger.error("%s", exc if str(exc) else repr(exc), exc_info=not str(exc))
         return 2
     except torch.OutOfMemoryError as exc:
         logger.error(

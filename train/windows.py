@@ -5,6 +5,7 @@ w must be in the store before block (w+1)·B − `publish_margin`, which leaves 
 the margin to fetch everything before the next window begins.
 
     window_of(block, cfg)     deadline(w, cfg)     start_block(w, cfg)
+    block_time(ledger, deadline(w, cfg), anchor=start_block(w, cfg))   # unix time
 """
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ def start_block(window: int, cfg: WindowConfig) -> int:
 def deadline(window: int, cfg: WindowConfig) -> int:
     """The first block at which a contribution for `window` is late."""
     return (window + 1) * cfg.blocks - cfg.publish_margin
+
+
+def block_time(ledger: Ledger, block: int, *, anchor: int) -> float:
+    """When `block` is due (unix time): the `anchor` block's timestamp plus one block time
+    per block after it. Processes that use the same (produced) anchor get the same answer
+    whatever the head is when they ask, so they can agree on a moment to meet."""
+    header = ledger.block(anchor)
+    if header is None:
+        head = ledger.block_number()
+        raise ValueError(f"anchor block {anchor} is not produced yet (head {head})")
+    return header.timestamp + (block - anchor) * ledger.config.block_time_s
 
 
 def wait_for_block(ledger: Ledger, block: int, *, timeout: float | None = None) -> int:

@@ -113,7 +113,9 @@ def test_restart_resumes_from_the_saved_state(setup: tuple[RunConfig, list[str],
 
 
 def test_canonical_checkpoints_win(setup: tuple[RunConfig, list[str], Path]) -> None:
-    cfg, _, keys = setup
+    """Without averaging, the store's canonical checkpoint always wins when present."""
+    _, sets, keys = setup
+    cfg = load_config("configs/tiny.yaml", [*sets, "averaging.enabled=false"])
     miner = Miner(cfg, load_key(keys, "m0"), "m0", Accelerator(cpu=True))
     canonical = build_model(cfg.model, seed=99)  # stands in for a validator's θ_3
     open_store(cfg.store).publish_checkpoint(canonical, None, Provenance(run_id="t", window=3))

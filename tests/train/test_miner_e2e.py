@@ -1,8 +1,9 @@
 """Two miners under `accelerate launch` against a real ledger and store, for several windows.
 
 One miner runs as a single process, the other as two DDP processes (gloo on CPU). Both
-must publish a verified contribution in every window they train, their held-out loss
-must fall, and each must leave an offline W&B run behind.
+must publish a verified contribution in every window they train, average it with the
+other over hivemind and end the window with the same model, their held-out loss must
+fall, and each must leave an offline W&B run behind.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def overrides(run: Path) -> list[str]:
         "chain.block_time_s=0.2",
         "chain.faucet_rao=1000000000000",
         "chain.weights_rate_limit=0",
-        "window.blocks=60",
+        "window.blocks=80",
         "window.publish_margin=3",
         "data.max_documents=120",
         "data.seq_len=64",
@@ -48,6 +49,8 @@ def overrides(run: Path) -> list[str]:
         "train.warmup_steps=2",
         "train.lr=0.003",
         "train.eval_pages=8",
+        "averaging.min_matchmaking_time_s=3",
+        "averaging.request_timeout_s=1",
         "wandb.mode=offline",
     ]
 
@@ -103,6 +106,7 @@ def test_two_miners_train_publish_and_improve(tmp_path: Path) -> None:
     model = build_model(cfg.model, cfg.run.seed)
     params = dict(model.named_parameters())
     shards = shard_map(model, cfg.model.shards)
+    by_window: dict[str, dict[int, dict[str, object]]] = {}
     for name, kp in miners.items():
         reports = [
             json.loads(line)
@@ -136,6 +140,23 @@ def test_two_miners_train_publish_and_improve(tmp_path: Path) -> None:
             delta = decode(got.tensors, manifest.compression.params, shapes)
             assert set(delta) == set(shapes)
             assert all(bool(t.abs().sum() > 0) for t in delta.values())
+        by_window[name] = {r["window"]: r for r in reports}
         runs = list((run / "miners" / name / "wandb").glob("offline-run-*"))
         assert len(runs) == 1, runs
         assert list(runs[0].glob("*.wandb")), "the offline run has no data file"
+    # Averaged together: they end windows with one model (the DDP miner's second process
+    # gets it by broadcast) made from both Δs. A miner that started a window earlier than
+    # the other trained it alone; the first shared window then shows they started from
+    # different models, and the one that lost the tie loads the other's state.
+    common = sorted(set(by_window["m0"]) & set(by_window["m1"]))
+    assert len(common) >= WINDOWS - 1, by_window
+    in_step = [
+        w
+        for w in common
+        if by_window["m0"][w]["synced"]
+        and by_window["m1"][w]["synced"]
+        and by_window["m0"][w]["fingerprint"] == by_window["m1"][w]["fingerprint"]
+    ]
+    assert common[-1] in in_step and len(in_step) >= len(common) - 1, by_window
+    both = sorted(kp.address for kp in miners.values())
+    assert all(by_window["m0"][w]["members"] == both for w in in_step)

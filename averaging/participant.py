@@ -1,0 +1,217 @@
+"""A participant's seat in the averaging: its DHT, its ledger commitment, one averager per shard.
+
+    seat = Participant.join(cfg.averaging, run="tiny", ledger=ledger, keypair=hotkey,
+                            identity_path=Path("runs/tiny/miners/m0/dht.key"),
+                            templates={0: shard0_params, 1: shard1_params})
+    results = seat.average_window(7, {0: delta}, start_at=t, timeout=20)
+    # {0: AverageResult(...), 1: AverageResult(...) or AveragingFailed(...)}
+    seat.share_state(provider, priority=8)          # late joiners may download it
+    state = seat.load_state(timeout=10, max_bytes=1 << 28)   # PeerState or None
+    seat.close()
+
+Every miner and validator holds one: the DHT node (bootstrapped from the multiaddrs that
+other hotkeys committed to the ledger), its own multiaddrs committed under its hotkey
+(which also ties its libp2p peer id to the hotkey), and a `ShardAverager` per model shard.
+In each window the participant is a member of the groups of the shards it trained and an
+auxiliary peer of the others, so it receives every shard's average and can assemble the
+next global model by itself (DiLoCo, arXiv 2311.08105, with the model cut into shards).
+The groups of all shards run at once, one thread each.
+
+A participant whose model is in step with the groups shares it (`share_state`) through
+hivemind's state download, restricted here to registered peers and a byte budget; a
+miner that joins late or missed a round loads it with `load_state`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from hivemind import DHT
+
+from averaging.dht import PeerDirectory, commitment_for, join_ledger_peers, start_dht
+from averaging.group import (
+    AverageResult,
+    AveragingFailed,
+    LedgerWeights,
+    PeerState,
+    Role,
+    ShardAverager,
+    StateProvider,
+)
+from averaging.settings import AveragingConfig
+from chain.keys import Keypair
+from chain.ledger import Ledger
+
+logger = logging.getLogger(__name__)
+
+
+def commit_address(ledger: Ledger, keypair: Keypair, dht: DHT, *, timeout: float) -> bool:
+    """Commit `dht`'s multiaddrs under `keypair`'s hotkey unless the ledger already has
+    exactly them; returns whether an extrinsic was sent (and included)."""
+    text = commitment_for(dht, ledger, keypair.address)
+    current = ledger.commitments().get(keypair.address)
+    if current is not None and current[0] == text:
+        return False
+    receipt = ledger.wait(ledger.submit_call(keypair, "commit", {"data": text}), timeout=timeout)
+    logger.info("committed DHT address %s in block %d", text, receipt.block)
+    return True
+
+
+class Participant:
+    """One hotkey's DHT node and shard averagers; see the module docstring."""
+
+    def __init__(
+        self,
+        dht: DHT,
+        averagers: Mapping[int, ShardAverager],
+        *,
+        state_shard: int,
+    ) -> None:
+        if state_shard not in averagers:
+            raise ValueError(f"no averager for state shard {state_shard}")
+        self.dht, self.averagers, self._state_shard = dht, dict(averagers), state_shard
+        self.ledger_path: Path | None = None
+
+    @classmethod
+    def join(
+        cls,
+        config: AveragingConfig,
+        *,
+        run: str,
+        ledger: Ledger,
+        keypair: Keypair,
+        identity_path: Path | None,
+        templates: Mapping[int, Mapping[str, torch.Tensor]],
+        commit_timeout: float = 60.0,
+    ) -> Participant:
+        """Start the DHT, commit its address, and start one averager per shard."""
+        if not templates:
+            raise ValueError("templates must name at least one shard")
+        identity = config.dht.identity_path or identity_path
+        dht = start_dht(config.dht, run=run, ledger=ledger, identity_path=identity)
+        averagers: dict[int, ShardAverager] = {}
+        try:
+            commit_address(ledger, keypair, dht, timeout=commit_timeout)
+            directory = PeerDirectory(ledger.path, run=run, dht=dht)
+            weights = LedgerWeights(ledger.path, config.weights, config.weight_floor)
+            for shard, template in sorted(templates.items()):
+                averagers[shard] = ShardAverager(
+                    dht,
+                    run,
+                    shard,
+                    template,
+                    role=Role.AUX,
+                    config=config,
+                    directory=directory,
+                    weight_of=weights,
+                )
+        except BaseException:
+            for averager in averagers.values():
+                averager.shutdown()
+            dht.shutdown()
+            raise
+        seat = cls(dht, averagers, state_shard=min(averagers))
+        seat.ledger_path = ledger.path
+        seat.join_peers()
+        return seat
+
+    def join_peers(self) -> int:
+        """Connect to committed peers we are not connected to (see `join_ledger_peers`)."""
+        if self.ledger_path is None:
+            return 0
+        with Ledger(self.ledger_path) as ledger:
+            return join_ledger_peers(self.dht, ledger)
+
+    @property
+    def peer_id(self) -> str:
+        return str(self.dht.peer_id.to_base58())
+
+    def average_window(
+        self,
+        window: int,
+        deltas: Mapping[int, Mapping[str, torch.Tensor]],
+        *,
+        start_at: float,
+        timeout: float,
+        receive: Iterable[int] | None = None,
+        base: str | None = None,
+    ) -> dict[int, AverageResult | AveragingFailed]:
+        """Average this window in every group at once: a member of each shard in `deltas`
+        (with that Δ), an auxiliary peer of each other shard in `receive` (default: all).
+        `base` (a fingerprint of the model the window started from) is announced to every
+        group; see `in_step`.
+
+        A group that fails gives its `AveragingFailed` in place of a result; a bad Δ
+        (wrong names or shapes, non-finite) raises `ValueError` before anything is sent.
+        """
+        unknown = set(deltas) - set(self.averagers)
+        if unknown:
+            raise ValueError(f"no averager for shard(s) {sorted(unknown)}")
+        wanted = set(self.averagers) if receive is None else set(receive) & set(self.averagers)
+        shards = sorted(set(deltas) | wanted)
+        if not shards:
+            return {}
+        self.join_peers()
+
+        def one(shard: int) -> AverageResult | AveragingFailed:
+            delta = deltas.get(shard)
+            try:
+                return self.averagers[shard].average(
+                    window,
+                    delta,
+                    timeout=timeout,
+                    start_at=start_at,
+                    role=Role.AUX if delta is None else Role.MEMBER,
+                    base=base,
+                )
+            except AveragingFailed as exc:
+                logger.warning("window %d shard %d: %s", window, shard, exc)
+                return exc
+
+        with concurrent.futures.ThreadPoolExecutor(len(shards)) as pool:
+            futures = {shard: pool.submit(one, shard) for shard in shards}
+            return {shard: future.result() for shard, future in futures.items()}
+
+    @staticmethod
+    def in_step(results: Mapping[int, AverageResult | AveragingFailed], hotkey: str) -> bool:
+        """Whether `hotkey` started the window from the model most peers started from.
+
+        Every peer of every group announced its base; the most common one wins (ties go to
+        the smallest, so that two peers that disagree settle it the same way). A peer that
+        is not in step applied the averages to a different model: it should load a peer's
+        state before the next window.
+        """
+        bases: dict[str, str] = {}
+        for result in results.values():
+            if isinstance(result, AverageResult):
+                bases.update(result.bases)
+        mine = bases.get(hotkey)
+        if mine is None:
+            return False
+        counts = Counter(bases.values())
+        winner = min(counts, key=lambda b: (-counts[b], b))
+        return mine == winner
+
+    def share_state(self, provider: StateProvider, *, priority: float) -> None:
+        """Let registered peers download `provider()`'s state; newest `priority` first."""
+        self.averagers[self._state_shard].share_state(priority, provider)
+
+    def stop_sharing_state(self) -> None:
+        self.averagers[self._state_shard].stop_sharing_state()
+
+    def load_state(self, *, timeout: float, max_bytes: int) -> PeerState | None:
+        """The newest state a registered peer shares (untrusted: check it), or None."""
+        self.join_peers()
+        return self.averagers[self._state_shard].load_state_from_peers(
+            timeout=timeout, max_bytes=max_bytes
+        )
+
+    def close(self) -> None:
+        for averager in self.averagers.values():
+            averager.shutdown()
+        self.dht.shutdown()

@@ -1,0 +1,143 @@
+"""Four miners average over hivemind, end every window with one model, and survive a kill.
+
+Four miner processes (two shards, so each is a member of one group and an auxiliary peer
+of the other) train against a real ledger and store. After its first window one miner is
+SIGKILLed with its DHT, averagers and p2p daemon; the other three go on without it and
+still end each window with bit-identical models. Restarted, it downloads θ and the outer
+momentum from a peer and ends its next window in step with them again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from chain.keys import create_key
+from chain.ledger import Ledger
+from tensormine.config import load_config
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
+
+WINDOWS = 5
+NAMES = ("m0", "m1", "m2", "m3")
+
+
+def overrides(run: Path) -> list[str]:
+    return [
+        f"run.dir={run}",
+        f"chain.db={run}/ledger.sqlite",
+        f"store.root={run}/store",
+        f"data.cache_dir={run}/data",
+        "chain.block_time_s=0.2",
+        "window.blocks=100",
+        "window.publish_margin=5",
+        "model.shards=2",
+        "data.max_documents=120",
+        "data.seq_len=64",
+        "train.inner_steps=6",
+        "train.batch_size=4",
+        "train.warmup_steps=2",
+        "train.lr=0.003",
+        "train.eval_pages=4",
+        "averaging.min_matchmaking_time_s=3",
+        "averaging.request_timeout_s=1",
+        "averaging.sender_timeout_s=2",
+        "averaging.allreduce_timeout_s=10",
+        "averaging.state_timeout_s=10",
+        "wandb.mode=disabled",
+    ]
+
+
+def reports(run: Path, name: str) -> list[dict[str, Any]]:
+    path = run / "miners" / name / "windows.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_four_miners_stay_in_step_and_survive_a_kill(tmp_path: Path) -> None:
+    run, keys = tmp_path / "run", tmp_path / "keys"
+    sets = overrides(run)
+    cfg = load_config("configs/tiny.yaml", sets)
+    owner = create_key(keys, "owner")
+    miners = {name: create_key(keys, name) for name in NAMES}
+    with Ledger.create(cfg.chain.db, cfg.chain, owner.address) as ledger:
+        for kp in miners.values():
+            ledger.submit_call(kp, "register", {})
+        ledger.produce_block()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    producer = subprocess.Popen(
+        [sys.executable, "-m", "tensormine.cli", "chain", "run", "--db", str(cfg.chain.db)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = [sys.executable, "-m", "train.miner", "--config", "configs/tiny.yaml",
+            *[a for s in sets for a in ("--set", s)], "--keys-dir", str(keys)]  # fmt: skip
+
+    def start(name: str, windows: int, log: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [*base, "--hotkey", name, "--windows", str(windows)],
+            stdout=(tmp_path / log).open("wb"), stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
+        )  # fmt: skip
+
+    procs = {name: start(name, WINDOWS, f"{name}.log") for name in NAMES}
+    try:
+        # Kill m3 once it has finished a window (between rounds: "before sending").
+        deadline = time.monotonic() + 300
+        while not reports(run, "m3"):
+            assert procs["m3"].poll() is None, (tmp_path / "m3.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "m3 never finished a window"
+            time.sleep(0.2)
+        # The whole machine goes: the miner, its DHT and averager processes, its p2p daemon.
+        os.killpg(procs["m3"].pid, signal.SIGKILL)
+        procs["m3"].wait(timeout=10)
+        killed_after = reports(run, "m3")[-1]["window"]
+        # The machine comes back at once; by the time it has started, the others have
+        # gone on without it, and it must catch up with them.
+        procs["m3"] = start("m3", 1, "m3-restart.log")
+        for name, proc in procs.items():
+            rc = proc.wait(timeout=600)
+            log = "m3-restart.log" if name == "m3" else f"{name}.log"
+            assert rc == 0, (tmp_path / log).read_text()[-4000:]
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        producer.send_signal(signal.SIGINT)
+        producer.wait(timeout=20)
+
+    survivors = {name: {r["window"]: r for r in reports(run, name)} for name in NAMES[:3]}
+    windows = sorted(survivors["m0"])
+    assert len(windows) == WINDOWS
+    for window in windows:
+        rows = [survivors[name].get(window) for name in NAMES[:3]]
+        assert all(r is not None for r in rows), (window, rows)
+        # One model for all: the same θ_{w+1}, reached through averaging, not alone.
+        assert all(r["synced"] for r in rows), rows  # type: ignore[index]
+        assert len({r["fingerprint"] for r in rows}) == 1, rows  # type: ignore[index]
+        assert all(len(r["members"]) >= 1 for r in rows)  # type: ignore[index]
+    # Both shards were trained and averaged by two miners while all four were alive.
+    first = [survivors[name][windows[0]] for name in NAMES[:3]]
+    assert {r["shard"] for r in first} == {0, 1}
+    after_kill = [survivors[name][killed_after + 1] for name in NAMES[:3]]
+    hotkey_m3 = miners["m3"].address
+    assert all(hotkey_m3 not in r["members"] for r in after_kill), after_kill
+    # Held-out loss fell over the run.
+    assert (
+        survivors["m0"][windows[-1]]["heldout_loss"] < survivors["m0"][windows[0]]["heldout_before"]
+    )
+    # The restarted miner loaded the peers' state and ended its window in step with them.
+    (back,) = [r for r in reports(run, "m3") if r["window"] > killed_after]
+    others = [survivors[name].get(back["window"]) for name in NAMES[:3]]
+    assert back["synced"] and all(o is not None for o in others), (back, others)
+    assert {o["fingerprint"] for o in others} == {back["fingerprint"]}  # type: ignore[index]
+    log = (tmp_path / "m3-restart.log").read_text()
+    assert "loaded θ and outer momentum from" in log, log[-3000:]
