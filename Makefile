@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml $(PACKAGES)
 
 install: $(STAMP)
 
+# The whole subnet on this machine: ledger, 2 validators, 4 miners, a few minutes on 2 cores.
 demo: $(STAMP)
-	$(BIN)/tensormine demo
+	$(BIN)/tensormine subnet up --config configs/demo.yaml
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

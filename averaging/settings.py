@@ -48,7 +48,9 @@ class DHTConfig(StrictModel):
     identity_ttl_s: float = Field(
         default=3600.0, gt=0, le=7 * 86400, description="lifetime of the signed peer-id record"
     )
-    startup_timeout_s: float = Field(default=30.0, gt=0)
+    startup_timeout_s: float = Field(
+        default=60.0, gt=0, description="a DHT node not ready by then is restarted (or given up)"
+    )
 
 
 class RobustConfig(StrictModel):

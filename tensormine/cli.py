@@ -22,7 +22,14 @@ from rich.console import Console
 from tensormine import __version__
 
 # Component modules that add subcommands, in the order `--help` lists them.
-COMMAND_MODULES = ("chain.cli", "store.cli", "train.cli", "tensormine.demo")
+COMMAND_MODULES = (
+    "chain.cli",
+    "store.cli",
+    "train.cli",
+    "validation.cli",
+    "subnet.cli",
+    "tensormine.demo",
+)
 
 logger = logging.getLogger("tensormine")
 

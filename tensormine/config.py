@@ -23,8 +23,10 @@ from averaging.config import CompressionConfig, OuterConfig
 from averaging.settings import AveragingConfig
 from chain.config import ChainConfig
 from store.config import StoreConfig
+from subnet.config import SubnetConfig
 from tensormine.schema import StrictModel
 from train.config import DataConfig, ModelConfig, TrainConfig, WandbConfig, WindowConfig
+from validation.config import ValidationConfig
 
 
 class ConfigError(ValueError):
@@ -53,6 +55,8 @@ class RunConfig(StrictModel):
     compression: CompressionConfig = CompressionConfig()
     averaging: AveragingConfig = AveragingConfig()
     wandb: WandbConfig = WandbConfig()
+    validation: ValidationConfig = ValidationConfig()
+    subnet: SubnetConfig = SubnetConfig()
 
     def to_json_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON types (for manifests and checkpoints)."""

@@ -1,16 +1,19 @@
-"""`tensormine demo` (what `make demo` runs): a live ledger you can watch, then its future.
+"""`tensormine demo ledger`: the ledger alone, live, then its future (no training).
 
-    tensormine demo                      # ~30 s: 2 validators, 4 miners, 3 epochs
-    tensormine demo --epochs 5 --config configs/demo.yaml
+    tensormine demo ledger                      # ~30 s: 2 validators, 4 miners, 3 epochs
+    tensormine demo ledger --epochs 5 --config configs/demo.yaml
+    tensormine demo                             # the whole subnet: `tensormine subnet up`
 
-It creates keys and a fresh ledger under the run folder, produces blocks on a clock in a
-background thread exactly like `tensormine chain run`, funds, registers and stakes two
-validators and four miners through signed extrinsics, has the validators set (slightly
-disagreeing) weights, and prints the metagraph after every epoch: Yuma consensus
-clipping, incentive, dividends and emission as they happen. It then verifies the ledger
-by replaying it from genesis and fast-forwards it to the end of emission with
-`chain simulate`, showing every halving. The ledger stays in the run folder for the
-`tensormine chain ...` commands to inspect.
+`make demo` runs the whole subnet (`tensormine subnet up --config configs/demo.yaml`);
+this command shows the ledger's economics on their own. It creates keys and a fresh
+ledger under ``<run dir>/ledger-demo`` (never touching the subnet's own ledger),
+produces blocks on a clock in a background thread exactly like `tensormine chain run`,
+funds, registers and stakes two validators and four miners through signed extrinsics,
+has the validators set (slightly disagreeing) weights, and prints the metagraph after
+every epoch: Yuma consensus clipping, incentive, dividends and emission as they happen.
+It then verifies the ledger by replaying it from genesis and fast-forwards it to the end
+of emission with `chain simulate`, showing every halving. The ledger stays in the run
+folder for the `tensormine chain ...` commands to inspect.
 """
 
 from __future__ import annotations
@@ -127,13 +130,15 @@ def show_future(ledger: Ledger, console: Console) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     console = make_console()
-    if cfg.run.dir.exists():
-        shutil.rmtree(cfg.run.dir)
-    keys_dir = cfg.run.dir / "keys"
+    # Its own folder: the subnet's ledger, store and keys under run.dir stay untouched.
+    folder = cfg.run.dir / "ledger-demo"
+    if folder.exists():
+        shutil.rmtree(folder)
+    keys_dir = folder / "keys"
     owner = create_key(keys_dir, "owner")
     validators = [create_key(keys_dir, f"validator-{i}") for i in range(2)]
     miners = [create_key(keys_dir, f"miner-{i}") for i in range(4)]
-    chain_cfg = cfg.chain
+    chain_cfg = cfg.chain.model_copy(update={"db": folder / "ledger.sqlite"})
     ledger = Ledger.create(chain_cfg.db, chain_cfg, owner.address)
     console.print(
         f"[bold]ledger[/] {chain_cfg.db}: a block every {chain_cfg.block_time_s}s, "
@@ -172,10 +177,27 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_subnet(args: argparse.Namespace) -> int:
+    """`tensormine demo` alone: the whole subnet, as `make demo` runs it."""
+    from subnet.cli import cmd_up
+
+    for name in ("miners", "validators", "windows", "shards", "preset"):
+        setattr(args, name, None)
+    args.processes_per_miner = args.adversaries = None
+    args.no_sample = False
+    return cmd_up(args)
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     from tensormine.cli import add_config_args
 
-    p = sub.add_parser("demo", help="watch a local ledger pay validators and miners")
+    p = sub.add_parser(
+        "demo", help="the local subnet demo (= subnet up); `demo ledger`: the ledger alone"
+    )
     add_config_args(p)
-    p.add_argument("--epochs", type=int, default=3, help="epochs to watch (default 3)")
-    p.set_defaults(handler=run, config="configs/demo.yaml")
+    p.set_defaults(handler=run_subnet, config="configs/demo.yaml")
+    dsub = p.add_subparsers(dest="demo_command", metavar="WHAT")
+    ledger = dsub.add_parser("ledger", help="watch a local ledger pay validators and miners")
+    add_config_args(ledger)
+    ledger.add_argument("--epochs", type=int, default=3, help="epochs to watch (default 3)")
+    ledger.set_defaults(handler=run, config="configs/demo.yaml")

@@ -22,6 +22,8 @@ def _run(args: argparse.Namespace) -> int:
         forwarded += ["--keys-dir", args.keys_dir]
     if args.windows is not None:
         forwarded += ["--windows", str(args.windows)]
+    if args.behaviour != "honest":
+        forwarded += ["--behaviour", args.behaviour]
     return main(forwarded)
 
 
@@ -33,4 +35,9 @@ def register(sub: Any) -> None:
     p.add_argument("--hotkey", required=True, help="name of the miner's key")
     p.add_argument("--keys-dir", help="key directory (default $TENSORMINE_HOME/keys)")
     p.add_argument("--windows", type=int, help="stop after this many windows")
+    p.add_argument(
+        "--behaviour",
+        default="honest",
+        help="an adversarial miner for demos: free-rider, noise, copier or wrong-data",
+    )
     p.set_defaults(handler=_run)

@@ -65,10 +65,11 @@ from store.errors import NotFound, StoreConflict, StoreError
 from store.manifest import Compression
 from tensormine.config import ConfigError, RunConfig, load_config
 from tensormine.tracking import Tracker
+from train.adversary import BEHAVIOURS, make_adversarial_delta, training_pages
 from train.data import Pages, load_pages
 from train.inner import StepStats, inner_loop, mean_loss
 from train.model import build_model, model_fingerprint
-from train.pages import assigned_pages, heldout_sample
+from train.pages import heldout_sample
 from train.peer_state import PeerStateError, pack_state, unpack_state
 from train.shards import apply_to_shard, make_trainable, shard_for_miner, shard_map, shard_state
 from train.tokenizer import load_tokenizer
@@ -131,7 +132,17 @@ def open_ledger(cfg: RunConfig, attempts: int = 5) -> Ledger:
 class Miner:
     """One miner (one hotkey), possibly spread over several accelerate processes."""
 
-    def __init__(self, cfg: RunConfig, keypair: Keypair, name: str, accelerator: Accelerator):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        keypair: Keypair,
+        name: str,
+        accelerator: Accelerator,
+        behaviour: str = "honest",
+    ):
+        if behaviour not in BEHAVIOURS:
+            raise MinerError(f"unknown behaviour {behaviour!r}; one of {', '.join(BEHAVIOURS)}")
+        self.behaviour = behaviour
         self.cfg = cfg
         self.keypair = keypair
         self.name = name
@@ -414,9 +425,9 @@ class Miner:
         # Announced to the groups: peers that start from different models learn it.
         base = model_fingerprint(self.model.state_dict())[:16] if self.seat is not None else ""
         make_trainable(self.model, names)
-        order = assigned_pages(
-            self.keypair.address, window, cfg.run.seed, self.pages.train.shape[0],
-            cfg.train.pages_per_window,
+        order = training_pages(
+            self.behaviour, self.keypair.address, window, cfg.run.seed,
+            self.pages.train.shape[0], cfg.train.pages_per_window,
         )  # fmt: skip
         pages = torch.from_numpy(self.pages.train[order])
 
@@ -498,6 +509,8 @@ class Miner:
         names = self.shards[shard]
         trained = shard_state(self.model, names)
         delta = {n: start[n] - trained[n] for n in names}  # pseudo-gradient Δ = θ_w − θ
+        if self.behaviour != "honest":
+            delta = self._misbehave(window, shard, delta)
         residual = {n: self.residual[n] for n in names if n in self.residual} or None
         encoded = encode(delta, cfg.compression, residual)
         shapes = {n: tuple(delta[n].shape) for n in names}
@@ -572,6 +585,41 @@ class Miner:
         report.synced = self.synced = synced
         report.fingerprint = model_fingerprint(self.model.state_dict())
         self._share(window + 1)
+
+    def _misbehave(
+        self, window: int, shard: int, delta: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The Δ an adversarial miner publishes instead of its own (demos and tests: the
+        validators must give it nothing; see `train.adversary`)."""
+        rng = torch.Generator().manual_seed(self.uid * 1_000_003 + window)
+        other = self._copy_source(window, shard, delta) if self.behaviour == "copier" else None
+        if self.behaviour == "copier" and other is None:
+            logger.warning("window %d: nothing to copy yet; publishing noise instead", window)
+            return make_adversarial_delta("noise", delta, None, rng)
+        return make_adversarial_delta(self.behaviour, delta, other, rng)
+
+    def _copy_source(
+        self, window: int, shard: int, like: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor] | None:
+        """Another miner's Δ of this window and shard, waiting for one until a few blocks
+        before the deadline (a copier publishes after its victim)."""
+        due = deadline(window, self.cfg.window) - max(2, self.cfg.window.publish_margin)
+        shapes = {n: tuple(t.shape) for n, t in like.items()}
+        while True:
+            for ref in self.store.list_contributions(window, shard):
+                if ref.hotkey == self.keypair.address:
+                    continue
+                try:
+                    manifest = self.store.read_manifest(ref)
+                    raw = self.store.load_contribution(
+                        ref, hotkey=ref.hotkey, uid=manifest.uid, window=window, shard=shard
+                    )
+                    return decode(raw.tensors, manifest.compression.params, shapes)
+                except (StoreError, ValueError, KeyError) as exc:
+                    logger.info("cannot copy %s: %s", ref.hotkey, exc)
+            if self.ledger.block_number() >= due:
+                return None
+            time.sleep(self.cfg.chain.block_time_s)
 
     def _share(self, window: int) -> None:
         """Offer θ_window and the momentum to late joiners while we are in step."""
@@ -680,6 +728,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hotkey", required=True, help="name of the miner's key")
     parser.add_argument("--keys-dir", help="key directory (default $TENSORMINE_HOME/keys)")
     parser.add_argument("--windows", type=int, help="stop after this many windows")
+    parser.add_argument(
+        "--behaviour",
+        default="honest",
+        type=lambda v: v.replace("-", "_"),
+        choices=BEHAVIOURS,
+        help="an adversarial miner for demos and tests (the validators must pay it nothing)",
+    )
     return parser
 
 
@@ -699,7 +754,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cpu=not torch.cuda.is_available(),
             mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
         )
-        miner = Miner(cfg, keypair, args.hotkey, accelerator)
+        miner = Miner(cfg, keypair, args.hotkey, accelerator, behaviour=args.behaviour)
         miner.run(args.windows)
     except (MinerError, ConfigError, ChainError, KeyFileError, StoreError, TimeoutError) as exc:
         logger.error("%s", exc if str(exc) else repr(exc), exc_info=not str(exc))

@@ -1,0 +1,152 @@
+"""Typed configuration of the local subnet (the `subnet:` section of a run config).
+
+    subnet:
+      miners: 4
+      validators: 2
+      windows: 5
+      adversaries: [free-rider]      # the last miners misbehave, the rest are honest
+      validator_stake_tao: [1500, 800]
+
+`tensormine subnet up` reads it; its options (`--miners`, `--windows`, ...) are shorthands
+for ``--set subnet.<key>=...``. Checks that need other sections (stake against the
+ledger's permit threshold, validators against the permit slots) live in `check`, which
+runs before anything starts, so a bad mix fails in a second instead of after minutes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from tensormine.schema import StrictModel
+
+if TYPE_CHECKING:
+    from tensormine.config import RunConfig
+
+# The miner behaviours the validator tests use; "honest" is every miner not listed.
+Behaviour = Literal["honest", "free-rider", "noise", "copier", "wrong-data"]
+BEHAVIOURS: tuple[str, ...] = ("honest", "free-rider", "noise", "copier", "wrong-data")
+
+TAO = 1_000_000_000
+
+
+class SubnetConfig(StrictModel):
+    """How many of each participant to start, how long, and with how much stake."""
+
+    miners: int = Field(default=4, ge=1, le=64)
+    validators: int = Field(default=2, ge=0, le=64)
+    windows: int = Field(default=5, ge=1, description="windows every miner trains")
+    processes_per_miner: int = Field(
+        default=1, ge=1, le=16, description="accelerate processes (DDP) per miner"
+    )
+    adversaries: list[Behaviour] = Field(
+        default_factory=list,
+        description="behaviours of the last len(adversaries) miners; the others are honest",
+    )
+    validator_stake_tao: list[float] = Field(
+        default_factory=lambda: [1500.0, 800.0],
+        min_length=1,
+        description="stake of validator i (the last value repeats for further validators)",
+    )
+    validator_fund_tao: float = Field(
+        default=2000.0, ge=0, description="faucet credit per validator (covers its stake)"
+    )
+    miner_fund_tao: float = Field(default=0.0, ge=0, description="faucet credit per miner")
+    keys_dir: Path | None = Field(default=None, description="default: <run.dir>/keys")
+    threads_per_process: int = Field(
+        default=1, ge=1, le=256, description="OMP_NUM_THREADS of each child (CPU runs)"
+    )
+    drain_windows: int = Field(
+        default=2,
+        ge=0,
+        le=100,
+        description="windows validators may run past the miners' last one to score it",
+    )
+    stop_grace_s: float = Field(
+        default=5.0, gt=0, le=120, description="SIGINT/SIGTERM to SIGKILL, for every child"
+    )
+    refresh_s: float = Field(default=1.0, gt=0, le=60, description="live view refresh")
+    sample_prompt: str = Field(default="def ", description="prompt for the final text sample")
+    sample_tokens: int = Field(default=48, ge=0, le=1024, description="0 skips the sample")
+
+    @field_validator("adversaries", mode="before")
+    @classmethod
+    def _spelling(cls, value: object) -> object:
+        # train.adversary spells them free_rider / wrong_data; accept both.
+        if isinstance(value, list):
+            return [v.replace("_", "-") if isinstance(v, str) else v for v in value]
+        return value
+
+    @model_validator(mode="after")
+    def _mix(self) -> SubnetConfig:
+        if len(self.adversaries) >= self.miners:
+            raise ValueError(
+                f"{len(self.adversaries)} adversaries need at least "
+                f"{len(self.adversaries) + 1} miners: keep one honest miner"
+            )
+        if any(s <= 0 for s in self.validator_stake_tao):
+            raise ValueError("validator_stake_tao values must be > 0")
+        return self
+
+    def stake_rao(self, index: int) -> int:
+        """Stake of validator `index` in rao."""
+        stakes = self.validator_stake_tao
+        return round(stakes[min(index, len(stakes) - 1)] * TAO)
+
+    def behaviour(self, index: int) -> str:
+        """Behaviour of miner `index`: adversaries take the last slots."""
+        first_adversary = self.miners - len(self.adversaries)
+        return "honest" if index < first_adversary else self.adversaries[index - first_adversary]
+
+    def keys_folder(self, run_dir: Path) -> Path:
+        return self.keys_dir or run_dir / "keys"
+
+
+def check(cfg: RunConfig) -> list[str]:
+    """Cross-section checks; raises `ConfigError` for a mix that cannot work and returns
+    warnings (one line each) for one that works but may surprise."""
+    from tensormine.config import ConfigError
+
+    sub, chain = cfg.subnet, cfg.chain
+    errors: list[str] = []
+    warnings: list[str] = []
+    if sub.validators > chain.max_validators:
+        errors.append(
+            f"subnet.validators {sub.validators} > chain.max_validators {chain.max_validators}: "
+            "the extra validators would get no permit"
+        )
+    for i in range(sub.validators):
+        stake = sub.stake_rao(i)
+        if stake < chain.validator_min_stake_rao:
+            errors.append(
+                f"validator {i}: stake {stake / TAO:,.0f} τ is below "
+                f"chain.validator_min_stake_rao ({chain.validator_min_stake_rao / TAO:,.0f} τ)"
+            )
+        fund = round(sub.validator_fund_tao * TAO)
+        if fund < stake:
+            errors.append(
+                f"subnet.validator_fund_tao {sub.validator_fund_tao:,} is below validator {i}'s "
+                f"stake {stake / TAO:,.0f} τ"
+            )
+    for key, amount in (
+        ("validator_fund_tao", sub.validator_fund_tao if sub.validators else 0),
+        ("miner_fund_tao", sub.miner_fund_tao),
+    ):
+        if amount > 0 and chain.faucet_rao == 0:
+            errors.append(f"subnet.{key} needs a faucet: set chain.faucet_rao (dev ledgers)")
+    if sub.validators == 0 and sub.adversaries:
+        warnings.append("adversaries without validators: nobody scores them")
+    if chain.max_validators > max(sub.validators, 1):
+        # A miner whose emission (staked to it) passes the threshold would take a free
+        # permit slot and stop being a miner; top-K slots == validators rules that out.
+        warnings.append(
+            f"chain.max_validators {chain.max_validators} > subnet.validators "
+            f"{sub.validators}: a miner that earns {chain.validator_min_stake_rao / TAO:,.0f} τ "
+            "gets a validator permit and stops mining (set chain.max_validators to the "
+            "number of validators)"
+        )
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return warnings

@@ -1,0 +1,87 @@
+"""Reading what the processes write: the validator's real report format, torn lines, and
+the view and plots built from them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+
+from subnet.plots import write_plots
+from subnet.records import Member, Snapshot, ValidatorWindow, read_jsonl
+from subnet.view import render
+from validation.report import MinerRow, WindowReport, append_report
+
+
+def report(window: int, rows: list[MinerRow], heldout: float) -> WindowReport:
+    return WindowReport(
+        window=window, validator="validator-0", block=10 * window, heldout_loss=heldout,
+        contributions=len(rows), admitted=len(rows), seconds=1.0, eval_seconds=0.5,
+        next_heldout_loss=heldout - 0.5, published=f"window-{window + 1}", miners=rows,
+    )  # fmt: skip
+
+
+def test_validator_reports_parse(tmp_path: Path) -> None:
+    path = tmp_path / "windows.jsonl"
+    append_report(
+        path,
+        report(3, [
+            MinerRow(uid=1, hotkey="a", shard=0, status="scored", loss_delta=0.4, own_ok=True,
+                     score=0.4, ema=0.12, weight=0.7),
+            MinerRow(uid=2, hotkey="b", shard=0, status="scored", loss_delta=0.4, own_ok=True,
+                     copy_of=1, score=0.0, ema=0.0, weight=0.0),
+            MinerRow(uid=3, hotkey="c", shard=0, status="refused", reason="missing"),
+        ], 7.5),
+    )  # fmt: skip
+    with path.open("a") as fh:
+        fh.write('{"window": 4, "heldout_lo')  # a line still being written
+    rows = read_jsonl(path)
+    assert len(rows) == 1
+    parsed = ValidatorWindow.parse(rows[0])
+    assert parsed is not None
+    assert parsed.window == 3 and parsed.heldout_loss == 7.5 and parsed.next_heldout_loss == 7.0
+    assert parsed.scores == {1: 0.4, 2: 0.0, 3: 0.0}
+    assert parsed.weights[1] == 0.7 and parsed.ema[1] == 0.12
+    assert parsed.verdicts == {1: "ok", 2: "copy of 1", 3: "missing"}
+    assert parsed.published == "window-4"
+    assert ValidatorWindow.parse({"window": "x"}) is None
+
+
+def snap() -> Snapshot:
+    def vw(window: int, score: float, verdict: str, loss: float) -> ValidatorWindow:
+        return ValidatorWindow(
+            window, loss, loss - 0.1, {2: score, 3: 0.0}, {2: score / 2, 3: 0.0},
+            {2: 1.0, 3: 0.0}, {2: verdict, 3: "ok"}, None,
+        )  # fmt: skip
+
+    return Snapshot(
+        block=200, window=5, issuance=10**12, pending=10**9, block_emission=10**9,
+        next_halving_block=10**7, next_halving_issuance=10**16, neurons=[],
+        earned={2: 5 * 10**9, 3: 0}, uid_of={"miner-0": 2, "miner-1": 3},
+        miners={"miner-0": [{"window": 2, "loss": 6.0, "heldout_loss": 6.5, "shard": 0}],
+                "miner-1": []},
+        validators={"validator-0": [vw(2, 0.5, "ok", 8.0), vw(3, 0.0, "missing", 7.0)]},
+        checkpoints=[0, 3, 4], accounts_total=10**12 - 10**9,
+    )  # fmt: skip
+
+
+def test_latest_score_skips_windows_the_miner_missed() -> None:
+    s = snap()
+    assert s.latest_validator(2) == (0.5, 0.25, 1.0)  # window 2, not the missed window 3
+    assert s.latest_verdict(2) == "ok"
+    assert s.heldout_by_window() == {2: 8.0, 3: 7.0}
+    assert s.books_balance
+
+
+def test_view_and_plots_render(tmp_path: Path) -> None:
+    members = [Member("miner-0", "miner", "honest", "a"), Member("miner-1", "miner", "noise", "b")]
+    console = Console(width=200, record=True)
+    console.print(render(snap(), members, block_time_s=0.25, title="t", notes=["note"]))
+    text = console.export_text()
+    assert "miner (noise)" in text and "5.000 τ" in text and "windows 0–4" in text
+    history = [{"window": w, "earned": {"2": w * 10**9, "3": 0}} for w in range(5)]
+    written = write_plots(snap(), history, tmp_path)
+    assert sorted(p.name for p in written) == ["emission.png", "heldout_loss.png", "scores.png"]
+    assert all(p.stat().st_size > 1000 for p in written)
+    json.dumps([str(p) for p in written])

@@ -1,0 +1,207 @@
+"""A real ledger, a real store and a tiny model, plus miners that publish in-process.
+
+`Subnet` registers one staked validator (UID 0) and miners with behaviours from
+`train.adversary`; `Subnet.mine(window)` trains and publishes each miner's contribution
+from the store's θ_window exactly as `train.miner` would (inner loop, Δ = θ_w − θ,
+compression, signed manifest); `Subnet.to_deadline(window)` produces blocks up to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from averaging.compression import encode
+from chain.config import RAO_PER_TAO
+from chain.keys import Keypair, create_key
+from chain.ledger import Ledger
+from store.api import Store, open_store
+from store.manifest import Compression
+from tensormine.config import RunConfig, load_config
+from train.adversary import make_adversarial_delta, training_pages
+from train.inner import inner_loop
+from train.miner import load_checkpoint_weights
+from train.model import build_model
+from train.shards import apply_to_shard, make_trainable, shard_map, shard_state
+from train.windows import deadline, start_block, wait_for_block
+from validation.validator import Validator
+
+TAO = RAO_PER_TAO
+
+
+def overrides(run: Path, data: Path, **extra: object) -> list[str]:
+    sets: dict[str, object] = {
+        "run.dir": run,
+        "chain.db": f"{run}/ledger.sqlite",
+        "store.root": f"{run}/store",
+        "data.cache_dir": data,
+        "chain.block_time_s": 0.05,
+        "chain.tempo": 9,
+        "chain.weights_rate_limit": 0,
+        # Miners earn stake; keep them below the permit threshold for the whole test.
+        "chain.validator_min_stake_rao": 1000 * TAO,
+        "chain.faucet_rao": 100_000 * TAO,
+        "chain.immunity_period": 5,
+        "window.blocks": 20,
+        "window.publish_margin": 2,
+        "data.max_documents": 120,
+        "data.seq_len": 64,
+        "train.inner_steps": 8,
+        "train.batch_size": 4,
+        "train.warmup_steps": 2,
+        "train.lr": 0.01,
+        # A 0.4 M-parameter model: the machine is shared, and the signals are the same.
+        "model.hidden_size": 64,
+        "model.intermediate_size": 176,
+        "model.num_layers": 2,
+        "model.num_heads": 2,
+        "model.num_kv_heads": 2,
+        "validation.heldout_pages": 16,
+        "validation.own_data_pairs": 16,
+        "wandb.mode": "disabled",
+        # These tests publish contributions themselves; no miner averages over hivemind.
+        "averaging.enabled": False,
+    }
+    sets.update(extra)
+    return [f"{k}={v}" for k, v in sets.items()]
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tokenizer and pages are built once for the whole directory."""
+    return tmp_path_factory.mktemp("data")
+
+
+@dataclass
+class Subnet:
+    cfg: RunConfig
+    sets: list[str]
+    keys: Path
+    ledger: Ledger
+    store: Store
+    validator_key: Keypair
+    miners: dict[str, Keypair] = field(default_factory=dict)  # name -> key, name = behaviour
+    deltas: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # last published
+    producer: bool = False  # a `chain run` process makes the blocks: wait, never advance
+
+    def uid(self, name: str) -> int:
+        uid = self.ledger.uid_of(self.miners[name].address)
+        assert uid is not None
+        return uid
+
+    def validator(self) -> Validator:
+        return Validator(self.cfg, self.validator_key, "v0")
+
+    def to_block(self, block: int) -> None:
+        head = self.ledger.block_number()
+        if self.producer:
+            wait_for_block(self.ledger, block)
+        elif head < block:
+            self.ledger.advance(block - head)
+
+    def to_deadline(self, window: int) -> None:
+        self.to_block(deadline(window, self.cfg.window))
+
+    def theta(self, window: int) -> dict[str, torch.Tensor]:
+        """θ_window as a miner gets it: the store's canonical checkpoint, else window 0."""
+        have = [r.window for r in self.store.list_checkpoints() if r.window <= window]
+        folder = self.keys.parent / "miner-pulls" / f"window-{max(have)}"
+        if not folder.exists():
+            self.store.pull_checkpoint(folder, window=max(have), progress=False)
+        return load_checkpoint_weights(folder)
+
+    def mine(self, window: int, names: list[str] | None = None) -> None:
+        """Every (named) miner trains and publishes its Δ of `window`, honest ones first."""
+        from validation.admission import Roster
+
+        self.to_block(start_block(window, self.cfg.window))
+        cfg = self.cfg
+        validator = getattr(self, "_pages_owner", None)
+        if validator is None:
+            validator = self._pages_owner = self.validator()
+        pages = validator.pages
+        model = build_model(cfg.model, cfg.run.seed)
+        theta = self.theta(window)
+        roster = Roster.from_neurons(self.ledger.neurons(), shards=cfg.model.shards, window=window)
+        rng = torch.Generator().manual_seed(window)
+        acc = Accelerator(cpu=True)
+        order = sorted(names or self.miners, key=lambda n: not n.startswith("honest"))
+        for name in order:
+            kp = self.miners[name]
+            behaviour = name.split("-")[0]
+            uid = self.uid(name)
+            shard = roster.shard_of(uid)
+            names_s = shard_map(model, cfg.model.shards)[shard]
+            model.load_state_dict(theta)
+            start = shard_state(model, names_s)
+            if behaviour in ("honest", "wrong_data"):
+                idx = training_pages(
+                    behaviour, kp.address, window, cfg.run.seed, pages.train.shape[0],
+                    cfg.train.pages_per_window,
+                )  # fmt: skip
+                make_trainable(model, names_s)
+                inner_loop(acc, model, names_s, torch.from_numpy(pages.train[idx]), cfg.train)
+                trained = shard_state(model, names_s)
+                own = {n: start[n] - trained[n] for n in names_s}
+            else:  # these do not train: noise takes the honest Δ's norms, the rest copy
+                own = self.deltas.get("honest") or {n: torch.zeros_like(start[n]) for n in names_s}
+            other = self.deltas.get("honest")
+            delta = make_adversarial_delta(behaviour, own, other, rng)
+            self.deltas[behaviour] = delta
+            self.publish(kp, uid, window, shard, delta)
+            apply_to_shard(model, names_s, start)
+
+    def publish(
+        self, kp: Keypair, uid: int, window: int, shard: int, delta: dict[str, torch.Tensor]
+    ) -> None:
+        encoded = encode(delta, self.cfg.compression, None)
+        self.store.publish_contribution(
+            encoded.tensors, keypair=kp, uid=uid, window=window, shard=shard,
+            compression=Compression(scheme=self.cfg.compression.scheme, params=encoded.params),
+        )  # fmt: skip
+
+
+def make_subnet(tmp_path: Path, data_cache: Path, miners: list[str], **extra: object) -> Subnet:
+    run, keys = tmp_path / "run", tmp_path / "keys"
+    sets = overrides(run, data_cache, **extra)
+    cfg = load_config("configs/tiny.yaml", sets)
+    owner = create_key(keys, "owner")
+    vkey = create_key(keys, "v0")
+    ledger = Ledger.create(cfg.chain.db, cfg.chain, owner.address)
+    hashes = [
+        ledger.submit_call(vkey, "faucet", {"amount": 2001 * TAO}),
+        ledger.submit_call(vkey, "register", {}),
+        ledger.submit_call(vkey, "add_stake", {"amount": 2000 * TAO}),
+    ]
+    ledger.produce_block()
+    keyed = {name: create_key(keys, name) for name in miners}
+    hashes += [ledger.submit_call(kp, "register", {}) for kp in keyed.values()]
+    ledger.produce_block()
+    for h in hashes:
+        receipt = ledger.receipt(h)
+        assert receipt is not None
+        receipt.raise_for_status()
+    # Permits are computed at epochs: run one so the staked validator holds its permit.
+    ledger.advance(cfg.chain.tempo + 2)
+    assert ledger.neurons()[0].validator_permit
+    store = open_store(cfg.store)
+    return Subnet(cfg, sets, keys, ledger, store, vkey, keyed)
+
+
+@pytest.fixture
+def subnet_factory(tmp_path: Path, data_cache: Path) -> Iterator[object]:
+    made: list[Subnet] = []
+
+    def factory(miners: list[str], **extra: object) -> Subnet:
+        net = make_subnet(tmp_path, data_cache, miners, **extra)
+        made.append(net)
+        return net
+
+    yield factory
+    for net in made:
+        net.ledger.close()

@@ -1,0 +1,93 @@
+"""Dishonest miners, for tests and demos: what each one trains on and what Δ it publishes.
+
+    from train.adversary import BEHAVIOURS, training_pages, make_adversarial_delta
+
+    order = training_pages("wrong_data", hotkey, w, seed, n_train, pages_per_window)
+    delta = ...                                             # trained on `order` as usual
+    sent = make_adversarial_delta("copier", delta, other_miners_delta, rng)
+
+Behaviours (DESIGN "Proof of learning"; the validator must give each of them nothing):
+
+- `honest`: trains on its assigned pages and publishes its own Δ.
+- `free_rider`: publishes a zero Δ (or `tiny` × its own Δ), hoping for a share for nothing.
+- `noise`: publishes random Gaussian noise with the same norm as an honest Δ (per tensor),
+  so size checks alone cannot tell it apart.
+- `copier`: publishes another miner's Δ, rescaled by `copy_scale` and with Gaussian noise
+  of `copy_noise` × the rescaled copy's norm added, to defeat an exact-match check.
+- `wrong_data`: trains honestly, but on train pages outside its assignment (drawn with a
+  public salt), e.g. data it had cached; its Δ helps on held-out data but not
+  particularly on the pages it was assigned.
+
+Everything is a pure function of its arguments (the noise comes from the caller's
+`torch.Generator`), so a test or a `--behaviour` flag of the miner can reuse it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal, get_args
+
+import numpy as np
+import torch
+
+from train.pages import assigned_pages, unassigned_pages
+
+Behaviour = Literal["honest", "free_rider", "noise", "copier", "wrong_data"]
+BEHAVIOURS: tuple[str, ...] = get_args(Behaviour)
+WRONG_DATA_SALT = b"tensormine/adversary/wrong-data"
+
+
+def training_pages(
+    behaviour: str, hotkey: str, window: int, seed: int, n_train_pages: int, count: int
+) -> np.ndarray:
+    """The train pages a miner of `behaviour` trains on (every behaviour but `wrong_data`
+    uses its assignment)."""
+    if behaviour not in BEHAVIOURS:
+        raise ValueError(f"unknown behaviour {behaviour!r}; one of {', '.join(BEHAVIOURS)}")
+    if behaviour == "wrong_data":
+        return unassigned_pages(
+            hotkey, window, seed, n_train_pages, count, WRONG_DATA_SALT, assigned_count=count
+        )
+    return assigned_pages(hotkey, window, seed, n_train_pages, count)
+
+
+def _noise_like(t: torch.Tensor, norm: float, rng: torch.Generator) -> torch.Tensor:
+    noise = torch.randn(t.shape, generator=rng, dtype=torch.float32)
+    current = float(noise.norm())
+    return noise * (norm / current) if current > 0 else noise
+
+
+def make_adversarial_delta(
+    behaviour: str,
+    honest_delta: Mapping[str, torch.Tensor],
+    other_delta: Mapping[str, torch.Tensor] | None,
+    rng: torch.Generator,
+    *,
+    tiny: float = 0.0,
+    copy_scale: float = 1.7,
+    copy_noise: float = 0.3,
+) -> dict[str, torch.Tensor]:
+    """The Δ a miner of `behaviour` publishes, given the Δ it trained (`honest_delta`) and,
+    for `copier`, the Δ of the miner it copies (`other_delta`, same names and shapes).
+
+    `honest` and `wrong_data` publish what they trained (the difference is in
+    `training_pages`). All results are new fp32 CPU tensors.
+    """
+    if behaviour not in BEHAVIOURS:
+        raise ValueError(f"unknown behaviour {behaviour!r}; one of {', '.join(BEHAVIOURS)}")
+    own = {n: t.detach().to("cpu", torch.float32) for n, t in honest_delta.items()}
+    if behaviour in ("honest", "wrong_data"):
+        return {n: t.clone() for n, t in own.items()}
+    if behaviour == "free_rider":
+        return {n: t * tiny for n, t in own.items()}
+    if behaviour == "noise":
+        return {n: _noise_like(t, float(t.norm()), rng) for n, t in own.items()}
+    if other_delta is None:
+        raise ValueError("a copier needs the Δ it copies (other_delta)")
+    if set(other_delta) != set(own):
+        raise ValueError("other_delta must cover the same tensors as honest_delta")
+    out = {}
+    for name, t in other_delta.items():
+        scaled = t.detach().to("cpu", torch.float32) * copy_scale
+        out[name] = scaled + _noise_like(scaled, copy_noise * float(scaled.norm()), rng)
+    return out

@@ -1,0 +1,1 @@
+"""The validator: admission, loss-delta scoring, anti-cheat, weights and canonical checkpoints."""

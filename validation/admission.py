@@ -1,0 +1,175 @@
+"""Admission: turn a listed contribution into a verified, decoded Δ, or a named refusal.
+
+    roster = Roster.from_neurons(ledger.neurons(), shards=cfg.model.shards, window=w)
+    outcome = admit(store, ref, roster=roster, window=w, shapes=shard_shapes,
+                    scheme=cfg.compression.scheme, deadline_time=ts)
+    if isinstance(outcome, Refused):
+        record(outcome.uid, outcome.reason)          # score 0, the validator goes on
+
+The checks, cheapest first, each with its reason code:
+
+1. the hotkey is a registered miner (`not_a_miner`: unknown hotkey or a validator);
+2. it is stored under the shard the miner owns this window (`wrong_shard`);
+3. it reached the store before the deadline block's timestamp (`late`); the validator
+   lists contributions once that block exists, so anything published later is either
+   absent from the listing or carries a later `received_at`;
+4. the manifest's compression names the run's scheme, twice consistently
+   (`compression_mismatch`), with parameters the codec accepts (`bad_compression`);
+5. everything `store.Store.load_contribution` checks, with the store's own reason
+   (`bad_signature`, `wrong_window`, `sha256_mismatch`, `not_safetensors` for a pickle,
+   `shape_mismatch`, `dtype_mismatch`, `not_finite`, `too_large`, ...), against tensor
+   specs computed from the validator's own model, never from the payload;
+6. the payload decodes to exactly the shard's tensors, all finite (`bad_compression`).
+
+Only `load_contribution` reads tensor bytes (safetensors, after the signed manifest
+passed); nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from averaging.compression import CompressionError, decode, expected_specs
+from chain.ledger import Neuron
+from store.api import Store
+from store.backend import ContributionRef
+from store.errors import Rejected
+from store.safetensors_check import TORCH_DTYPES, TensorSpec
+from train.shards import shard_for_miner
+
+logger = logging.getLogger(__name__)
+
+# Reasons of our own, next to the store's `store.errors.REASONS`.
+LATE = "late"
+NOT_A_MINER = "not_a_miner"
+WRONG_SHARD = "wrong_shard"
+COMPRESSION_MISMATCH = "compression_mismatch"
+BAD_COMPRESSION = "bad_compression"
+MISSING = "missing"  # a miner of the window published nothing (in time to be listed)
+
+
+@dataclass(frozen=True)
+class Roster:
+    """Who mines in a window and which shard each owns, read from the ledger once."""
+
+    window: int
+    shards: int
+    miners: dict[str, int]  # hotkey -> UID, neurons without a validator permit
+    validators: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_neurons(cls, neurons: Sequence[Neuron], *, shards: int, window: int) -> Roster:
+        return cls(
+            window=window,
+            shards=shards,
+            miners={n.hotkey: n.uid for n in neurons if not n.validator_permit},
+            validators=frozenset(n.hotkey for n in neurons if n.validator_permit),
+        )
+
+    def shard_of(self, uid: int) -> int:
+        return shard_for_miner(uid, sorted(self.miners.values()), self.window, self.shards)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """A contribution that passed every check: its decoded fp32 Δ on its shard."""
+
+    uid: int
+    hotkey: str
+    shard: int
+    delta: dict[str, torch.Tensor]
+    received_at: dt.datetime
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A contribution (or a missing one) that scores 0, and why."""
+
+    uid: int | None  # None when the hotkey is not a miner's
+    hotkey: str
+    shard: int | None
+    reason: str
+    detail: str
+
+
+def is_late(received_at: dt.datetime, deadline_time: float) -> bool:
+    """Whether the store received it after the deadline block was made (unix seconds)."""
+    return received_at.timestamp() > deadline_time
+
+
+def payload_specs(
+    shapes: Mapping[str, Sequence[int]], params: Mapping[str, object]
+) -> dict[str, TensorSpec]:
+    """The payload tensors a contribution of these parameter shapes must hold."""
+    specs = expected_specs(shapes, params)
+    return {k: TensorSpec(TORCH_DTYPES[dtype], shape) for k, (dtype, shape) in specs.items()}
+
+
+def admit(
+    store: Store,
+    ref: ContributionRef,
+    *,
+    roster: Roster,
+    window: int,
+    shapes: Mapping[int, Mapping[str, Sequence[int]]],
+    scheme: str,
+    deadline_time: float,
+) -> Admitted | Refused:
+    """Run every admission check on `ref` (see the module docstring); never raises
+    `Rejected` or `CompressionError`: those become a `Refused` with their reason.
+
+    `shapes[s]` maps each parameter name of shard s to its shape (from the validator's own
+    model).
+    """
+    uid = roster.miners.get(ref.hotkey)
+    if uid is None:
+        what = "a validator" if ref.hotkey in roster.validators else "not registered"
+        return Refused(None, ref.hotkey, ref.shard, NOT_A_MINER, f"{ref.hotkey} is {what}")
+    shard = roster.shard_of(uid)
+    if ref.shard != shard:
+        return Refused(
+            uid, ref.hotkey, shard, WRONG_SHARD, f"stored under shard {ref.shard}, owns {shard}"
+        )
+    if is_late(ref.received_at, deadline_time):
+        late_by = ref.received_at.timestamp() - deadline_time
+        return Refused(uid, ref.hotkey, shard, LATE, f"received {late_by:.2f}s after the deadline")
+    try:
+        manifest = store.read_manifest(ref)
+        params = manifest.compression.params
+        if manifest.compression.scheme != scheme or params.get("scheme") != scheme:
+            return Refused(
+                uid, ref.hotkey, shard, COMPRESSION_MISMATCH,
+                f"scheme {manifest.compression.scheme!r} / params {params.get('scheme')!r}, "
+                f"the run uses {scheme!r}",
+            )  # fmt: skip
+        try:
+            expected = payload_specs(shapes[shard], params)
+        except CompressionError as exc:
+            return Refused(uid, ref.hotkey, shard, BAD_COMPRESSION, str(exc))
+        # Verified again from here on: the signature covers the compression params read above.
+        verified = store.load_contribution(
+            ref, hotkey=ref.hotkey, uid=uid, window=window, shard=shard, expected=expected
+        )
+        if verified.manifest.compression != manifest.compression:
+            return Refused(
+                uid, ref.hotkey, shard, COMPRESSION_MISMATCH, "manifest changed while read"
+            )
+        delta = decode(verified.tensors, params, shapes[shard])
+    except Rejected as exc:
+        return Refused(uid, ref.hotkey, shard, exc.reason, exc.detail)
+    except CompressionError as exc:
+        return Refused(uid, ref.hotkey, shard, BAD_COMPRESSION, str(exc))
+    return Admitted(
+        uid=uid,
+        hotkey=ref.hotkey,
+        shard=shard,
+        delta=delta,
+        received_at=ref.received_at,
+        nbytes=manifest.size,
+    )

@@ -1,0 +1,81 @@
+"""`tensormine validator run|report`: the validator process and its window reports.
+
+    tensormine validator run --config configs/tiny.yaml --hotkey validator-0 --windows 5
+    tensormine validator report --config configs/tiny.yaml --hotkey validator-0 --last 3
+    tensormine validator report --config configs/tiny.yaml          # every validator of the run
+
+`run` takes the same options as ``python -m validation.validator``. `report` reads
+``<run.dir>/validators/<name>/windows.jsonl`` and prints one row per miner and window:
+loss delta, own-data margin and t, copy verdict, admission reason, score, moving average
+and weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from tensormine.cli import CliError, add_config_args, make_console
+from tensormine.config import load_config
+from validation.report import read_reports, window_table
+
+
+def _run(args: argparse.Namespace) -> int:
+    from validation.validator import main
+
+    forwarded = ["--hotkey", args.hotkey]
+    if args.config:
+        forwarded += ["--config", args.config]
+    for item in args.overrides:
+        forwarded += ["--set", item]
+    if args.keys_dir:
+        forwarded += ["--keys-dir", args.keys_dir]
+    if args.windows is not None:
+        forwarded += ["--windows", str(args.windows)]
+    return main(forwarded)
+
+
+def _report(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    root = cfg.run.dir / "validators"
+    names = [args.hotkey] if args.hotkey else sorted(p.name for p in root.glob("*") if p.is_dir())
+    console = make_console()
+    shown = 0
+    for name in names:
+        reports = read_reports(root / name / "windows.jsonl", last=args.last)
+        if not reports:
+            continue
+        table = window_table(reports)
+        table.title = f"validator {name}: last {len(reports)} window(s)"
+        console.print(table)
+        for rep in reports:
+            published = rep.published or (f"adopted {rep.adopted}" if rep.adopted else "-")
+            after = rep.heldout_loss if rep.next_heldout_loss is None else rep.next_heldout_loss
+            console.print(
+                f"window {rep.window}: {rep.admitted}/{rep.contributions} admitted, "
+                f"L(θ_w;E) {rep.heldout_loss:.4f} -> {after:.4f}"
+                f", published {published}, weights {'set' if rep.weights_set else 'not set'}, "
+                f"{rep.seconds:.1f}s"
+            )
+        shown += 1
+    if not shown:
+        raise CliError(
+            f"no validator reports under {root}" + (f" for {args.hotkey}" if args.hotkey else "")
+        )
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("validator", help="score contributions, set weights, publish checkpoints")
+    vsub = p.add_subparsers(dest="validator_command", metavar="COMMAND", required=True)
+    run = vsub.add_parser("run", help="run a validator (same as python -m validation.validator)")
+    add_config_args(run)
+    run.add_argument("--hotkey", required=True, help="name of the validator's key")
+    run.add_argument("--keys-dir", help="key directory (default $TENSORMINE_HOME/keys)")
+    run.add_argument("--windows", type=int, help="stop after this many windows")
+    run.set_defaults(handler=_run)
+    rep = vsub.add_parser("report", help="print the last windows a validator scored")
+    add_config_args(rep)
+    rep.add_argument("--hotkey", help="the validator's name (default: every validator of the run)")
+    rep.add_argument("--last", type=int, default=5, help="how many windows (default 5)")
+    rep.set_defaults(handler=_report)

@@ -1,0 +1,188 @@
+"""What the validator measures on: its secret, the pages it draws, and per-page losses.
+
+    secret = validator_secret(keypair.seed)                      # or read from a file
+    E = heldout_sample(secret, w, len(pages.heldout), cfg.validation.heldout_pages)
+    assigned, control = own_data_pages(secret, hotkey, w, run_seed, len(pages.train),
+                                       cfg.train.pages_per_window, cfg.validation.own_data_pairs)
+    losses = page_losses(model, ids, batch=8)                    # one loss per page
+    with patched_shard(model, names, theta_w, delta, lr=cfg.outer.lr):
+        ...                                                      # model holds θ_w ⊕ Δ here
+
+**The secret** is an HMAC of the validator's hotkey seed (never published, different for
+every validator), or the bytes of `validation.secret_file` for an operator who wants a
+secret apart from the key. With it, the held-out sample E of window w and the choice of
+own-data pages are unpredictable to miners; anyone holding the secret can recompute them.
+
+**Own-data pairs**: `pairs` of the miner's assigned pages (recomputed with
+`train.pages.assigned_pages`), taken from the inner steps whose learning rate was high
+(a page seen at a high learning rate is learned measurably; one seen during the cosine
+tail hardly: on the stdlib corpus the paired gap of pages from the first steps was
+0.44–0.57 nats, t = 4–11, and of pages from the last steps −0.15–0.08), each paired
+with an unassigned neighbour (the page before or after it, the side picked by the
+secret), or, when both neighbours are assigned, an unassigned page drawn with the
+secret. Why neighbours: see `validation.scoring`.
+
+`θ_w ⊕ Δ` is `θ_w − lr·Δ` on the contribution's shard, i.e. the outer step of a group of
+one without momentum: the change the contribution would cause at the outer learning rate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from train.pages import assigned_pages, heldout_sample, unassigned_pages
+
+_SECRET_DOMAIN = b"tensormine/validator-secret/v1"
+
+__all__ = [
+    "heldout_sample",
+    "own_data_pages",
+    "page_losses",
+    "patched_shard",
+    "read_secret_file",
+    "validator_secret",
+]
+
+
+def validator_secret(seed: bytes) -> bytes:
+    """The sampling secret derived from a hotkey's private seed (HMAC-SHA256, one way)."""
+    return hmac.new(seed, _SECRET_DOMAIN, hashlib.sha256).digest()
+
+
+def read_secret_file(path: Path) -> bytes:
+    """A secret kept in a file as hex (at least 16 bytes); `ValueError` otherwise."""
+    text = path.read_text(encoding="utf-8").strip()
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(f"{path}: the secret must be hex digits") from None
+    if len(raw) < 16:
+        raise ValueError(f"{path}: the secret must be at least 16 bytes (32 hex digits)")
+    return raw
+
+
+def _subkey(secret: bytes, *parts: str | int) -> bytes:
+    msg = b"\0".join(str(p).encode() for p in parts)
+    return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def own_data_pages(
+    secret: bytes,
+    hotkey: str,
+    window: int,
+    seed: int,
+    n_train_pages: int,
+    pages_per_window: int,
+    pairs: int,
+    *,
+    batch_size: int | None = None,
+    steps: Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(assigned, control) train-page indices, `pairs` of each (fewer if fewer candidates).
+
+    Assigned pages are distinct, drawn with the secret from the miner's assignment, only
+    from the pages of inner `steps` (each step consumes `batch_size` pages in assignment
+    order) when given; each control page lies outside the assignment.
+    """
+    if pairs <= 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty
+    assignment = assigned_pages(hotkey, window, seed, n_train_pages, pages_per_window)
+    taken = set(assignment.tolist())
+    pool = assignment
+    if steps is not None:
+        if batch_size is None:
+            raise ValueError("steps need batch_size")
+        pool = np.concatenate(
+            [assignment[s * batch_size : (s + 1) * batch_size] for s in steps]
+            or [np.zeros(0, dtype=np.int64)]
+        )
+    unique = np.unique(pool)
+    if unique.size == 0:
+        raise ValueError("no assigned pages to check")
+    count = min(pairs, unique.size)
+    picks = heldout_sample(_subkey(secret, "own", hotkey), window, unique.size, count)
+    # Sort the chosen positions first so the pairing does not depend on draw order.
+    chosen = unique[np.sort(picks)]
+    fallback: list[int] = []
+    if n_train_pages > len(taken):
+        fallback = unassigned_pages(
+            hotkey, window, seed, n_train_pages, count,
+            _subkey(secret, "control", hotkey, window), assigned_count=pages_per_window,
+        ).tolist()  # fmt: skip
+    controls: list[int] = []
+    for page in chosen.tolist():
+        side = _subkey(secret, "side", hotkey, window, page)[0] & 1
+        candidates = (page + 1, page - 1) if side else (page - 1, page + 1)
+        control = next((c for c in candidates if 0 <= c < n_train_pages and c not in taken), None)
+        if control is None:
+            if not fallback:
+                raise ValueError(f"every train page is assigned to {hotkey} in window {window}")
+            control = fallback.pop()
+        controls.append(control)
+    return chosen.astype(np.int64), np.asarray(controls, dtype=np.int64)
+
+
+@torch.no_grad()
+def page_losses(
+    model: nn.Module, ids: torch.Tensor, *, batch: int = 8, device: torch.device | None = None
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of every page (row of `ids`), fp64 on the CPU.
+
+    The same loss `train.inner.mean_loss` averages, kept per page so that one forward pass
+    serves the held-out loss and the own-data pairs at once.
+    """
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    out = torch.empty(ids.shape[0], dtype=torch.float64)
+    try:
+        for start in range(0, ids.shape[0], batch):
+            chunk = ids[start : start + batch].to(device, dtype=torch.long)
+            logits = model(input_ids=chunk).logits[:, :-1]
+            targets = chunk[:, 1:]
+            per_token = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none"
+            )
+            out[start : start + chunk.shape[0]] = (
+                per_token.view(chunk.shape[0], -1).mean(dim=1).double().cpu()
+            )
+    finally:
+        model.train(was_training)
+    return out
+
+
+@contextmanager
+def patched_shard(
+    model: nn.Module,
+    names: Sequence[str],
+    theta: Mapping[str, torch.Tensor],
+    delta: Mapping[str, torch.Tensor],
+    lr: float,
+) -> Iterator[None]:
+    """Inside the block the shard holds `θ − lr·Δ`; afterwards exactly `θ` again.
+
+    In place, so no second model is ever allocated; the restore copies `theta` back
+    rather than adding lr·Δ again, so no rounding error accumulates over contributions.
+    """
+    params = dict(model.named_parameters())
+    try:
+        with torch.no_grad():
+            for name in names:
+                param = params[name]
+                update = delta[name].to(param.device, torch.float32)
+                param.copy_(theta[name].to(torch.float32).sub(update, alpha=lr))
+        yield
+    finally:
+        with torch.no_grad():
+            for name in names:
+                params[name].copy_(theta[name])

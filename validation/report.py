@@ -1,0 +1,143 @@
+"""What a validator tells about each window: one JSON line per window, and tables of them.
+
+    append_report(path, report)                    # <run.dir>/validators/<name>/windows.jsonl
+    reports = read_reports(path, last=5)
+    console.print(window_table(reports))
+
+One `WindowReport` per scored window: the held-out loss of θ_w, and for every miner of the
+window (and every refused hotkey) its shard, status, admission reason, loss delta,
+own-data margin and t, copy verdict, score, moving average and weight; plus counts,
+seconds spent and what was published. `tensormine validator report` prints these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+SCORED = "scored"
+REFUSED = "refused"
+
+
+@dataclass
+class MinerRow:
+    uid: int | None
+    hotkey: str
+    shard: int | None
+    status: str  # scored | refused
+    reason: str | None = None  # admission reason code when refused
+    detail: str | None = None
+    loss_delta: float | None = None
+    own_margin: float | None = None
+    own_t: float | None = None
+    own_ok: bool | None = None
+    copy_of: int | None = None  # UID whose earlier Δ this one duplicates
+    copy_cosine: float | None = None
+    score: float = 0.0
+    ema: float = 0.0
+    weight: float = 0.0
+
+
+@dataclass
+class WindowReport:
+    window: int
+    validator: str
+    block: int
+    heldout_loss: float  # L(θ_w; E)
+    contributions: int  # listed at the deadline
+    admitted: int
+    seconds: float
+    eval_seconds: float
+    published: str | None = None  # revision of θ_{w+1}, if this validator published it
+    adopted: str | None = None  # revision adopted instead (another validator was first)
+    next_heldout_loss: float | None = None  # L(θ_{w+1}; E)
+    weights_set: bool = False
+    group_checks: dict[str, float] = field(default_factory=dict)
+    miners: list[MinerRow] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        body = dataclasses.asdict(self)
+        return _finite(body)  # type: ignore[no-any-return]
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> WindowReport:
+        rows = [MinerRow(**row) for row in body.get("miners", [])]
+        return cls(**{**body, "miners": rows})
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no inf/NaN: write them as strings that say so."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def append_report(path: Path, report: WindowReport) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(report.to_json()) + "\n")
+
+
+def read_reports(path: Path, last: int | None = None) -> list[WindowReport]:
+    """The reports in `path`, oldest first (the `last` ones only); a torn last line is skipped."""
+    if not path.is_file():
+        return []
+    reports = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            reports.append(WindowReport.from_json(json.loads(line)))
+        except (ValueError, TypeError):
+            continue  # a line cut short by a kill mid-write
+    return reports[-last:] if last else reports
+
+
+def _num(value: float | str | None, fmt: str = "{:+.4f}") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return fmt.format(value)
+
+
+def window_table(reports: Sequence[WindowReport]) -> Table:
+    """One row per (window, miner): what was measured and what it earned."""
+    table = Table(title="validator windows", show_lines=False)
+    for name in ("window", "L(θ_w;E)", "uid", "shard", "status", "ΔL", "own margin", "own t",
+                 "copy of", "score", "EMA", "weight"):  # fmt: skip
+        table.add_column(name, justify="left" if name == "status" else "right")
+    for rep in reports:
+        first = True
+        for row in sorted(rep.miners, key=lambda r: (r.uid is None, r.uid or 0, r.hotkey)):
+            status = row.reason if row.status == REFUSED else "ok"
+            if row.status == SCORED and row.own_ok is False:
+                status = "own-data"
+            if row.copy_of is not None:
+                status = "copy"
+            table.add_row(
+                str(rep.window) if first else "",
+                f"{rep.heldout_loss:.4f}" if first else "",
+                "-" if row.uid is None else str(row.uid),
+                "-" if row.shard is None else str(row.shard),
+                status or "-",
+                _num(row.loss_delta),
+                _num(row.own_margin),
+                _num(row.own_t, "{:.2f}"),
+                "-" if row.copy_of is None else str(row.copy_of),
+                f"{row.score:.4f}",
+                f"{row.ema:.4f}",
+                f"{row.weight:.3f}",
+            )
+            first = False
+        table.add_section()
+    return table
