@@ -184,15 +184,7 @@ class Miner:
         self._shared: tuple[dict[str, Any], list[torch.Tensor]] | None = None
         self._shared_lock = threading.Lock()
         if self.main and cfg.averaging.enabled:
-            self.seat = Participant.join(
-                cfg.averaging,
-                run=averaging_run_name(cfg.run.name),
-                ledger=self.ledger,
-                keypair=keypair,
-                identity_path=self.dir / "dht.key",
-                templates={i: shard_state(self.model, ns) for i, ns in enumerate(self.shards)},
-                commit_timeout=max(30.0, 10 * cfg.chain.block_time_s),
-            )
+            self.seat = join_averaging(cfg, self.ledger, keypair, self.dir, self.model, self.shards)
 
     # ---- start-up ------------------------------------------------------------------------
     def _prepare_genesis_and_data(self) -> None:
@@ -686,6 +678,26 @@ class Miner:
 def averaging_run_name(run: str) -> str:
     """The run's name as hivemind keys allow it (run names may contain dots)."""
     return run.replace(".", "-")
+
+
+def join_averaging(
+    cfg: RunConfig,
+    ledger: Ledger,
+    keypair: Keypair,
+    folder: Path,
+    model: PreTrainedModel,
+    shards: list[list[str]],
+) -> Participant:
+    """A participant's seat in every shard's group (its DHT identity kept in `folder`)."""
+    return Participant.join(
+        cfg.averaging,
+        run=averaging_run_name(cfg.run.name),
+        ledger=ledger,
+        keypair=keypair,
+        identity_path=folder / "dht.key",
+        templates={i: shard_state(model, names) for i, names in enumerate(shards)},
+        commit_timeout=max(30.0, 10 * cfg.chain.block_time_s),
+    )
 
 
 def load_tokenizer_from(folder: Path) -> PreTrainedTokenizerBase:

@@ -59,7 +59,7 @@ from train.data import Pages, load_pages
 from train.inner import lr_at
 from train.miner import (
     align_special_tokens,
-    averaging_run_name,
+    join_averaging,
     load_checkpoint_weights,
     load_tokenizer_from,
 )
@@ -155,15 +155,7 @@ class Validator:
         # miners agree on and checks them against the contributions it admitted.
         self.seat: Participant | None = None
         if cfg.averaging.enabled:
-            self.seat = Participant.join(
-                cfg.averaging,
-                run=averaging_run_name(cfg.run.name),
-                ledger=self.ledger,
-                keypair=keypair,
-                identity_path=self.dir / "dht.key",
-                templates={i: shard_state(self.model, ns) for i, ns in enumerate(self.shards)},
-                commit_timeout=max(30.0, 10 * cfg.chain.block_time_s),
-            )
+            self.seat = join_averaging(cfg, self.ledger, keypair, self.dir, self.model, self.shards)
 
     # ---- start-up ------------------------------------------------------------------------
     @property

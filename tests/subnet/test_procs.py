@@ -3,6 +3,7 @@ stubborn processes included, and the pid file lets `down` finish a run whose lau
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,14 @@ from pathlib import Path
 
 import psutil
 
-from subnet.procs import Children, group_alive, orchestrator_alive, read_pidfile, stop_groups
+from subnet.procs import (
+    Children,
+    group_alive,
+    orchestrator_alive,
+    read_pidfile,
+    start_time,
+    stop_groups,
+)
 
 # A child that starts a grandchild in its group, then waits; "stubborn" ignores SIGINT and
 # SIGTERM so only SIGKILL ends it.
@@ -98,6 +106,14 @@ def test_down_path_stops_groups_of_a_dead_launcher(tmp_path: Path) -> None:
 
 def test_a_reused_pid_is_not_taken_for_a_child(tmp_path: Path) -> None:
     pidfile = tmp_path / "pids.json"
-    # Our own group, recorded with a start time it never had: a different process.
-    pidfile.write_text(f'{{"orchestrator": [1, 0], "groups": {{"x": [{os.getpgid(0)}, 1]}}}}')
-    assert read_pidfile(pidfile) == {}
+    # A live group leader, recorded with a start time it never had: a different process.
+    # (Not our own group: under `make` its leader may have exited, which reads as "ours".)
+    leader = subprocess.Popen(["sleep", "30"], start_new_session=True)
+    try:
+        for started, expected in ((1, {}), (start_time(leader.pid), {"x": leader.pid})):
+            groups = {"x": [leader.pid, started]}
+            pidfile.write_text(json.dumps({"orchestrator": [1, 0], "groups": groups}))
+            assert read_pidfile(pidfile) == expected
+    finally:
+        leader.kill()
+        leader.wait()
