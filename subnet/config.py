@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from chain.config import RAO_PER_TAO
 from tensormine.schema import StrictModel
 
 if TYPE_CHECKING:
@@ -29,15 +30,17 @@ if TYPE_CHECKING:
 Behaviour = Literal["honest", "free-rider", "noise", "copier", "wrong-data"]
 BEHAVIOURS: tuple[str, ...] = ("honest", "free-rider", "noise", "copier", "wrong-data")
 
-TAO = 1_000_000_000
-
 
 class SubnetConfig(StrictModel):
     """How many of each participant to start, how long, and with how much stake."""
 
     miners: int = Field(default=4, ge=1, le=64)
     validators: int = Field(default=2, ge=0, le=64)
-    windows: int = Field(default=5, ge=1, description="windows every miner trains")
+    windows: int = Field(
+        default=5,
+        ge=1,
+        description="windows every miner trains in the run (a resumed run trains the rest)",
+    )
     processes_per_miner: int = Field(
         default=1, ge=1, le=16, description="accelerate processes (DDP) per miner"
     )
@@ -93,7 +96,7 @@ class SubnetConfig(StrictModel):
     def stake_rao(self, index: int) -> int:
         """Stake of validator `index` in rao."""
         stakes = self.validator_stake_tao
-        return round(stakes[min(index, len(stakes) - 1)] * TAO)
+        return round(stakes[min(index, len(stakes) - 1)] * RAO_PER_TAO)
 
     def behaviour(self, index: int) -> str:
         """Behaviour of miner `index`: adversaries take the last slots."""
@@ -112,6 +115,7 @@ def check(cfg: RunConfig) -> list[str]:
     sub, chain = cfg.subnet, cfg.chain
     errors: list[str] = []
     warnings: list[str] = []
+    min_stake = chain.validator_min_stake_rao / RAO_PER_TAO
     if sub.validators > chain.max_validators:
         errors.append(
             f"subnet.validators {sub.validators} > chain.max_validators {chain.max_validators}: "
@@ -121,14 +125,14 @@ def check(cfg: RunConfig) -> list[str]:
         stake = sub.stake_rao(i)
         if stake < chain.validator_min_stake_rao:
             errors.append(
-                f"validator {i}: stake {stake / TAO:,.0f} τ is below "
-                f"chain.validator_min_stake_rao ({chain.validator_min_stake_rao / TAO:,.0f} τ)"
+                f"validator {i}: stake {stake / RAO_PER_TAO:,.0f} τ is below "
+                f"chain.validator_min_stake_rao ({min_stake:,.0f} τ)"
             )
-        fund = round(sub.validator_fund_tao * TAO)
+        fund = round(sub.validator_fund_tao * RAO_PER_TAO)
         if fund < stake:
             errors.append(
                 f"subnet.validator_fund_tao {sub.validator_fund_tao:,} is below validator {i}'s "
-                f"stake {stake / TAO:,.0f} τ"
+                f"stake {stake / RAO_PER_TAO:,.0f} τ"
             )
     for key, amount in (
         ("validator_fund_tao", sub.validator_fund_tao if sub.validators else 0),
@@ -143,7 +147,7 @@ def check(cfg: RunConfig) -> list[str]:
         # permit slot and stop being a miner; top-K slots == validators rules that out.
         warnings.append(
             f"chain.max_validators {chain.max_validators} > subnet.validators "
-            f"{sub.validators}: a miner that earns {chain.validator_min_stake_rao / TAO:,.0f} τ "
+            f"{sub.validators}: a miner that earns {min_stake:,.0f} τ "
             "gets a validator permit and stops mining (set chain.max_validators to the "
             "number of validators)"
         )

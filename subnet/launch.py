@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from chain.config import RAO_PER_TAO
 from chain.errors import ChainError
 from chain.keys import Keypair, create_key, load_key
 from chain.ledger import Ledger
@@ -141,7 +142,7 @@ def populate(ledger: Ledger, cfg: RunConfig, parts: Participants, book: StakeBoo
         stake = max(0, sub.stake_rao(i) - book.given(p.keypair.address))
         need = stake + (0 if registered else burn)
         if need:
-            _fund(ledger, p.keypair, max(need, round(sub.validator_fund_tao * 1e9)), hashes)
+            _fund(ledger, p.keypair, max(need, round(sub.validator_fund_tao * RAO_PER_TAO)), hashes)
         if not registered:
             hashes.append(ledger.submit_call(p.keypair, "register", {}))
         if stake:
@@ -149,7 +150,7 @@ def populate(ledger: Ledger, cfg: RunConfig, parts: Participants, book: StakeBoo
             stakes.append((p, stake))
     for p in parts.miners:
         registered = ledger.uid_of(p.keypair.address) is not None
-        need = round(sub.miner_fund_tao * 1e9) if not registered else 0
+        need = round(sub.miner_fund_tao * RAO_PER_TAO) if not registered else 0
         if not registered and (need or burn):
             _fund(ledger, p.keypair, max(need, burn), hashes)
         if not registered:

@@ -31,6 +31,12 @@ def _pyplot() -> Any:
     return plt
 
 
+def _integer_windows(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _labels(snap: Snapshot) -> dict[int, str]:
     return {uid: f"{name} (uid {uid})" for name, uid in snap.uid_of.items()}
 
@@ -40,7 +46,12 @@ def plot_heldout(snap: Snapshot, path: Path) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4))
     drew = False
     for name, rows in snap.validators.items():
-        points = sorted((r.window, r.heldout_loss) for r in rows if r.heldout_loss is not None)
+        # L(θ_w) per window, and L(θ_{w+1}) of the model published after the last one.
+        by_window = {r.window: r.heldout_loss for r in rows if r.heldout_loss is not None}
+        for r in rows:
+            if r.next_heldout_loss is not None:
+                by_window.setdefault(r.window + 1, r.next_heldout_loss)
+        points = sorted(by_window.items())
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", linewidth=2, label=f"{name}: θ_w")
             drew = True
@@ -57,6 +68,7 @@ def plot_heldout(snap: Snapshot, path: Path) -> bool:
     if not drew:
         plt.close(fig)
         return False
+    _integer_windows(ax)
     ax.set_xlabel("window (model θ_w)")
     ax.set_ylabel("held-out loss")
     ax.set_title("held-out loss per window")
@@ -75,14 +87,20 @@ def plot_emission(snap: Snapshot, history: list[dict[str, Any]], path: Path) -> 
         return False
     plt = _pyplot()
     fig, (over, total) = plt.subplots(1, 2, figsize=(11, 4))
+    # The history has a row per window the view saw, and another at the end of each run
+    # (same window): the last row of a window is what was earned by then.
+    last = {
+        int(h["window"]): h["earned"]
+        for h in history
+        if isinstance(h.get("window"), int) and isinstance(h.get("earned"), dict)
+    }
     for uid in uids:
         points = [
-            (int(h["window"]), int(h["earned"].get(str(uid), 0)) / RAO_PER_TAO)
-            for h in history
-            if isinstance(h.get("window"), int) and isinstance(h.get("earned"), dict)
+            (w, int(earned.get(str(uid), 0)) / RAO_PER_TAO) for w, earned in sorted(last.items())
         ]
         if points:
             over.plot(*zip(*points, strict=True), marker=".", label=labels[uid])
+    _integer_windows(over)
     over.set_xlabel("window")
     over.set_ylabel("emission received so far (τ)")
     over.set_title("emission over the run")
@@ -113,6 +131,7 @@ def plot_scores(snap: Snapshot, path: Path) -> bool:
     for uid in sorted(by_uid):
         points = sorted((w, sum(v) / len(v)) for w, v in by_uid[uid].items())
         ax.plot(*zip(*points, strict=True), marker="o", label=labels.get(uid, f"uid {uid}"))
+    _integer_windows(ax)
     ax.set_xlabel("window")
     ax.set_ylabel("score (held-out loss delta, mean over validators)")
     ax.set_title("scores per UID per window")

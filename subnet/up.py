@@ -22,7 +22,6 @@ registered or staked twice.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 import signal
@@ -35,6 +34,7 @@ from types import FrameType
 from rich.console import Console
 from rich.live import Live
 
+from chain.config import RAO_PER_TAO
 from chain.ledger import Ledger
 from subnet import launch
 from subnet.config import check
@@ -106,14 +106,6 @@ class Outcome:
     @property
     def rc(self) -> int:
         return 130 if self.interrupted else (1 if self.failed else 0)
-
-
-def validator_available() -> bool:
-    """Whether `python -m validation.validator` exists in this install (issue 6)."""
-    try:
-        return importlib.util.find_spec("validation.validator") is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def members_of(parts: Participants) -> list[Member]:
@@ -230,22 +222,24 @@ class Subnet:
     def start_processes(self, parts: Participants) -> None:
         cfg, sub = self.cfg, self.cfg.subnet
         env = child_env(cfg)
-        if parts.validators and validator_available():
-            for p in parts.validators:
-                # No --windows: a validator runs until it has scored the miners' last
-                # window (it may have started before them), then `watch` stops it.
-                argv = launch.validator_argv(p, common=self.common, keys_dir=self.keys_dir)
-                self.children.start(p.name, "validator", argv, log=self._log(p.name), env=env)
-        elif parts.validators:
-            self.notes.append(
-                "validation.validator is not installed yet (issue 6): the validators are "
-                "registered and staked but not started, so nothing is scored, no weights are "
-                "set, miners earn nothing and no canonical checkpoint is published"
-            )
+        for p in parts.validators:
+            # No --windows: a validator runs until it has scored the miners' last
+            # window (it may have started before them), then `watch` stops it.
+            argv = launch.validator_argv(p, common=self.common, keys_dir=self.keys_dir)
+            self.children.start(p.name, "validator", argv, log=self._log(p.name), env=env)
         for p in parts.miners:
+            # `subnet.windows` is the run's length: a resumed miner trains what is left.
+            done = len(read_jsonl(cfg.run.dir / "miners" / p.name / "windows.jsonl"))
+            remaining = sub.windows - done
+            if remaining <= 0:
+                self.notes.append(
+                    f"{p.name} has trained its {sub.windows} windows already (raise --windows "
+                    "to train more)"
+                )
+                continue
             behaviour = None if p.behaviour == "honest" else p.behaviour
             argv = launch.miner_argv(
-                p, common=self.common, keys_dir=self.keys_dir, windows=sub.windows,
+                p, common=self.common, keys_dir=self.keys_dir, windows=remaining,
                 processes=sub.processes_per_miner, behaviour=behaviour,
             )  # fmt: skip
             self.children.start(p.name, "miner", argv, log=self._log(p.name), env=env)
@@ -255,7 +249,8 @@ class Subnet:
 
     # ---- watching ------------------------------------------------------------------------
     def snapshot(self) -> Snapshot:
-        assert self.ledger is not None
+        if self.ledger is None:
+            raise SubnetError("the ledger is not open yet")
         snap = snapshot(
             self.ledger, self.cfg.run.dir, self.members, self.book,
             window_blocks=self.cfg.window.blocks,
@@ -434,9 +429,12 @@ def finish(
         return outcome.rc
     console.print(summary_table(snap, subnet.members))
     balanced = "[green]balanced[/]" if snap.books_balance else "[red]NOT balanced[/]"
+    issued, held, pending = (
+        x / RAO_PER_TAO for x in (snap.issuance, snap.accounts_total, snap.pending)
+    )
     console.print(
-        f"block {snap.block:,}: issuance {snap.issuance / 1e9:,.9f} τ = balances and stakes "
-        f"{snap.accounts_total / 1e9:,.9f} τ + pending {snap.pending / 1e9:,.9f} τ: {balanced}"
+        f"block {snap.block:,}: issuance {issued:,.9f} τ = balances and stakes {held:,.9f} τ "
+        f"+ pending {pending:,.9f} τ: {balanced}"
     )
     ckpts = snap.checkpoints
     console.print(

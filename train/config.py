@@ -105,6 +105,12 @@ class WindowConfig(StrictModel):
     publish_margin: int = Field(
         default=2, ge=0, description="blocks before the window ends by which contributions are due"
     )
+    canonical_wait: float = Field(
+        default=0.5,
+        ge=0.0,
+        le=0.9,
+        description="fraction of a window an out-of-step miner waits for the canonical θ_w",
+    )
 
     @model_validator(mode="after")
     def _margin(self) -> WindowConfig:

@@ -47,6 +47,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from train.buildlock import build_lock
 from train.config import DataConfig
 from train.corpus import DataError, corpus_identity, is_heldout, iter_texts, load_documents
 from train.tokenizer import tokenizer_digest
@@ -208,7 +209,9 @@ def load_pages(
     fingerprint = pages_fingerprint(cfg, tokenizer)
     folder = Path(cache_dir) / f"pages-{fingerprint[:16]}"
     if not (folder / "meta.json").is_file():
-        _build_into(folder, cfg, tokenizer, fingerprint)
+        with build_lock(folder):
+            if not (folder / "meta.json").is_file():
+                _build_into(folder, cfg, tokenizer, fingerprint)
     pages = _read(folder, fingerprint, cfg.seq_len, mmap)
     _require_enough(pages, cfg, min_train_pages)
     return pages

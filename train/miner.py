@@ -313,7 +313,10 @@ class Miner:
             if self._load_from_peers(window):
                 return True
             self.synced = False
-        source = self._fetch_canonical(window)
+        # Out of step with no peer to copy (say, a group that could not form): the
+        # validators' canonical θ_window puts every such miner back on one model, so wait
+        # for it as long as there is still time to train before the deadline.
+        source = self._fetch_canonical(window, wait=self.seat is not None)
         if source >= 0:
             weights = load_checkpoint_weights(self.dir / "checkpoints" / f"window-{source}")
             if model_fingerprint(weights) != model_fingerprint(self.model.state_dict()):
@@ -364,16 +367,33 @@ class Miner:
             for tensor in self.model.state_dict().values():
                 torch.distributed.broadcast(tensor, src=0)
 
-    def _fetch_canonical(self, window: int) -> int:
+    def _fetch_canonical(self, window: int, *, wait: bool = False) -> int:
         """Pull the checkpoint to start `window` from and return its window, or -1 to keep
-        our own θ: the canonical θ_window if published; a miner without state of its own
-        takes the latest published one before it instead (window 0 at worst)."""
-        try:
-            self._pull(window)
-            return window
-        except NotFound:
-            if self.window >= 0:
-                return -1
+        our own θ: the canonical θ_window if published (with `wait`, polled for until
+        `window.canonical_wait` of the window has passed); a miner without state of its
+        own takes the latest published one before it instead (window 0 at worst)."""
+        until = start_block(window, self.cfg.window) + int(
+            self.cfg.window.canonical_wait * self.cfg.window.blocks
+        )
+        waited = False
+        while True:
+            try:
+                self._pull(window)
+                if waited:
+                    logger.info("window %d: the canonical checkpoint appeared", window)
+                return window
+            except NotFound:
+                pass
+            if not wait or self.ledger.block_number() >= until:
+                break
+            if not waited:
+                logger.info(
+                    "window %d: waiting for the canonical checkpoint until block %d", window, until
+                )
+                waited = True
+            time.sleep(self.cfg.chain.block_time_s)
+        if self.window >= 0:
+            return -1
         earlier = [ref.window for ref in self.store.list_checkpoints() if ref.window < window]
         if not earlier:
             return -1

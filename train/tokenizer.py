@@ -33,6 +33,7 @@ from typing import Any
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from train.buildlock import build_lock
 from train.config import DataConfig
 from train.corpus import DataError, corpus_identity, is_heldout, iter_texts, load_documents
 
@@ -147,14 +148,16 @@ def load_tokenizer(
     folder = Path(cache_dir) / f"tokenizer-{digest[:16]}"
     if not (folder / "tokenizer.json").is_file():
         _require_vocab(vocab_size)  # before reading the corpus
-        started = time.perf_counter()
-        tokenizer = train_tokenizer(training_texts(cfg), vocab_size)
-        logger.info(
-            "trained a %d-token byte-level BPE in %.1f s",
-            len(tokenizer),
-            time.perf_counter() - started,
-        )
-        _save_atomically(tokenizer, folder)
+        with build_lock(folder):
+            if not (folder / "tokenizer.json").is_file():
+                started = time.perf_counter()
+                tokenizer = train_tokenizer(training_texts(cfg), vocab_size)
+                logger.info(
+                    "trained a %d-token byte-level BPE in %.1f s",
+                    len(tokenizer),
+                    time.perf_counter() - started,
+                )
+                _save_atomically(tokenizer, folder)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     _check(tokenizer, vocab_size, f"the tokenizer in {folder}")
     return tokenizer

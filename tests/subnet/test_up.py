@@ -24,6 +24,7 @@ from chain.ledger import Ledger
 from subnet import launch
 from subnet.launch import Participant
 from subnet.procs import group_alive, start_time
+from subnet.records import read_jsonl
 from subnet.up import Subnet, SubnetError, down, finish
 from tensormine.config import RunConfig, load_config
 
@@ -41,6 +42,17 @@ with (folder / "windows.jsonl").open("a") as fh:
                          "heldout_before": 6.0, "heldout_loss": 5.5}) + "\\n")
 if mode == "wait":
     time.sleep(120)
+"""
+
+# Stands in for `python -m validation.validator`: has scored window 1, runs until stopped.
+FAKE_VALIDATOR = """
+import json, sys, time
+from pathlib import Path
+folder = Path(sys.argv[1]) / "validators" / sys.argv[2]
+folder.mkdir(parents=True, exist_ok=True)
+with (folder / "windows.jsonl").open("a") as fh:
+    fh.write(json.dumps({"window": 1}) + "\\n")
+time.sleep(120)
 """
 
 
@@ -63,8 +75,12 @@ def fake_miners(monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
         run = kwargs["keys_dir"].parent
         return [sys.executable, "-c", FAKE_MINER, str(run), p.name, modes["mode"]]
 
+    def validator(p: Participant, **kwargs: Any) -> list[str]:
+        run = kwargs["keys_dir"].parent
+        return [sys.executable, "-c", FAKE_VALIDATOR, str(run), p.name]
+
     monkeypatch.setattr(launch, "miner_argv", argv)
-    monkeypatch.setattr(subnet.up, "validator_available", lambda: False)
+    monkeypatch.setattr(launch, "validator_argv", validator)
     return modes
 
 
@@ -81,10 +97,10 @@ def run_once(cfg: RunConfig, sets: list[str]) -> tuple[subnet.up.Outcome, Subnet
 
 
 def test_up_then_resume_adds_nothing(tmp_path: Path, fake_miners: dict[str, str]) -> None:
-    cfg, sets = config(tmp_path)
+    cfg, sets = config(tmp_path, "subnet.windows=1")
     outcome, sn = run_once(cfg, sets)
     assert outcome.rc == 0, outcome
-    assert any("not installed yet" in n for n in outcome.notes)
+    assert (cfg.run.dir / "logs" / "validator-0.log").is_file()
     snap = outcome.snapshot
     assert snap is not None and snap.books_balance
     with Ledger(cfg.chain.db) as ledger:
@@ -104,6 +120,10 @@ def test_up_then_resume_adds_nothing(tmp_path: Path, fake_miners: dict[str, str]
 
     again, sn2 = run_once(cfg, sets)
     assert again.rc == 0
+    # The run's one window is trained: the resumed run starts no miner again.
+    assert sum("has trained its 1 windows already" in n for n in again.notes) == 2
+    assert [len(read_jsonl(cfg.run.dir / "miners" / f"miner-{i}" / "windows.jsonl"))
+            for i in range(2)] == [1, 1]  # fmt: skip
     assert {m.name: m.address for m in sn2.members} == names  # keys reused
     with Ledger(cfg.chain.db) as ledger:
         assert ledger.block_number() > head  # the producer ran again ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import math
 import random
 import threading
@@ -249,7 +250,10 @@ def test_changed_inputs_rebuild(tmp_path: Path) -> None:
     assert len(list((tmp_path / "cache").glob("pages-*"))) == 2
 
 
-def test_concurrent_builders_share_one_cache(tmp_path: Path) -> None:
+def test_concurrent_builders_share_one_cache(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="train.data")
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": d} for d in make_docs(300)])
     cfg = DataConfig(source="files", files=[str(path)], seq_len=16)
     results: list[Pages] = []
@@ -268,7 +272,10 @@ def test_concurrent_builders_share_one_cache(tmp_path: Path) -> None:
         t.join()
     assert not errors and len(results) == 4
     assert len({r.digest for r in results}) == 1
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == [results[0].folder.name]  # type: ignore[union-attr]
+    cached = [p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith(".")]
+    assert cached == [results[0].folder.name]  # type: ignore[union-attr]
+    # One of the four built the pages while the others waited on the lock.
+    assert sum("building pages" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_mmap_is_read_only(tmp_path: Path) -> None:

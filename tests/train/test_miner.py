@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from store.checkpoint import Provenance
 from tensormine.config import RunConfig, load_config
 from train.miner import Miner, main
 from train.model import build_model, model_fingerprint
+from train.windows import start_block, wait_for_block
 
 
 def small_config(run: Path, **extra: str) -> list[str]:
@@ -133,3 +135,51 @@ def test_canonical_checkpoints_win(setup: tuple[RunConfig, list[str], Path]) -> 
     fresh._adopt(6)  # no state of its own: the latest canonical before window 6
     assert model_fingerprint(fresh.model.state_dict()) == wanted
     fresh.close()
+
+
+def test_out_of_step_miner_waits_for_the_canonical_checkpoint(
+    setup: tuple[RunConfig, list[str], Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A miner whose group failed, with no peer in step to copy, takes the validators'
+    canonical θ_w as soon as it appears, and trains on its own θ only when none comes
+    before `window.canonical_wait` of the window has passed."""
+    _, sets, keys = setup
+    cfg = load_config(
+        "configs/tiny.yaml",
+        [*sets, "window.blocks=60", "averaging.state_timeout_s=1", "window.canonical_wait=0.5"],
+    )
+    stop = threading.Event()
+    producer = threading.Thread(
+        target=lambda: run_producer(Ledger(cfg.chain.db), stop=stop), daemon=True
+    )
+    producer.start()
+    miner = Miner(cfg, load_key(keys, "m0"), "m0", Accelerator(cpu=True))
+    try:
+        assert miner.seat is not None and not miner.synced
+        window = miner.current_window() + 1
+        wait_for_block(miner.ledger, start_block(window, cfg.window))
+        miner.window = window  # its own outer step reached θ_window, but out of step
+        canonical = build_model(cfg.model, seed=99)  # a validator's θ_window, a little late
+        wanted = model_fingerprint(canonical.state_dict())
+        publisher = threading.Timer(
+            1.0,
+            lambda: open_store(cfg.store).publish_checkpoint(
+                canonical, None, Provenance(run_id="t", window=window)
+            ),
+        )
+        caplog.set_level(logging.INFO, logger="train.miner")
+        publisher.start()
+        miner._adopt(window)
+        publisher.join()
+        assert model_fingerprint(miner.model.state_dict()) == wanted
+        assert "the canonical checkpoint appeared" in caplog.text
+        # Nothing published for the next window: it waits half the window, then goes on.
+        own = model_fingerprint(miner.model.state_dict())
+        miner._adopt(window + 1)
+        assert model_fingerprint(miner.model.state_dict()) == own
+        half = start_block(window + 1, cfg.window) + cfg.window.blocks // 2
+        assert half <= miner.ledger.block_number() < half + cfg.window.blocks // 4
+    finally:
+        miner.close()
+        stop.set()
+        producer.join(timeout=10)
