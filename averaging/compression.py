@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from averaging.config import CompressionConfig
+from averaging.config import TOPK_CHUNK_RANGE, CompressionConfig
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +64,7 @@ INT8_MAX = 127
 FP16_MAX = float(torch.finfo(torch.float16).max)
 # Bounds mirror CompressionConfig's; a payload's params are validated against them.
 INT8_BLOCK_RANGE = (8, 1 << 20)
-TOPK_MIN_CHUNK = 64
-TOPK_MAX_CHUNK = 1 << 30
+TOPK_MIN_CHUNK, TOPK_MAX_CHUNK = TOPK_CHUNK_RANGE
 _VALUE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 Spec = tuple[torch.dtype, tuple[int, ...]]
@@ -233,7 +232,7 @@ def encode(
     if cfg.scheme == "int8":
         params["block_size"] = cfg.int8_block_size
     elif cfg.scheme == "topk":
-        params.update(chunk=cfg.topk_chunk, density=cfg.topk_density, values="float16")
+        params.update(chunk=cfg.topk.chunk, density=cfg.topk.density, values="float16")
 
     tensors: dict[str, torch.Tensor] = {}
     topk_values: dict[str, torch.Tensor] = {}
@@ -262,7 +261,7 @@ def encode(
             q, scale = _int8_encode(x.reshape(-1), cfg.int8_block_size)
             tensors[f"{name}{SEP}q"], tensors[f"{name}{SEP}scale"] = q, scale
         else:
-            idx, val = _topk_encode(x.reshape(-1), cfg.topk_chunk, cfg.topk_density)
+            idx, val = _topk_encode(x.reshape(-1), cfg.topk.chunk, cfg.topk.density)
             tensors[f"{name}{SEP}idx"] = idx
             topk_values[name] = val
     if cfg.scheme == "topk":

@@ -1,12 +1,21 @@
-"""Typed configuration of the outer step and of pseudo-gradient compression."""
+"""Typed configuration of the outer step, of pseudo-gradient compression and of top-k.
+
+`TopKConfig` is the one description of chunked top-k, used by both the published Δ
+(`compression.topk`) and the all-reduce wire (`averaging.topk`), so both take the same
+bounds; a payload's params are checked against the same ones (`averaging.compression`).
+The flat keys of earlier versions (``topk_density``, ``topk_chunk``) are still read.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from tensormine.schema import StrictModel
+
+TOPK_CHUNK_RANGE = (64, 1 << 20)
+_LEGACY_TOPK = {"topk_density": "density", "topk_chunk": "chunk"}
 
 
 class OuterConfig(StrictModel):
@@ -17,13 +26,41 @@ class OuterConfig(StrictModel):
     nesterov: bool = True
 
 
+class TopKConfig(StrictModel):
+    """Chunked top-k (SparseLoCo, arXiv 2508.15706): of every `chunk` consecutive values,
+    the ⌈density·chunk⌉ largest in magnitude are kept."""
+
+    density: float = Field(default=0.02, gt=0, le=1, description="kept fraction per chunk")
+    chunk: int = Field(
+        default=4096,
+        ge=TOPK_CHUNK_RANGE[0],
+        le=TOPK_CHUNK_RANGE[1],
+        description="values per chunk; top-k is taken per chunk",
+    )
+
+
+def lift_legacy_topk(data: Any) -> Any:
+    """``{"topk_density": d, "topk_chunk": c}`` -> ``{"topk": {"density": d, "chunk": c}}``."""
+    if not isinstance(data, dict) or not set(_LEGACY_TOPK) & set(data):
+        return data
+    if "topk" in data:
+        raise ValueError("give top-k settings either as topk: {density, chunk} or flat, not both")
+    out = {k: v for k, v in data.items() if k not in _LEGACY_TOPK}
+    out["topk"] = {new: data[old] for old, new in _LEGACY_TOPK.items() if old in data}
+    return out
+
+
 class CompressionConfig(StrictModel):
-    """How a pseudo-gradient is encoded for publication (and later on the wire)."""
+    """How a pseudo-gradient is encoded for publication."""
 
     scheme: Literal["none", "fp16", "int8", "topk"] = "none"
     int8_block_size: int = Field(default=256, ge=8, le=1 << 20)
-    topk_density: float = Field(default=0.02, gt=0, le=1)
-    topk_chunk: int = Field(default=4096, ge=64, description="top-k is taken per chunk")
+    topk: TopKConfig = Field(default_factory=TopKConfig)
     error_feedback: bool = Field(
         default=True, description="keep what top-k dropped, add it next time"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_keys(cls, data: Any) -> Any:
+        return lift_legacy_topk(data)

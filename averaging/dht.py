@@ -1,7 +1,8 @@
 """The hivemind DHT of a participant, its libp2p identity, and who is behind each peer id.
 
     dht = start_dht(config.dht, run="demo", ledger=ledger)           # bootstraps from the ledger
-    ledger.submit_call(hotkey, "commit", {"data": commitment_for(dht, ledger, hotkey.address)})
+    text = commitment_for(dht, ledger, hotkey.address, run="demo")
+    ledger.submit_call(hotkey, "commit", {"data": text})
     publish_identity(dht, hotkey, run="demo", ttl=3600)              # optional second tie
     directory = PeerDirectory(ledger, run="demo", dht=dht)
     directory.peers()   # {"12D3KooW…": "5F…hotkey"} for registered hotkeys only
@@ -9,32 +10,40 @@
 
 Every miner and validator runs one `hivemind.DHT` (a p2p daemon plus a Kademlia node).
 A newcomer needs nothing but the ledger: each registered hotkey commits a small JSON
-object ``{"dht": ["/ip4/…/tcp/…/p2p/<peer id>"]}`` (the ledger's `commit` extrinsic, at
-most 1024 bytes, signed by the hotkey), and `start_dht` bootstraps from those addresses.
+object ``{"dht": ["/ip4/…/tcp/…/p2p/<peer id>"], "dht_proof": {"sig": …}}`` (the ledger's
+`commit` extrinsic, at most 1024 bytes, signed by the hotkey), and `start_dht` bootstraps
+from those addresses.
 
-The same commitment ties the libp2p peer id to the hotkey, because only the hotkey could
-have signed it; libp2p authenticates every stream by its peer id, so a message arriving
-from that peer id speaks for that hotkey. A second tie that needs no block: a record
-signed by the hotkey (Ed25519 over the canonical JSON of {peer_id, hotkey, run, expires})
-stored under a run-scoped DHT key, checked by `IdentityRecordValidator` on every node that
-stores or returns it and again on read. `PeerDirectory` merges both, keeps only hotkeys
-registered on the ledger now, and drops any peer id that two hotkeys claim (neither claim
-can be trusted over the other). The averaging groups admit exactly the peers it lists.
+A tie between a peer id and a hotkey needs both keys: the hotkey signs it (the commit
+extrinsic, or the record below), and the peer id's own libp2p key signs "I act for
+<hotkey> in <run>" (`dht_proof`: an Ed25519 signature, plus the public key for older RSA
+identities; `averaging.identity`). libp2p authenticates every stream by its peer id, so a
+message arriving from that peer id speaks for that hotkey. A second tie that needs no
+block: a record signed by both keys (over {peer_id, hotkey, run, expires}) stored under a
+run-scoped DHT key, checked by `IdentityRecordValidator` on every node that stores or
+returns it and again on read. `PeerDirectory` merges both, keeps only hotkeys registered
+on the ledger now, and ignores every claim without a valid proof by the peer's key, so a
+hotkey cannot claim someone else's peer id (and lock it out of the groups). A peer id
+that its own key tied to two hotkeys is dropped (its owner made it ambiguous).
 
-The libp2p identity (`identity_path`) is a private key file written with mode 0600 and
-reused on restart, so a participant keeps its peer id and its commitment stays valid.
+The libp2p identity (`identity_path`) is a private key file (Ed25519 when we create it)
+written with mode 0600 and reused on restart, so a participant keeps its peer id and its
+commitment stays valid. Without one, `start_dht` makes a fresh key per start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,14 +55,16 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import P2PDaemonError, PeerID
 from hivemind.proto import crypto_pb2
-from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.multiaddr.exceptions import Error as MultiaddrError
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from averaging.identity import PeerKey, b64, peer_message, unb64, verify_peer
+from averaging.records import PeerRecordValidator
 from averaging.settings import DHTConfig
+from chain.extrinsics import MAX_COMMITMENT_BYTES
 from chain.keys import Keypair, is_address, signing_bytes, verify
 from chain.ledger import Ledger
 
@@ -77,12 +88,16 @@ def check_run_name(run: str) -> str:
 
 # ---- libp2p identity ----------------------------------------------------------------
 
+# The private key behind each DHT that `start_dht` started (the caller's process only).
+_PEER_KEYS: weakref.WeakKeyDictionary[Any, PeerKey] = weakref.WeakKeyDictionary()
 
-def ensure_identity(path: Path) -> PeerID:
-    """The peer id of the libp2p key at `path`, creating the key (mode 0600) if missing.
 
-    hivemind would create the file itself, but read-only (0400); we write it 0600 like the
-    hotkey files, atomically, and refuse a file that others can read.
+def load_identity(path: Path) -> PeerKey:
+    """The libp2p key at `path`, creating an Ed25519 key (mode 0600) if missing.
+
+    hivemind would create an RSA key itself, read-only (0400); we write it 0600 like the
+    hotkey files, atomically, and refuse a file that others can read. RSA files written
+    earlier keep working (and keep their peer id).
     """
     path = Path(path)
     if path.exists():
@@ -91,10 +106,20 @@ def ensure_identity(path: Path) -> PeerID:
             raise PermissionError(
                 f"{path} has mode {mode:o}; a libp2p identity must be 0600 (chmod 600 {path})"
             )
-        return PeerID.from_identity(path.read_bytes())
+        return PeerKey(path.read_bytes())
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=RSAPrivateKey().to_bytes())
-    data = key.SerializeToString()
+    key = PeerKey.generate()
+    _write_private(path, key.data)
+    logger.info("created libp2p identity %s (peer %s)", path, key.peer_id)
+    return key
+
+
+def ensure_identity(path: Path) -> PeerID:
+    """The peer id of the libp2p key at `path`, creating the key if missing."""
+    return load_identity(path).peer_id
+
+
+def _write_private(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + f".creating-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
@@ -102,8 +127,14 @@ def ensure_identity(path: Path) -> PeerID:
         fh.flush()
         os.fsync(fh.fileno())
     tmp.replace(path)
-    logger.info("created libp2p identity %s", path)
-    return PeerID.from_identity(data)
+
+
+def peer_key_of(dht: DHT) -> PeerKey:
+    """The libp2p private key of a DHT started by `start_dht` in this process."""
+    key = _PEER_KEYS.get(dht)
+    if key is None:
+        raise ValueError("this DHT was not started by averaging.dht.start_dht; its key is unknown")
+    return key
 
 
 # ---- multiaddrs and ledger commitments ----------------------------------------------
@@ -126,15 +157,43 @@ def visible_maddrs(dht: DHT) -> list[str]:
     return [str(m) for m in dht.get_visible_maddrs(latest=True)]
 
 
+class PeerProof(BaseModel):
+    """A libp2p key's signature (base64), with its public key when the peer id lacks it."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    sig: str = Field(min_length=1, max_length=700)
+    key: str | None = Field(default=None, min_length=1, max_length=800)
+
+    @classmethod
+    def make(cls, key: PeerKey, message: bytes) -> PeerProof:
+        public = None if key.embeds_public else b64(key.public)
+        return cls(sig=b64(key.sign(message)), key=public)
+
+    def verifies(self, peer_id: str, message: bytes) -> bool:
+        try:
+            sig = unb64(self.sig)
+            public = unb64(self.key) if self.key is not None else None
+        except ValueError:
+            return False
+        return verify_peer(peer_id, message, sig, public)
+
+
 class DHTCommitment(BaseModel):
     """The part of a hotkey's ledger commitment that says where its DHT listens."""
 
     model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
     dht: list[str] = Field(min_length=1, max_length=MAX_COMMITTED_MADDRS)
+    dht_proof: PeerProof | None = None
+
+
+def commitment_message(peer_id: str, hotkey: str, run: str) -> bytes:
+    """What a peer's libp2p key signs to say "I act for `hotkey` in `run`" on the ledger."""
+    return peer_message("ledger-commitment", {"hotkey": hotkey, "peer_id": peer_id, "run": run})
 
 
 def parse_commitment(data: str) -> list[str]:
-    """The valid DHT multiaddrs in a commitment (empty if it has none); one peer id only."""
+    """The valid DHT multiaddrs in a commitment (empty if it has none); one peer id only.
+    Good enough to bootstrap from; `committed_peer` says whether the tie is proven."""
     try:
         body = json.loads(data)
         maddrs = DHTCommitment.model_validate(body).dht
@@ -144,13 +203,39 @@ def parse_commitment(data: str) -> list[str]:
     return maddrs if len(peers) == 1 else []
 
 
-def commitment_for(dht: DHT, ledger: Ledger, hotkey: str, maddrs: list[str] | None = None) -> str:
-    """The text to commit so that others find `dht` and tie its peer id to `hotkey`.
+@functools.lru_cache(maxsize=4096)  # pure; directories re-read every commitment each round
+def committed_peer(data: str, *, hotkey: str, run: str) -> str | None:
+    """The peer id a commitment ties to `hotkey` in `run`, if the peer's key proved it."""
+    maddrs = parse_commitment(data)
+    if not maddrs:
+        return None
+    proof = DHTCommitment.model_validate(json.loads(data)).dht_proof
+    peer = peer_id_of(maddrs[0])
+    if proof is None or not proof.verifies(peer, commitment_message(peer, hotkey, run)):
+        return None
+    return peer
 
-    Other keys of the hotkey's current commitment (if it is a JSON object) are kept; only
-    ``"dht"`` is replaced. Addresses are dropped from the end until it fits in 1024 bytes.
+
+def commitment_for(
+    dht: DHT,
+    ledger: Ledger,
+    hotkey: str,
+    *,
+    run: str,
+    maddrs: list[str] | None = None,
+    key: PeerKey | None = None,
+) -> str:
+    """The text to commit so that others find `dht` and tie its peer id to `hotkey` in `run`.
+
+    `key` (default: the key `start_dht` used) proves the tie. Other keys of the hotkey's
+    current commitment (if it is a JSON object) are kept; only ``"dht"`` and
+    ``"dht_proof"`` are replaced. Addresses are dropped from the end until it fits in
+    1024 bytes (with an Ed25519 identity the proof takes ~110 bytes, with RSA ~770).
     """
     own = dht.peer_id.to_base58()
+    key = key if key is not None else peer_key_of(dht)
+    if key.peer_id != dht.peer_id:
+        raise ValueError(f"key of peer {key.peer_id} cannot prove a tie for peer {own}")
     addrs = maddrs if maddrs is not None else visible_maddrs(dht)
     addrs = [m for m in addrs if peer_id_of(m) == own][:MAX_COMMITTED_MADDRS]
     if not addrs:
@@ -164,10 +249,12 @@ def commitment_for(dht: DHT, ledger: Ledger, hotkey: str, maddrs: list[str] | No
             old = None
         if isinstance(old, dict):
             body = old
+    proof = PeerProof.make(key, commitment_message(own, hotkey, check_run_name(run)))
+    body["dht_proof"] = proof.model_dump(exclude_none=True)
     while addrs:
         body["dht"] = addrs
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))
-        if len(text.encode()) <= 1024:
+        if len(text.encode()) <= MAX_COMMITMENT_BYTES:
             return text
         addrs = addrs[:-1]
     raise ValueError("the commitment has no room for a DHT address (other keys fill 1024 bytes)")
@@ -200,7 +287,8 @@ def identity_key(run: str) -> str:
 
 
 class IdentityClaim(BaseModel):
-    """What a hotkey signs: "peer `peer_id` acts for me in `run` until `expires`"."""
+    """What a hotkey and a peer key both sign: "peer `peer_id` acts for `hotkey` in `run`
+    until `expires`"."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
     peer_id: str = Field(pattern=_PEER_ID.pattern)
@@ -211,22 +299,33 @@ class IdentityClaim(BaseModel):
     def message(self) -> bytes:
         return signing_bytes(self.model_dump())
 
+    def peer_message(self) -> bytes:
+        return peer_message("dht-identity", self.model_dump())
+
 
 class SignedIdentity(IdentityClaim):
-    signature: str = Field(pattern=r"^[0-9a-f]{128}$")
+    signature: str = Field(pattern=r"^[0-9a-f]{128}$")  # by the hotkey
+    peer_proof: PeerProof  # by the peer's libp2p key
 
     def claim(self) -> IdentityClaim:
-        return IdentityClaim.model_validate(self.model_dump(exclude={"signature"}))
+        return IdentityClaim.model_validate(self.model_dump(exclude={"signature", "peer_proof"}))
 
 
-def sign_identity(keypair: Keypair, peer_id: str, run: str, expires: float) -> SignedIdentity:
-    claim = IdentityClaim(peer_id=peer_id, hotkey=keypair.address, run=run, expires=expires)
-    return SignedIdentity(**claim.model_dump(), signature=keypair.sign(claim.message()).hex())
+def sign_identity(keypair: Keypair, key: PeerKey, run: str, expires: float) -> SignedIdentity:
+    claim = IdentityClaim(
+        peer_id=key.peer_id.to_base58(), hotkey=keypair.address, run=run, expires=expires
+    )
+    return SignedIdentity(
+        **claim.model_dump(),
+        signature=keypair.sign(claim.message()).hex(),
+        peer_proof=PeerProof.make(key, claim.peer_message()),
+    )
 
 
 def verify_identity(value: object, *, run: str, hotkey: str | None = None) -> IdentityClaim | None:
     """The claim in `value` if it is well formed, for `run` (and `hotkey`), and signed by its
-    hotkey; None otherwise. Expiry is the DHT's business (records expire with it)."""
+    hotkey and by its peer's key; None otherwise. Expiry is the DHT's business (records
+    expire with it)."""
     try:
         signed = SignedIdentity.model_validate(value)
     except ValidationError:
@@ -237,6 +336,8 @@ def verify_identity(value: object, *, run: str, hotkey: str | None = None) -> Id
     if not is_address(claim.hotkey):
         return None
     if not verify(claim.hotkey, claim.message(), bytes.fromhex(signed.signature)):
+        return None
+    if not signed.peer_proof.verifies(claim.peer_id, claim.peer_message()):
         return None
     return claim
 
@@ -270,9 +371,12 @@ class IdentityRecordValidator(RecordValidatorBase):  # type: ignore[misc]
 def publish_identity(dht: DHT, keypair: Keypair, run: str, ttl: float) -> SignedIdentity:
     """Store this peer's signed identity record under the run's key (subkey: hotkey)."""
     expires = get_dht_time() + ttl
-    signed = sign_identity(keypair, dht.peer_id.to_base58(), run, expires)
+    signed = sign_identity(keypair, peer_key_of(dht), run, expires)
     ok = dht.store(
-        identity_key(run), signed.model_dump(), expiration_time=expires, subkey=keypair.address
+        identity_key(run),
+        signed.model_dump(exclude_none=True),
+        expiration_time=expires,
+        subkey=keypair.address,
     )
     if not ok:
         raise DHTStartError(f"no DHT node accepted the identity record of {keypair.address}")
@@ -324,14 +428,19 @@ class PeerDirectory:
         self.ledger, self.run, self.dht = LedgerSource(ledger), check_run_name(run), dht
 
     def peers(self) -> dict[str, str]:
-        """peer id (base58) -> hotkey, for hotkeys registered now; contested peer ids dropped."""
+        """peer id (base58) -> hotkey, for hotkeys registered now whose tie the peer's own
+        key proved; a peer id that proved ties to two hotkeys is dropped."""
         ledger = self.ledger.get()
         registered = {n.hotkey for n in ledger.neurons()}
         claims: dict[str, set[str]] = defaultdict(set)
         for hotkey, (data, _block) in ledger.commitments().items():
-            maddrs = parse_commitment(data)
-            if hotkey in registered and maddrs:
-                claims[peer_id_of(maddrs[0])].add(hotkey)
+            if hotkey not in registered:
+                continue
+            peer = committed_peer(data, hotkey=hotkey, run=self.run)
+            if peer is not None:
+                claims[peer].add(hotkey)
+            elif parse_commitment(data):
+                logger.debug("commitment of %s has no valid proof by its peer key", hotkey)
         if self.dht is not None:
             for hotkey, claim in fetch_identities(self.dht, self.run).items():
                 if hotkey in registered:
@@ -341,7 +450,7 @@ class PeerDirectory:
             if len(hotkeys) == 1:
                 out[peer] = next(iter(hotkeys))
             else:
-                logger.warning("peer %s is claimed by %d hotkeys; refusing it", peer, len(hotkeys))
+                logger.warning("peer %s proved ties to %d hotkeys; refusing it", peer, len(hotkeys))
         return out
 
 
@@ -372,18 +481,21 @@ def start_dht(
 ) -> DHT:
     """Start a DHT node, bootstrapping from `config.initial_peers` and the ledger's peers.
 
-    With a `run`, the node validates identity records of that run. Bootstrap is retried
+    Every node refuses averaging records not signed by the peer they name
+    (`averaging.records`); with a `run`, it also validates identity records of that run.
+    The key is `identity_path`'s (created if missing), else a new one. Bootstrap is retried
     `bootstrap_attempts` times; if only ledger addresses were given and none answers (all
     stale), the node starts alone and says so: its own commitment then lets others join it.
     """
     identity = identity_path if identity_path is not None else config.identity_path
-    own = ensure_identity(identity).to_base58() if identity is not None else None
+    key = load_identity(identity) if identity is not None else PeerKey.generate()
+    own = key.peer_id.to_base58()
     from_ledger: list[str] = []
     if ledger is not None and config.peers_from_ledger:
-        from_ledger = ledger_multiaddrs(
-            ledger, exclude={own} if own else None, limit=config.max_ledger_peers
-        )
-    validators = [IdentityRecordValidator(run)] if run is not None else []
+        from_ledger = ledger_multiaddrs(ledger, exclude={own}, limit=config.max_ledger_peers)
+    validators: list[RecordValidatorBase] = [PeerRecordValidator(key)]
+    if run is not None:
+        validators.append(IdentityRecordValidator(run))
     kwargs: dict[str, Any] = {
         "host_maddrs": host_maddrs(config),
         "startup_timeout": config.startup_timeout_s,
@@ -391,16 +503,19 @@ def start_dht(
     }
     if config.announce_maddrs:
         kwargs["announce_maddrs"] = list(config.announce_maddrs)
-    if identity is not None:
-        kwargs["identity_path"] = str(identity)
-        kwargs["check_if_identity_free"] = config.check_identity_free
+    check_free = config.check_identity_free and identity is not None
+    if check_free and key.key_type != crypto_pb2.KeyType.RSA:
+        # hivemind's check derives the peer id with PeerID.from_identity, RSA keys only.
+        logger.warning("check_identity_free: hivemind cannot check a non-RSA identity; skipped")
+        check_free = False
+    kwargs["check_if_identity_free"] = check_free
 
     last_error: Exception | None = None
     candidates: list[str] = []
     for attempt in range(1, config.bootstrap_attempts + 1):
         candidates = list(config.initial_peers) + from_ledger
         try:
-            return _start(candidates, kwargs)
+            return _start(candidates, kwargs, key, identity)
         except (P2PDaemonError, RuntimeError) as exc:
             last_error = exc
             logger.warning(
@@ -415,7 +530,7 @@ def start_dht(
     if from_ledger and not config.initial_peers:
         logger.warning("no committed DHT peer answered; starting a new DHT alone")
         try:
-            return _start([], kwargs)
+            return _start([], kwargs, key, identity)
         except (P2PDaemonError, RuntimeError) as exc:
             last_error = exc
     raise DHTStartError(f"could not start the DHT: {last_error}") from last_error
@@ -468,16 +583,33 @@ async def _connect_and_ping(targets: dict[str, list[str]], _dht: DHT, node: Any)
     return answered
 
 
-def _start(initial_peers: list[str], kwargs: dict[str, Any]) -> DHT:
-    dht = DHT(initial_peers=initial_peers or None, start=False, **kwargs)
-    try:
-        # hivemind waits forever for a node that never gets ready unless told otherwise.
-        dht.run_in_background(await_ready=True, timeout=kwargs["startup_timeout"])
-    except BaseException:
-        # The node's process exits on a failed start; make sure it (and its daemon) is gone.
-        if dht.is_alive():
-            dht.terminate()
-        dht.join(5)
-        raise
+def _start(
+    initial_peers: list[str], kwargs: dict[str, Any], key: PeerKey, identity: Path | None
+) -> DHT:
+    with contextlib.ExitStack() as stack:
+        if identity is None:
+            # The daemon reads its key from a file; this one lives only while it starts.
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tm-p2p-")))
+            identity = folder / "p2p.key"
+            _write_private(identity, key.data)
+        dht = DHT(
+            initial_peers=initial_peers or None,
+            start=False,
+            identity_path=str(identity),
+            **kwargs,
+        )
+        try:
+            # hivemind waits forever for a node that never gets ready unless told otherwise.
+            dht.run_in_background(await_ready=True, timeout=kwargs["startup_timeout"])
+        except BaseException:
+            # The node's process exits on a failed start; make sure it (and its daemon) is gone.
+            if dht.is_alive():
+                dht.terminate()
+            dht.join(5)
+            raise
+    if dht.peer_id != key.peer_id:
+        dht.shutdown()
+        raise DHTStartError(f"the daemon runs as {dht.peer_id}, not as its key's {key.peer_id}")
+    _PEER_KEYS[dht] = key
     logger.info("DHT %s listening on %s", dht.peer_id, visible_maddrs(dht))
     return dht

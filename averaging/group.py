@@ -5,6 +5,7 @@
                              dht=dht), weight_of=LedgerWeights(ledger, "incentive", 1e-3))
     result = averager.average(window=7, delta=delta, timeout=30)   # or raises AveragingFailed
     result.tensors, result.members, result.dropped, result.bytes_sent, result.bytes_received
+    # AveragingFailed has bytes_sent, bytes_received, seconds, attempts and delivered too
     averager.shutdown()
 
 In DiLoCo (arXiv 2311.08105) every miner ends window w with a pseudo-gradient
@@ -49,7 +50,13 @@ part reducer:
   state through hivemind's state download; `load_state_from_peers` asks only peers in the
   directory, newest declared state first, and reads at most `max_bytes` from each.
 - **Bytes.** Every protobuf message of the all-reduce is counted where it is sent and
-  received (payload bytes, before libp2p framing); matchmaking's few hundred bytes are not.
+  received (payload bytes, before libp2p framing), summed over the round's attempts, and
+  reported on success (`AverageResult`) and on failure (`AveragingFailed`) alike;
+  matchmaking's few hundred bytes are not.
+- **Error feedback after a failure.** A member may fail a round that the others completed
+  with its Δ in it (a reducer's last reply lost). The contributor sets tell it which parts
+  of its Δ were counted; its top-k residual is committed for those values and kept as
+  before for the rest (`AveragingFailed.delivered` says how much).
 
 Wire codecs (`AveragingConfig.wire`): hivemind's `Float16Compression`, its uniform 8-bit
 format (repaired for NumPy 2 in `averaging.wire.Uniform8BitCodec`), and our sparse top-k
@@ -119,7 +126,18 @@ class Role(StrEnum):
 
 class AveragingFailed(RuntimeError):
     """No average this round (no group, timeout, too many drops); fall back to the canonical
-    checkpoint of the store."""
+    checkpoint of the store.
+
+    The counters say what the round cost anyway, summed over its attempts (as on
+    `AverageResult`); `delivered` is the fraction of this member's Δ (its values) that
+    reached a group's average with this member counted as a contributor, although the
+    round failed here (0 for aux peers, or when nothing is known)."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    seconds: float = 0.0
+    attempts: int = 0
+    delivered: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -221,6 +239,26 @@ class _RoundLog:
     attempts: int = 0
     seen_members: set[PeerID] = field(default_factory=set)
     blocked: set[PeerID] = field(default_factory=set)  # failed us in an earlier attempt
+    # Flat [start, stop) ranges of our vector in parts whose average counted us (any attempt).
+    delivered: list[tuple[int, int]] = field(default_factory=list)
+
+    def counters(self) -> dict[str, Any]:
+        return {
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "attempts": self.attempts,
+            "delivered": _merge_spans(self.delivered),
+        }
+
+
+def _merge_spans(spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for start, stop in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], stop))
+        else:
+            out.append((start, stop))
+    return out
 
 
 @dataclass(frozen=True)
@@ -439,6 +477,14 @@ class LedgerAllReduceRunner(AllReduceRunner):  # type: ignore[misc]
         self._codec = codec
         self.contributors: dict[tuple[int, int], bytes] = {}
         self.failed_reducers: set[PeerID] = set()
+        # hivemind cuts the flat vector into parts in order and hands them to reducers in
+        # peer order, so (reducer, part) -> [start, stop) follows from the part sizes.
+        self.part_spans: dict[tuple[int, int], tuple[int, int]] = {}
+        offset = 0
+        for peer_index, parts in enumerate(self.tensor_part_container._input_parts_by_peer):
+            for part_index, (part, _info) in enumerate(parts):
+                self.part_spans[peer_index, part_index] = (offset, offset + part.numel())
+                offset += part.numel()
 
     # -- as a sender ----------------------------------------------------------------
     async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[Any]:
@@ -569,6 +615,18 @@ class LedgerAllReduceRunner(AllReduceRunner):  # type: ignore[misc]
         total = int(sum(self.tensor_part_container.num_parts_by_peer))
         return total - len(self.contributors)
 
+    def delivered_spans(self) -> list[tuple[int, int]]:
+        """Ranges of our vector in parts whose average (as its reducer sent it to every
+        sender) counts us as a contributor; empty for an aux peer."""
+        if self.role is not Role.MEMBER:
+            return []
+        me = self.sender_peer_ids.index(self.peer_id)
+        return [
+            self.part_spans[key]
+            for key, bitmap in self.contributors.items()
+            if me // 8 < len(bitmap) and bitmap[me // 8] >> (me % 8) & 1
+        ]
+
 
 class _WindowKeyManager(GroupKeyManager):  # type: ignore[misc]
     """Group bits name the window; hivemind would reshuffle them after every group, which
@@ -657,7 +715,7 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
             sender_timeout=config.sender_timeout_s,
             reducer_timeout=2 * config.sender_timeout_s,
             compression=self.tm_codec,
-            part_size_bytes=config.part_size_bytes,
+            part_size_bytes=config.wire_part_size_bytes,
             # Announced for hivemind's format only; shares are set by role (see below).
             bandwidth=0.0 if role is Role.AUX else None,
             allow_state_sharing=False,  # switched on by `ShardAverager.share_state`
@@ -698,6 +756,18 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
             )
         )
         future.result(timeout=30)
+
+    def round_counters(self, timeout: float = 5.0) -> dict[str, Any] | None:
+        """Counters of the current (or last) round so far, or None if the process is silent."""
+        future: Any = MPFuture()
+        try:
+            self._outer_pipe.send(("_round_counters", [], {"future": future}))
+            counters: dict[str, Any] = future.result(timeout=timeout)
+        except (TimeoutError, concurrent.futures.CancelledError, OSError) as exc:
+            future.cancel()
+            logger.debug("no round counters from the averager: %r", exc)
+            return None
+        return counters
 
     def get_current_state(self) -> tuple[Any, Sequence[torch.Tensor], None]:
         # hivemind calls this in the caller's process (a background thread) when a peer
@@ -808,6 +878,9 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
             return None  # the peer declined (nothing to share)
         return metadata, tensors, total
 
+    async def _round_counters(self, *, future: Any) -> None:
+        future.set_result(self.tm_log.counters())
+
     def _is_admitted(self, peer: PeerID) -> bool:
         return peer in self.tm_peers and peer not in self.tm_log.blocked
 
@@ -870,14 +943,11 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
             if base is not None
             and p in contributors | {q for q, r in by_role.items() if r is Role.AUX}
         }
-        return {
+        return log.counters() | {
             "bases": bases,
             "members": sorted(self.tm_peers[p].hotkey for p in contributors),
             "dropped": sorted({self.tm_peers[p].hotkey for p in log.seen_members - contributors}),
             "aux": sorted(self.tm_peers[p].hotkey for p, r in by_role.items() if r is Role.AUX),
-            "bytes_sent": log.bytes_sent,
-            "bytes_received": log.bytes_received,
-            "attempts": log.attempts,
         }
 
     async def _run_allreduce_inplace_(
@@ -915,6 +985,10 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
             sets = runner.contributor_sets()
             disputed = frozenset().union(*sets) - frozenset.intersection(*sets) if sets else set()
             self.tm_log.blocked.update(runner.failed_reducers, runner.banned_senders, disputed)
+            # Parts that counted us reached the others, unless (strict mode) their sets
+            # differ: then every member saw it and refused the attempt.
+            if not (self.tm_config.strict and len(sets) > 1):
+                self.tm_log.delivered.extend(runner.delivered_spans())
         problem = self._check_outputs(runner)
         if problem is not None:
             raise AllreduceException(problem)
@@ -990,7 +1064,7 @@ class ShardAverager:
         # Kept even while this peer is auxiliary: its error feedback carries over to the
         # next window in which it is a member again.
         self._sparsifier = (
-            TopKSparsifier(config.topk_density, config.topk_chunk)
+            TopKSparsifier(config.topk.density, config.topk.chunk)
             if config.wire == "topk"
             else None
         )
@@ -1062,10 +1136,15 @@ class ShardAverager:
         try:
             report = self._wait(step, window, timeout + self.config.allreduce_timeout_s + 5.0)
         except _STEP_ERRORS as exc:
-            self._discard(role)
-            if isinstance(exc, AveragingFailed):
+            failed = (
+                exc
+                if isinstance(exc, AveragingFailed)
+                else AveragingFailed(f"window {window}: {type(exc).__name__}: {exc}")
+            )
+            self._after_failure(failed, role, window, time.monotonic() - start)
+            if failed is exc:
                 raise
-            raise AveragingFailed(f"window {window}: {type(exc).__name__}: {exc}") from exc
+            raise failed from exc
         with self._averager.get_tensors() as buffers:
             tensors = {
                 name: buffer.detach().clone().to(self._dtypes[name])
@@ -1176,9 +1255,47 @@ class ShardAverager:
             return None
         return PeerState(hotkey, metadata, tensors, nbytes)
 
-    def _discard(self, role: Role) -> None:
-        if self._sparsifier is not None and role is Role.MEMBER:
-            self._sparsifier.discard()
+    def _after_failure(
+        self, failed: AveragingFailed, role: Role, window: int, seconds: float
+    ) -> None:
+        """Put the round's counters on `failed`, and keep the error-feedback residual of
+        what the group's average holds of our Δ even though the round failed here (a peer
+        may give up on a round that the others completed with its Δ in it)."""
+        counters = self._averager.round_counters() if self._averager.is_alive() else None
+        failed.seconds = seconds
+        if counters is not None:
+            failed.bytes_sent = int(counters["bytes_sent"])
+            failed.bytes_received = int(counters["bytes_received"])
+            failed.attempts = int(counters["attempts"])
+        spans = list(counters["delivered"]) if counters is not None else []
+        if role is not Role.MEMBER:
+            return
+        masks = self._masks(spans)
+        total = sum(m.numel() for m in masks.values())
+        failed.delivered = sum(int(m.sum()) for m in masks.values()) / max(total, 1)
+        if self._sparsifier is None:
+            return
+        if failed.delivered > 0:
+            logger.info(
+                "window %d shard %d: the round failed here, but %.1f%% of our Δ reached the "
+                "group's average; keeping its error-feedback residual",
+                window,
+                self.shard,
+                100 * failed.delivered,
+            )
+        self._sparsifier.commit(masks)
+
+    def _masks(self, spans: Sequence[tuple[int, int]]) -> dict[str, torch.Tensor]:
+        """Flat [start, stop) ranges of the averaged vector as boolean masks per tensor."""
+        sizes = [math.prod(shape) for shape in self._shapes.values()]
+        flat = torch.zeros(sum(sizes), dtype=torch.bool)
+        for start, stop in spans:
+            flat[int(start) : int(stop)] = True
+        masks, offset = {}, 0
+        for (name, shape), size in zip(self._shapes.items(), sizes, strict=True):
+            masks[name] = flat[offset : offset + size].reshape(shape)
+            offset += size
+        return masks
 
     def shutdown(self) -> None:
         if self._averager.is_alive():

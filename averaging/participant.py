@@ -50,10 +50,11 @@ from chain.ledger import Ledger
 logger = logging.getLogger(__name__)
 
 
-def commit_address(ledger: Ledger, keypair: Keypair, dht: DHT, *, timeout: float) -> bool:
-    """Commit `dht`'s multiaddrs under `keypair`'s hotkey unless the ledger already has
-    exactly them; returns whether an extrinsic was sent (and included)."""
-    text = commitment_for(dht, ledger, keypair.address)
+def commit_address(ledger: Ledger, keypair: Keypair, dht: DHT, *, run: str, timeout: float) -> bool:
+    """Commit `dht`'s multiaddrs (and its key's proof of the tie in `run`) under `keypair`'s
+    hotkey unless the ledger already has exactly that; returns whether an extrinsic was
+    sent (and included)."""
+    text = commitment_for(dht, ledger, keypair.address, run=run)
     current = ledger.commitments().get(keypair.address)
     if current is not None and current[0] == text:
         return False
@@ -96,7 +97,7 @@ class Participant:
         dht = start_dht(config.dht, run=run, ledger=ledger, identity_path=identity)
         averagers: dict[int, ShardAverager] = {}
         try:
-            commit_address(ledger, keypair, dht, timeout=commit_timeout)
+            commit_address(ledger, keypair, dht, run=run, timeout=commit_timeout)
             directory = PeerDirectory(ledger.path, run=run, dht=dht)
             weights = LedgerWeights(ledger.path, config.weights, config.weight_floor)
             for shard, template in sorted(templates.items()):

@@ -12,10 +12,11 @@ Timeouts bound every wait: `ShardAverager.average` returns or raises within
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from averaging.config import TopKConfig, lift_legacy_topk
 from tensormine.schema import StrictModel
 
 
@@ -36,13 +37,15 @@ class DHTConfig(StrictModel):
     max_ledger_peers: int = Field(default=16, ge=1, le=256)
     bootstrap_attempts: int = Field(default=2, ge=1, le=10)
     identity_path: Path | None = Field(
-        default=None, description="libp2p private key (created 0600); None: a new peer id per start"
+        default=None,
+        description="libp2p private key (Ed25519, created 0600); None: a new peer id per start",
     )
     check_identity_free: bool = Field(
         default=False,
         description=(
             "refuse to start if another live peer uses the identity; hivemind's check dials "
-            "the identity through the bootstrap peers and can hang for minutes after a crash"
+            "the identity through the bootstrap peers and can hang for minutes after a crash, "
+            "and reads RSA identities only (Ed25519 ones, the default now, skip it)"
         ),
     )
     identity_ttl_s: float = Field(
@@ -79,14 +82,24 @@ class AveragingConfig(StrictModel):
     wire: Literal["none", "fp16", "int8", "topk"] = Field(
         default="fp16", description="codec for parts on the wire"
     )
-    topk_density: float = Field(default=0.02, gt=0, le=1, description="kept fraction per chunk")
-    topk_chunk: int = Field(default=4096, ge=16, le=1 << 20)
+    topk: TopKConfig = Field(
+        default_factory=TopKConfig, description="top-k of the wire (wire = topk)"
+    )
     robust: RobustConfig = Field(default_factory=RobustConfig)
     weights: Literal["uniform", "stake", "incentive", "trust"] = Field(
-        default="uniform", description="ledger field that weighs each member in the average"
+        default="trust",
+        description=(
+            "ledger field that weighs each member in the average: trust is the share of a "
+            "miner's weight that survives consensus clipping, i.e. how far validators agree"
+        ),
     )
     weight_floor: float = Field(
-        default=1e-3, gt=0, description="least weight of a registered member (new ones have 0)"
+        default=1e-3,
+        gt=0,
+        description=(
+            "least weight of a registered member (new ones have 0 trust; on a fresh subnet "
+            "every member has the floor, so the average is uniform)"
+        ),
     )
     min_group_size: int = Field(default=2, ge=1)
     target_group_size: int | None = Field(
@@ -104,6 +117,15 @@ class AveragingConfig(StrictModel):
         le=1 << 24,
         description="parts of the vector on the wire; small enough that every member reduces some",
     )
+    topk_part_size_bytes: int = Field(
+        default=1 << 20,
+        ge=1 << 10,
+        le=1 << 26,
+        description=(
+            "part_size_bytes for wire = topk, counted as if dense: a part of 1 MiB is 262,144 "
+            "values, ~16 KB on the wire at 2 % density (hivemind cannot size sparse parts)"
+        ),
+    )
     state_timeout_s: float = Field(
         default=30.0, gt=0, description="how long a late joiner tries to download peers' state"
     )
@@ -111,6 +133,16 @@ class AveragingConfig(StrictModel):
         default=True,
         description="accept a round only if every part was reduced over the same contributors",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_keys(cls, data: Any) -> Any:
+        return lift_legacy_topk(data)
+
+    @property
+    def wire_part_size_bytes(self) -> int:
+        """The part size hivemind cuts the vector by, for this wire codec."""
+        return self.topk_part_size_bytes if self.wire == "topk" else self.part_size_bytes
 
     @model_validator(mode="after")
     def _timeouts_fit(self) -> AveragingConfig:

@@ -6,7 +6,8 @@ adds a sparse one for SparseLoCo-style exchange (Sarfi et al., arXiv 2508.15706)
 1. Before a round, a member keeps only the largest-magnitude `density` fraction of every
    `chunk` consecutive values of Δ + e and remembers what it dropped, ``e ← (Δ + e) − topk``
    (sender-side error feedback: nothing is lost, only delayed). `TopKSparsifier` does this;
-   the residual is committed only when the round succeeds.
+   the residual is committed when the round succeeds, and for the values that reached
+   the group's average when it failed here only (others may still have completed it).
 2. On the wire `SparseCodec` writes a part as (int32 index, float16 value) pairs of its
    non-zeros, or dense float16 when that is smaller. The average of n sparse parts has at
    most n·k non-zeros, so the reducer's reply uses the same codec.
@@ -94,7 +95,9 @@ class SparseCodec(CompressionBase):  # type: ignore[misc]
 
     def estimate_compression_ratio(self, info: CompressionInfo) -> float:
         # Only used to size parts; the ratio depends on the data, so parts are cut as if
-        # dense and each stays a fraction of the vector, which keeps load balancing fine.
+        # dense, by `AveragingConfig.topk_part_size_bytes` (1 MiB: ~16 KB sent per part at
+        # 2 % density) rather than the dense codecs' `part_size_bytes`. Returning the
+        # density here would cut the tiny model into ~5 parts, too coarse for equal shares.
         return 1.0
 
 
@@ -199,11 +202,21 @@ class TopKSparsifier:
         self._pending = pending
         return out
 
-    def commit(self) -> None:
-        """The round that used the last `sparsify` succeeded: keep its residuals."""
-        self.residual.update(self._pending)
+    def commit(self, delivered: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Keep the residuals of the last `sparsify`: all of them (the round succeeded), or
+        where `delivered` (boolean masks by name) marks values that reached the group's
+        average although the round failed here; elsewhere they stay as before the round."""
+        for name, pending in self._pending.items():
+            mask = None if delivered is None else delivered.get(name)
+            if mask is None and delivered is not None:
+                continue
+            if mask is None:
+                self.residual[name] = pending
+            elif bool(mask.any()):
+                before = self.residual.get(name, torch.zeros_like(pending))
+                self.residual[name] = torch.where(mask.reshape(pending.shape), pending, before)
         self._pending = {}
 
     def discard(self) -> None:
-        """The round failed: the residuals stay as they were before it."""
+        """The round failed and none of it reached anyone: the residuals stay as they were."""
         self._pending = {}

@@ -98,6 +98,7 @@ def main() -> None:
             request_timeout_s=min(1.0, args.min_matchmaking / 2),
             sender_timeout_s=args.sender_timeout,
             part_size_bytes=args.part_size,
+            topk_part_size_bytes=args.part_size,
             allreduce_timeout_s=max(60.0, 4 * args.sender_timeout),
         )
         averager = ShardAverager(

@@ -103,6 +103,8 @@ class WindowReport:
     averaging_bytes_sent: int = 0
     averaging_bytes_received: int = 0
     averaging_seconds: float = 0.0
+    averaging_attempts: int = 0  # groups the rounds went through (> 1 after a retry)
+    averaging_delivered: float = 0.0  # of a failed round: share of our Δ in some average
 
 
 def resolve_mixed_precision(setting: str) -> str:
@@ -489,6 +491,8 @@ class Miner:
                 "averaging/bytes_sent": report.averaging_bytes_sent,
                 "averaging/bytes_received": report.averaging_bytes_received,
                 "averaging/seconds": report.averaging_seconds,
+                "averaging/attempts": report.averaging_attempts,
+                "averaging/delivered": report.averaging_delivered,
             },
             step=self.global_step,
         )
@@ -589,11 +593,13 @@ class Miner:
         own = outcomes.get(shard)
         if isinstance(own, AverageResult):
             report.members, report.dropped = own.members, own.dropped
-        for outcome in outcomes.values():
-            if isinstance(outcome, AverageResult):
-                report.averaging_bytes_sent += outcome.bytes_sent
-                report.averaging_bytes_received += outcome.bytes_received
-                report.averaging_seconds = max(report.averaging_seconds, outcome.seconds)
+        for outcome in outcomes.values():  # a failed round's bytes were spent all the same
+            report.averaging_bytes_sent += outcome.bytes_sent
+            report.averaging_bytes_received += outcome.bytes_received
+            report.averaging_seconds = max(report.averaging_seconds, outcome.seconds)
+            report.averaging_attempts = max(report.averaging_attempts, outcome.attempts)
+        if isinstance(own, AveragingFailed):
+            report.averaging_delivered = own.delivered
         report.synced = self.synced = synced
         report.fingerprint = model_fingerprint(self.model.state_dict())
         self._share(window + 1)

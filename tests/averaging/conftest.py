@@ -109,7 +109,7 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
         for kp in miners:
             dht = start_dht(DHTConfig(), run=RUN, ledger=ledger)
             dhts.append(dht)
-            do(ledger, kp, "commit", {"data": commitment_for(dht, ledger, kp.address)})
+            do(ledger, kp, "commit", {"data": commitment_for(dht, ledger, kp.address, run=RUN)})
         yield Swarm(cfg.db, ledger, miners, dhts, itertools.count(100))
     finally:
         for dht in dhts:
@@ -167,7 +167,7 @@ def make(
     *,
     config: AveragingConfig = FAST,
     roles: dict[int, Role] | None = None,
-    source: str = "uniform",
+    source: str = FAST.weights,  # trust: zero on this fresh ledger, so every member gets the floor
     cls: type[ShardAverager] = ShardAverager,
     tmpl: dict[str, torch.Tensor] | None = None,
 ) -> list[ShardAverager]:

@@ -19,7 +19,7 @@ from averaging.compression import (
     encode,
     expected_specs,
 )
-from averaging.config import CompressionConfig
+from averaging.config import CompressionConfig, TopKConfig
 from train.config import ModelConfig
 from train.shards import param_shapes
 
@@ -32,7 +32,7 @@ SHAPES: dict[str, tuple[int, ...]] = {
     "model.layers.0.input_layernorm.weight": (100,),  # one chunk of 100
     "model.norm.weight": (3,),
 }
-TOPK = CompressionConfig(scheme="topk", topk_chunk=256, topk_density=0.05)  # k = 13
+TOPK = CompressionConfig(scheme="topk", topk=TopKConfig(chunk=256, density=0.05))  # k = 13
 
 
 def make_delta(seed: int = 0, scale: float = 1e-2) -> dict[str, torch.Tensor]:
@@ -96,7 +96,7 @@ def test_topk_keeps_exactly_the_largest_per_chunk() -> None:
 
 def test_topk_short_last_chunk_points_past_the_end_with_zeros() -> None:
     shapes = {"w": (300,)}  # chunks of 256: the last has 44 values, fewer than k = 128
-    cfg = CompressionConfig(scheme="topk", topk_chunk=256, topk_density=0.5)
+    cfg = CompressionConfig(scheme="topk", topk=TopKConfig(chunk=256, density=0.5))
     delta = {"w": torch.arange(1.0, 301.0)}
     enc = encode(delta, cfg)
     idx, val = enc.tensors["w::idx"], enc.tensors["w::val"]
@@ -108,7 +108,7 @@ def test_topk_short_last_chunk_points_past_the_end_with_zeros() -> None:
 
 def test_topk_wide_values_and_int32_indices() -> None:
     shapes = {"w": (40_000,)}
-    cfg = CompressionConfig(scheme="topk", topk_chunk=65_536, topk_density=0.001)
+    cfg = CompressionConfig(scheme="topk", topk=TopKConfig(chunk=65_536, density=0.001))
     delta = {"w": torch.zeros(40_000)}
     delta["w"][123] = 1e6  # beyond fp16
     enc = encode(delta, cfg)

@@ -5,30 +5,40 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord
+from hivemind.p2p import PeerID
+from hivemind.proto import crypto_pb2
+from hivemind.utils.crypto import RSAPrivateKey
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
 from averaging.dht import (
     DHTStartError,
+    IdentityClaim,
     IdentityRecordValidator,
     PeerDirectory,
+    PeerProof,
     check_run_name,
     commitment_for,
+    commitment_message,
+    committed_peer,
     ensure_identity,
     fetch_identities,
     host_maddrs,
     identity_key,
     ledger_multiaddrs,
+    load_identity,
     parse_commitment,
     publish_identity,
     sign_identity,
     start_dht,
     visible_maddrs,
 )
+from averaging.identity import PeerKey, b64
 from averaging.settings import DHTConfig
 from chain.keys import Keypair
 from chain.ledger import Ledger
@@ -36,6 +46,11 @@ from tests.averaging.conftest import RUN, Swarm
 from tests.chain.conftest import do, fast_config
 
 DEAD_PEER = "12D3KooWMLN9GrCCQEnxwnZY21DKdxDRg64PZWyBt8SX9VDh8Ugf"
+
+
+class _NoCommitments:
+    def commitments(self) -> dict[str, tuple[str, int]]:
+        return {}
 
 
 def test_identity_file_is_private_and_keeps_the_peer_id(tmp_path: Path) -> None:
@@ -61,6 +76,32 @@ def test_identity_readable_by_others_is_refused(tmp_path: Path) -> None:
     path.chmod(0o644)
     with pytest.raises(PermissionError, match="0600"):
         ensure_identity(path)
+
+
+def test_new_identities_are_ed25519_and_old_rsa_files_keep_their_peer_id(tmp_path: Path) -> None:
+    new = load_identity(tmp_path / "new.key")
+    assert new.key_type == crypto_pb2.KeyType.Ed25519 and new.embeds_public
+    assert new.peer_id.to_base58().startswith("12D3KooW")
+    # An RSA file as hivemind (and earlier versions of this module) wrote it.
+    old = tmp_path / "old.key"
+    data = crypto_pb2.PrivateKey(
+        key_type=crypto_pb2.KeyType.RSA, data=RSAPrivateKey().to_bytes()
+    ).SerializeToString()
+    old.write_bytes(data)
+    old.chmod(0o600)
+    key = load_identity(old)
+    assert key.peer_id == PeerID.from_identity(data) and not key.embeds_public
+    message = commitment_message(key.peer_id.to_base58(), "5F" + "x" * 46, RUN)
+    proof = PeerProof.make(key, message)
+    assert proof.key is not None and proof.verifies(key.peer_id.to_base58(), message)
+    dht = start_dht(DHTConfig(), identity_path=old)
+    try:
+        assert dht.peer_id == key.peer_id
+        text = commitment_for(dht, _NoCommitments(), "5F" + "x" * 46, run=RUN)  # type: ignore[arg-type]
+        # One address and an RSA proof leave room for other keys (~120 bytes of them).
+        assert len(text) < 900, len(text)
+    finally:
+        dht.shutdown()
 
 
 def test_newcomer_joins_through_ledger_commitments_alone(swarm: Swarm) -> None:
@@ -122,12 +163,22 @@ def test_commitment_keeps_other_keys(swarm: Swarm) -> None:
     original, _ = swarm.ledger.commitments()[kp.address]
     try:
         do(swarm.ledger, kp, "commit", {"data": json.dumps({"store": "hub:abc", "dht": []})})
-        text = commitment_for(dht, swarm.ledger, kp.address)
-        assert json.loads(text) == {"store": "hub:abc", "dht": visible_maddrs(dht)}
+        text = commitment_for(dht, swarm.ledger, kp.address, run=RUN)
+        body = json.loads(text)
+        assert body.pop("dht_proof").keys() == {"sig"}  # Ed25519: the peer id holds the key
+        assert body == {"store": "hub:abc", "dht": visible_maddrs(dht)}
+        # Room for another key of ~120 bytes (e.g. a list of contributions).
+        assert len(text.encode()) < 1024 - 400, len(text)
         with pytest.raises(ValueError, match="no multiaddr"):
             commitment_for(
-                dht, swarm.ledger, kp.address, maddrs=[f"/ip4/1.2.3.4/tcp/1/p2p/{DEAD_PEER}"]
+                dht,
+                swarm.ledger,
+                kp.address,
+                run=RUN,
+                maddrs=[f"/ip4/1.2.3.4/tcp/1/p2p/{DEAD_PEER}"],
             )
+        with pytest.raises(ValueError, match="cannot prove"):
+            commitment_for(dht, swarm.ledger, kp.address, run=RUN, key=PeerKey.generate())
     finally:
         do(swarm.ledger, kp, "commit", {"data": original})
 
@@ -139,7 +190,7 @@ def test_identity_records_are_signed_and_validated(swarm: Swarm) -> None:
 
     # Every node runs the validator: a forged record is stored nowhere.
     thief = Keypair.generate()
-    forged = signed.model_dump() | {"signature": thief.sign(b"x").hex()}
+    forged = signed.model_dump(exclude_none=True) | {"signature": thief.sign(b"x").hex()}
     key = identity_key(RUN)
     expires = get_dht_time() + 60
     assert not swarm.dhts[3].store(key, forged, expires, subkey=swarm.hotkeys[1])
@@ -155,37 +206,49 @@ def test_identity_records_are_signed_and_validated(swarm: Swarm) -> None:
             expiration,
         )
 
-    mine = sign_identity(thief, DEAD_PEER, RUN, expires + 10).model_dump()
+    peer = PeerKey.generate()
+    mine = sign_identity(thief, peer, RUN, expires + 10).model_dump(exclude_none=True)
     assert validator.validate(record(mine, thief.address))
     assert not validator.validate(record(mine, swarm.hotkeys[0]))  # subkey is not the signer
     assert not validator.validate(record(mine, thief.address, expires + 100))  # outlives it
-    other_run = sign_identity(thief, DEAD_PEER, "elsewhere", expires + 10).model_dump()
+    other_run = sign_identity(thief, peer, "elsewhere", expires + 10).model_dump(exclude_none=True)
     assert not validator.validate(record(other_run, thief.address))
     assert not validator.validate(record(mine | {"extra": 1}, thief.address))
     assert not validator.validate(record(mine | {"peer_id": "Qm0000"}, thief.address))
     assert not validator.validate(DHTRecord(key_id, b"\xc1", b"\xc1", expires))
+    # The hotkey signed it, but not the peer: no proof, or a proof by another key.
+    assert not validator.validate(record(_without(mine, "peer_proof"), thief.address))
+    stolen = mine | {"peer_id": DEAD_PEER}
+    stolen_claim = IdentityClaim.model_validate(_without(stolen, "signature", "peer_proof"))
+    stolen["signature"] = thief.sign(stolen_claim.message()).hex()
+    assert not validator.validate(record(stolen, thief.address))
     # Records under other keys are not this validator's business.
     other = DHTRecord(DHTID.generate(source="x").to_bytes(), b"", b"junk", expires)
     assert validator.validate(other)
 
 
+def _without(body: dict[str, Any], *keys: str) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if k not in keys}
+
+
 def test_directory_admits_registered_hotkeys_only(swarm: Swarm) -> None:
-    """Ledger commitments and DHT records both tie peers; unregistered or contested ones drop."""
-    run = "dirtest"
+    """Ledger commitments and DHT records both tie peers; unregistered hotkeys drop."""
+    run = RUN
     directory = PeerDirectory(swarm.ledger, run=run, dht=swarm.dhts[0])
     base = {
         d.peer_id.to_base58(): kp.address for d, kp in zip(swarm.dhts, swarm.miners, strict=True)
     }
     assert directory.peers() == base
+    # Proofs name the run: the same commitments tie nothing in another run.
+    assert PeerDirectory(swarm.ledger, run="elsewhere").peers() == {}
 
     # A registered hotkey without a commitment, tied by a DHT record only.
-    late = Keypair.generate()
+    late, late_peer = Keypair.generate(), PeerKey.generate()
     do(swarm.ledger, late, "register", {})
-    late_peer = "12D3KooWLatecomerLatecomerLatecomerLatecomerLate1"
     expires = get_dht_time() + 30
-    swarm.dhts[2].store(
+    assert swarm.dhts[2].store(
         identity_key(run),
-        sign_identity(late, late_peer, run, expires).model_dump(),
+        sign_identity(late, late_peer, run, expires).model_dump(exclude_none=True),
         expires,
         subkey=late.address,
     )
@@ -193,24 +256,71 @@ def test_directory_admits_registered_hotkeys_only(swarm: Swarm) -> None:
     stranger = Keypair.generate()
     swarm.dhts[2].store(
         identity_key(run),
-        sign_identity(stranger, DEAD_PEER, run, expires).model_dump(),
+        sign_identity(stranger, PeerKey.generate(), run, expires).model_dump(exclude_none=True),
         expires,
         subkey=stranger.address,
     )
-    assert directory.peers() == base | {late_peer: late.address}
-
-    # Miner 0 claims miner 1's peer id: neither claim is trusted any more.
-    contested = swarm.dhts[1].peer_id.to_base58()
-    swarm.dhts[2].store(
-        identity_key(run),
-        sign_identity(swarm.miners[0], contested, run, expires).model_dump(),
-        expires,
-        subkey=swarm.hotkeys[0],
-    )
-    peers = directory.peers()
-    assert contested not in peers and peers[late_peer] == late.address
+    late_id = late_peer.peer_id.to_base58()
+    assert directory.peers() == base | {late_id: late.address}
     # A directory without the DHT sees the ledger only.
     assert PeerDirectory(swarm.ledger_path, run=run).peers() == base
+
+
+def test_hijacking_a_peer_id_fails(swarm: Swarm) -> None:
+    """A registered hotkey that claims another miner's peer id gets nothing, and the victim
+    keeps its place: in its ledger commitment and in a DHT record alike."""
+    directory = PeerDirectory(swarm.ledger, run=RUN, dht=swarm.dhts[0])
+    victim = swarm.dhts[1].peer_id.to_base58()
+    thief = Keypair.generate()
+    do(swarm.ledger, thief, "register", {})
+    victim_text, _ = swarm.ledger.commitments()[swarm.hotkeys[1]]
+    victim_body = json.loads(victim_text)
+
+    # 1. The victim's own commitment copied, proof included: the proof names the victim.
+    do(swarm.ledger, thief, "commit", {"data": victim_text})
+    assert directory.peers()[victim] == swarm.hotkeys[1]
+    assert committed_peer(victim_text, hotkey=thief.address, run=RUN) is None
+    # 2. No proof at all (what the audit's attack committed).
+    do(swarm.ledger, thief, "commit", {"data": json.dumps({"dht": victim_body["dht"]})})
+    assert directory.peers()[victim] == swarm.hotkeys[1]
+    # 3. A DHT record: the thief's hotkey signs, but only a proof by its own peer key.
+    expires = get_dht_time() + 30
+    fake = sign_identity(thief, PeerKey.generate(), RUN, expires).model_dump(exclude_none=True)
+    fake["peer_id"] = victim
+    claim = IdentityClaim.model_validate(_without(fake, "signature", "peer_proof"))
+    fake["signature"] = thief.sign(claim.message()).hex()
+    assert not swarm.dhts[2].store(identity_key(RUN), fake, expires, subkey=thief.address)
+    peers = directory.peers()
+    assert peers[victim] == swarm.hotkeys[1] and thief.address not in peers.values()
+
+
+def test_commitment_proofs(swarm: Swarm) -> None:
+    """A valid proof ties; a forged one, or one by another peer's key, does not."""
+    kp, dht = swarm.miners[2], swarm.dhts[2]
+    peer = dht.peer_id.to_base58()
+    valid = commitment_for(dht, swarm.ledger, kp.address, run=RUN)
+    assert committed_peer(valid, hotkey=kp.address, run=RUN) == peer
+    assert committed_peer(valid, hotkey=swarm.hotkeys[3], run=RUN) is None  # other hotkey
+    assert committed_peer(valid, hotkey=kp.address, run="elsewhere") is None  # other run
+    body = json.loads(valid)
+
+    def with_proof(proof: dict[str, Any] | None) -> str:
+        return json.dumps(
+            _without(body, "dht_proof") | ({} if proof is None else {"dht_proof": proof})
+        )
+
+    message = commitment_message(peer, kp.address, RUN)
+    other = PeerKey.generate()
+    forged = {"sig": b64(bytes(64))}
+    by_other_key = PeerProof.make(other, message).model_dump(exclude_none=True)
+    # An RSA-style proof that carries a public key, but of another peer.
+    with_wrong_key = {"sig": body["dht_proof"]["sig"], "key": b64(other.public)}
+    for proof in (None, forged, by_other_key, with_wrong_key, {"sig": "not base64!"}):
+        assert committed_peer(with_proof(proof), hotkey=kp.address, run=RUN) is None, proof
+    # A proof for another peer id, with that peer's addresses: it proves that peer, not ours.
+    addr = f"/ip4/127.0.0.1/tcp/9/p2p/{other.peer_id.to_base58()}"
+    moved = json.dumps({"dht": [addr], "dht_proof": body["dht_proof"]})
+    assert committed_peer(moved, hotkey=kp.address, run=RUN) is None
 
 
 def test_names_and_addresses() -> None:

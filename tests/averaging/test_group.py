@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from hivemind.averaging.partition import TensorPartContainer
 from hivemind.compression import CompressionInfo, Float16Compression
+from pydantic import ValidationError
 
+from averaging.config import CompressionConfig, TopKConfig
 from averaging.dht import StaticDirectory, start_dht, visible_maddrs
 from averaging.group import (
     AveragingFailed,
@@ -30,6 +34,9 @@ from averaging.wire import (
     codec_for,
     decode_part,
 )
+from chain.keys import Keypair
+from chain.ledger import Ledger
+from chain.runtime import is_epoch_block
 from tests.averaging.conftest import (
     FAST,
     RUN,
@@ -42,6 +49,7 @@ from tests.averaging.conftest import (
     template,
     weighted,
 )
+from tests.chain.conftest import do, fast_config, subnet
 
 # ---- four peers --------------------------------------------------------------------------
 
@@ -94,6 +102,56 @@ def test_weights_come_from_the_ledger_not_the_peer(
     for r in results:
         for name, tensor in expected.items():
             torch.testing.assert_close(r.tensors[name], tensor, rtol=1e-5, atol=1e-7)
+
+
+def test_trust_weights_from_a_ledger_epoch(
+    swarm: Swarm, shutdown_later: list[ShardAverager], tmp_path: Path
+) -> None:
+    """The default weights are the members' trust after a real Yuma epoch: two validators
+    (60 and 40 TAO) disagree on the four miners, so consensus clips some weights and the
+    miners' trust differs. The average is Σ T_i Δ_i / Σ T_i; a registered miner with zero
+    trust (no validator weighs it) still gets the floor."""
+    assert AveragingConfig().weights == "trust"
+    cfg = fast_config(tmp_path / "trust.sqlite")
+    with Ledger.create(cfg.db, cfg, Keypair.generate().address) as ledger:
+        (v_a, v_b), (newcomer,) = subnet(ledger, 1, [60, 40])
+        for kp in swarm.miners:
+            do(ledger, kp, "register", {})
+        uids = [ledger.uid_of(h) for h in swarm.hotkeys]
+        do(ledger, v_a, "set_weights", {"uids": uids, "weights": [4, 3, 2, 1]})
+        do(ledger, v_b, "set_weights", {"uids": uids, "weights": [1, 2, 3, 4]})
+        while not is_epoch_block(ledger.produce_block().number, 1, cfg.tempo):
+            pass
+        trust = {n.hotkey: n.trust for n in ledger.neurons()}
+        weights = [trust[h] for h in swarm.hotkeys]
+        assert all(w > 0 for w in weights) and len(set(weights)) > 1, weights
+        floor = AveragingConfig().weight_floor
+        weight_of = LedgerWeights(cfg.db, AveragingConfig().weights, floor)
+        assert trust[newcomer.address] == 0 and weight_of(newcomer.address) == floor
+        assert [weight_of(h) for h in swarm.hotkeys] == weights
+
+    shard = swarm.new_shard()
+    table = StaticDirectory(swarm.directory().peers())
+    avgs = [
+        ShardAverager(
+            swarm.dhts[i], RUN, shard, template(), config=FAST, directory=table, weight_of=weight_of
+        )
+        for i in range(4)
+    ]
+    shutdown_later.extend(avgs)
+    deltas = [random_delta(30 + i) for i in range(4)]
+    results = ok(run_round(avgs, deltas, window=0, expected_peers=4))
+    expected = weighted(deltas, weights)
+    for r in results:
+        for name, tensor in expected.items():
+            torch.testing.assert_close(r.tensors[name], tensor, rtol=1e-5, atol=1e-7)
+
+
+def test_fresh_subnet_averages_uniformly_with_trust(swarm: Swarm) -> None:
+    """No epoch has weighed anyone: every member has zero trust, hence the floor."""
+    weight_of = LedgerWeights(swarm.ledger_path, "trust", 1e-3)
+    assert [weight_of(h) for h in swarm.hotkeys] == [1e-3] * 4
+    assert weight_of(Keypair.generate().address) == 0.0  # not registered
 
 
 def test_trimmed_mean_stays_in_the_honest_range(
@@ -157,7 +215,9 @@ def test_codecs_on_the_wire(swarm: Swarm, shutdown_later: list[ShardAverager]) -
     mean = weighted(deltas, [1, 1, 1, 1])["w"]
     sent: dict[str, float] = {}
     for wire in ("none", "fp16", "int8", "topk"):
-        config = FAST.model_copy(update={"wire": wire, "part_size_bytes": 1 << 14})
+        config = FAST.model_copy(
+            update={"wire": wire, "part_size_bytes": 1 << 14, "topk_part_size_bytes": 1 << 14}
+        )
         avgs = make(swarm, shutdown_later, swarm.new_shard(), config=config, tmpl=tmpl)
         results = ok(run_round(avgs, deltas, window=0, expected_peers=4))
         assert_all_equal(results)
@@ -167,7 +227,7 @@ def test_codecs_on_the_wire(swarm: Swarm, shutdown_later: list[ShardAverager]) -
             # The mean of what each member sent: its chunked top-k in fp16 (first round, so
             # no residual yet), encoded once more by its reducer.
             sent_parts = [
-                TopKSparsifier(config.topk_density, config.topk_chunk).sparsify(d)["w"]
+                TopKSparsifier(config.topk.density, config.topk.chunk).sparsify(d)["w"]
                 for d in deltas
             ]
             expected = torch.stack(sent_parts).mean(0).half().float()
@@ -329,3 +389,54 @@ def test_error_feedback_loses_nothing() -> None:
     sparsifier.sparsify(inputs[0])
     sparsifier.discard()
     assert torch.equal(sparsifier.residual["p"], residual)
+
+
+def test_error_feedback_keeps_the_delivered_part_of_a_failed_round() -> None:
+    """Values that reached the group's average take the new residual; the rest keep the
+    old one, as if that part of the round had not happened."""
+    sparsifier = TopKSparsifier(density=0.1, chunk=50)
+    gen = torch.Generator().manual_seed(4)
+    first, second = ({"p": torch.randn(200, generator=gen)} for _ in range(2))
+    sparsifier.sparsify(first)
+    sparsifier.commit()
+    before = sparsifier.residual["p"].clone()
+    sent = sparsifier.sparsify(second)["p"]
+    pending = second["p"] + before - sent
+    mask = torch.zeros(200, dtype=torch.bool)
+    mask[:120] = True
+    sparsifier.commit({"p": mask})
+    torch.testing.assert_close(sparsifier.residual["p"][:120], pending[:120])
+    assert torch.equal(sparsifier.residual["p"][120:], before[120:])
+    # A first round that failed with part of it delivered: zeros where nothing was sent.
+    fresh = TopKSparsifier(density=0.1, chunk=50)
+    sent = fresh.sparsify(first)["p"]
+    fresh.commit({"p": mask})
+    torch.testing.assert_close(fresh.residual["p"][:120], (first["p"] - sent)[:120])
+    assert not fresh.residual["p"][120:].any()
+
+
+def test_topk_parts_have_their_own_size() -> None:
+    """hivemind sizes top-k parts as if dense; the wire's own part size keeps them large
+    (tiny model: 21 parts of 1 MiB instead of 161 of 128 KiB)."""
+    assert AveragingConfig(wire="topk").wire_part_size_bytes == 1 << 20
+    assert AveragingConfig(wire="fp16").wire_part_size_bytes == 1 << 17
+    tensors = [torch.zeros(5_261_568)]
+    for wire, parts in (("topk", 21), ("fp16", 81)):
+        size = AveragingConfig(wire=wire).wire_part_size_bytes  # type: ignore[arg-type]
+        container = TensorPartContainer(tensors, [1.0] * 4, codec_for(wire), size)
+        assert sum(container.num_parts_by_peer) == parts, wire
+
+
+def test_topk_settings_are_one_model_with_old_keys_accepted() -> None:
+    for cfg in (
+        AveragingConfig.model_validate({"topk_density": 0.05, "topk_chunk": 256}),
+        AveragingConfig.model_validate({"topk": {"density": 0.05, "chunk": 256}}),
+        CompressionConfig.model_validate({"topk_density": 0.05, "topk_chunk": 256}),
+    ):
+        assert cfg.topk == TopKConfig(density=0.05, chunk=256)
+    for bad in ({"chunk": 16}, {"chunk": 1 << 21}, {"density": 0}):
+        for model in (AveragingConfig, CompressionConfig):
+            with pytest.raises(ValidationError):
+                model.model_validate({"topk": bad})
+    with pytest.raises(ValidationError, match="not both"):
+        AveragingConfig.model_validate({"topk": {}, "topk_chunk": 256})

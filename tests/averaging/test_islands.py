@@ -21,7 +21,12 @@ def test_islands_merge_through_the_ledger(tmp_path: Path) -> None:
         a, b = start_dht(DHTConfig()), start_dht(DHTConfig())  # two DHTs of one node each
         try:
             for kp, dht in zip(miners, (a, b), strict=True):
-                do(ledger, kp, "commit", {"data": commitment_for(dht, ledger, kp.address)})
+                do(
+                    ledger,
+                    kp,
+                    "commit",
+                    {"data": commitment_for(dht, ledger, kp.address, run="islands")},
+                )
             b.store("before", "x", get_dht_time() + 60)
             assert a.get("before") is None
             assert join_ledger_peers(a, ledger) == 1

@@ -105,7 +105,7 @@ def test_state_comes_from_the_newest_registered_peer(
 
 def test_commit_is_skipped_when_the_ledger_has_it(swarm: Swarm) -> None:
     # The swarm committed every peer's address already; no extrinsic (and no block) needed.
-    assert commit_address(swarm.ledger, swarm.miners[0], swarm.dhts[0], timeout=1) is False
+    assert commit_address(swarm.ledger, swarm.miners[0], swarm.dhts[0], run=RUN, timeout=1) is False
 
 
 def test_aux_round_rejects_a_delta(swarm: Swarm, shutdown_later: list[ShardAverager]) -> None:
