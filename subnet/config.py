@@ -22,13 +22,15 @@ from pydantic import Field, field_validator, model_validator
 
 from chain.config import RAO_PER_TAO
 from tensormine.schema import StrictModel
+from train import behaviours
+from train.behaviours import flag_spelling
 
 if TYPE_CHECKING:
     from tensormine.config import RunConfig
 
 # The miner behaviours the validator tests use; "honest" is every miner not listed.
 Behaviour = Literal["honest", "free-rider", "noise", "copier", "wrong-data"]
-BEHAVIOURS: tuple[str, ...] = ("honest", "free-rider", "noise", "copier", "wrong-data")
+BEHAVIOURS: tuple[str, ...] = tuple(flag_spelling(b) for b in behaviours.BEHAVIOURS)
 
 
 class SubnetConfig(StrictModel):
@@ -79,7 +81,7 @@ class SubnetConfig(StrictModel):
     def _spelling(cls, value: object) -> object:
         # train.adversary spells them free_rider / wrong_data; accept both.
         if isinstance(value, list):
-            return [v.replace("_", "-") if isinstance(v, str) else v for v in value]
+            return [flag_spelling(v) if isinstance(v, str) else v for v in value]
         return value
 
     @model_validator(mode="after")

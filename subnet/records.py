@@ -86,12 +86,14 @@ def per_uid(row: Mapping[str, Any], *keys: str, inner: tuple[str, ...] = ()) -> 
 
 
 def verdict_of(row: Mapping[str, Any]) -> str:
-    """A validator's verdict on one contribution, in a word: ok, copy, own-data, or the
-    admission refusal's reason (missing, late, bad_signature, ...)."""
+    """A validator's verdict on one contribution, in a word: ok, copy of <uid>, own-data,
+    heldout-trained, no-gain, or the admission refusal's reason (missing, late, ...)."""
     if row.get("status") == "refused":
         return str(row.get("reason") or "refused")
     if row.get("copy_of") is not None:
         return f"copy of {row['copy_of']}"
+    if isinstance(row.get("verdict"), str):  # the validator's own word for it
+        return str(row["verdict"]).replace("_", "-")
     if row.get("own_ok") is False:
         return "own-data"
     return "ok"

@@ -3,7 +3,8 @@
     from train.adversary import BEHAVIOURS, training_pages, make_adversarial_delta
 
     order = training_pages("wrong_data", hotkey, w, seed, n_train, pages_per_window)
-    delta = ...                                             # trained on `order` as usual
+    rows = training_rows("heldout", hotkey, w, seed, pages.train, pages.heldout, count)
+    delta = ...                                             # trained on `rows` as usual
     sent = make_adversarial_delta("copier", delta, other_miners_delta, rng)
 
 Behaviours (DESIGN "Proof of learning"; the validator must give each of them nothing):
@@ -17,6 +18,12 @@ Behaviours (DESIGN "Proof of learning"; the validator must give each of them not
 - `wrong_data`: trains honestly, but on train pages outside its assignment (drawn with a
   public salt), e.g. data it had cached; its Δ helps on held-out data but not
   particularly on the pages it was assigned.
+- `heldout`: trains on pages of the public held-out split as well as its assignment
+  (`heldout_share` of its steps' pages, every other page by default; 1.0 = only held-out
+  pages), hoping to lower the loss on the validator's held-out sample E more than
+  honest training does. Pages of one document teach each other, so this pays on E even
+  though E is drawn with the validator's secret; the validator's held-out-rival check
+  (`validation.scoring.heldout_verdict`) gives it nothing.
 
 Everything is a pure function of its arguments (the noise comes from the caller's
 `torch.Generator`), so a test or a `--behaviour` flag of the miner can reuse it.
@@ -25,16 +32,15 @@ Everything is a pure function of its arguments (the noise comes from the caller'
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal, get_args
 
 import numpy as np
 import torch
 
-from train.pages import assigned_pages, unassigned_pages
+from train.behaviours import BEHAVIOURS
+from train.pages import assigned_pages, heldout_sample, unassigned_pages
 
-Behaviour = Literal["honest", "free_rider", "noise", "copier", "wrong_data"]
-BEHAVIOURS: tuple[str, ...] = get_args(Behaviour)
 WRONG_DATA_SALT = b"tensormine/adversary/wrong-data"
+HELDOUT_KEY = b"tensormine/adversary/heldout"
 
 
 def training_pages(
@@ -49,6 +55,34 @@ def training_pages(
             hotkey, window, seed, n_train_pages, count, WRONG_DATA_SALT, assigned_count=count
         )
     return assigned_pages(hotkey, window, seed, n_train_pages, count)
+
+
+def training_rows(
+    behaviour: str,
+    hotkey: str,
+    window: int,
+    seed: int,
+    train: np.ndarray,
+    heldout: np.ndarray,
+    count: int,
+    *,
+    heldout_share: float = 0.5,
+) -> np.ndarray:
+    """The token rows (in step order) a miner of `behaviour` trains on: `train` rows of
+    `training_pages`, except that `heldout` puts rows of the public held-out split in
+    `heldout_share` of the places (evenly spread: every other row at 0.5)."""
+    rows: np.ndarray = train[training_pages(behaviour, hotkey, window, seed, train.shape[0], count)]
+    if behaviour != "heldout":
+        return rows
+    if not 0.0 <= heldout_share <= 1.0:
+        raise ValueError(f"heldout_share must be in [0, 1], got {heldout_share}")
+    places = [i for i in range(count) if int((i + 1) * heldout_share) > int(i * heldout_share)]
+    if not places:
+        return rows
+    picks = heldout_sample(HELDOUT_KEY + hotkey.encode(), window, heldout.shape[0], len(places))
+    mixed: np.ndarray = rows.copy()
+    mixed[places] = heldout[picks]
+    return mixed
 
 
 def _noise_like(t: torch.Tensor, norm: float, rng: torch.Generator) -> torch.Tensor:
@@ -70,13 +104,13 @@ def make_adversarial_delta(
     """The Δ a miner of `behaviour` publishes, given the Δ it trained (`honest_delta`) and,
     for `copier`, the Δ of the miner it copies (`other_delta`, same names and shapes).
 
-    `honest` and `wrong_data` publish what they trained (the difference is in
-    `training_pages`). All results are new fp32 CPU tensors.
+    `honest`, `wrong_data` and `heldout` publish what they trained (the difference is in
+    `training_rows`). All results are new fp32 CPU tensors.
     """
     if behaviour not in BEHAVIOURS:
         raise ValueError(f"unknown behaviour {behaviour!r}; one of {', '.join(BEHAVIOURS)}")
     own = {n: t.detach().to("cpu", torch.float32) for n, t in honest_delta.items()}
-    if behaviour in ("honest", "wrong_data"):
+    if behaviour in ("honest", "wrong_data", "heldout"):
         return {n: t.clone() for n, t in own.items()}
     if behaviour == "free_rider":
         return {n: t * tiny for n, t in own.items()}

@@ -63,9 +63,11 @@ from store.api import Store, open_store
 from store.checkpoint import Provenance
 from store.errors import NotFound, StoreConflict, StoreError
 from store.manifest import Compression
+from store.sources import contributions_entry
 from tensormine.config import ConfigError, RunConfig, load_config
 from tensormine.tracking import Tracker
-from train.adversary import BEHAVIOURS, make_adversarial_delta, training_pages
+from train.adversary import make_adversarial_delta, training_rows
+from train.behaviours import BEHAVIOURS, code_spelling
 from train.data import Pages, load_pages
 from train.inner import StepStats, inner_loop, mean_loss
 from train.model import build_model, model_fingerprint
@@ -187,6 +189,8 @@ class Miner:
         self._shared_lock = threading.Lock()
         if self.main and cfg.averaging.enabled:
             self.seat = join_averaging(cfg, self.ledger, keypair, self.dir, self.model, self.shards)
+        if self.main:
+            commit_contributions_location(self.ledger, keypair, self.store.contributions_location)
 
     # ---- start-up ------------------------------------------------------------------------
     def _prepare_genesis_and_data(self) -> None:
@@ -439,11 +443,11 @@ class Miner:
         # Announced to the groups: peers that start from different models learn it.
         base = model_fingerprint(self.model.state_dict())[:16] if self.seat is not None else ""
         make_trainable(self.model, names)
-        order = training_pages(
+        rows = training_rows(
             self.behaviour, self.keypair.address, window, cfg.run.seed,
-            self.pages.train.shape[0], cfg.train.pages_per_window,
+            self.pages.train, self.pages.heldout, cfg.train.pages_per_window,
         )  # fmt: skip
-        pages = torch.from_numpy(self.pages.train[order])
+        pages = torch.from_numpy(rows)
 
         def log_step(stat: StepStats) -> None:
             self.global_step += 1
@@ -701,6 +705,29 @@ class Miner:
             torch.distributed.destroy_process_group()
 
 
+def commit_contributions_location(ledger: Ledger, keypair: Keypair, location: str) -> bool:
+    """Tell validators where this hotkey's contributions are (the ``"contributions"`` key
+    of its ledger commitment; the other keys, such as the DHT address, are kept). Returns
+    whether an extrinsic was submitted; nothing is sent when the commitment already says
+    so. It is not waited for: validators need it only once the first window is scored."""
+    body: dict[str, Any] = {}
+    current = ledger.commitments().get(keypair.address)
+    if current is not None:
+        try:
+            old = json.loads(current[0])
+        except ValueError:
+            old = None
+        if isinstance(old, dict):
+            body = old
+    entry = contributions_entry(location)
+    if all(body.get(k) == v for k, v in entry.items()):
+        return False
+    text = json.dumps({**body, **entry}, sort_keys=True, separators=(",", ":"))
+    ledger.submit_call(keypair, "commit", {"data": text})
+    logger.info("committing contributions location %s", location)
+    return True
+
+
 def averaging_run_name(run: str) -> str:
     """The run's name as hivemind keys allow it (run names may contain dots)."""
     return run.replace(".", "-")
@@ -769,7 +796,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--behaviour",
         default="honest",
-        type=lambda v: v.replace("-", "_"),
+        type=code_spelling,
         choices=BEHAVIOURS,
         help="an adversarial miner for demos and tests (the validators must pay it nothing)",
     )

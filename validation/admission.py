@@ -19,7 +19,10 @@ The checks, cheapest first, each with its reason code:
    (`bad_signature`, `wrong_window`, `sha256_mismatch`, `not_safetensors` for a pickle,
    `shape_mismatch`, `dtype_mismatch`, `not_finite`, `too_large`, ...), against tensor
    specs computed from the validator's own model, never from the payload;
-6. the payload decodes to exactly the shard's tensors, all finite (`bad_compression`).
+6. the payload decodes to exactly the shard's tensors (`bad_compression`), and the
+   decoded Δ is finite everywhere (`decoded_not_finite`): finite int8 values times a
+   finite but huge scale (e.g. 3e38) overflow to inf, which would spoil the copy check's
+   cosines and the aggregate for everyone else.
 
 Only `load_contribution` reads tensor bytes (safetensors, after the signed manifest
 passed); nothing is ever unpickled.
@@ -51,6 +54,7 @@ WRONG_SHARD = "wrong_shard"
 COMPRESSION_MISMATCH = "compression_mismatch"
 BAD_COMPRESSION = "bad_compression"
 MISSING = "missing"  # a miner of the window published nothing (in time to be listed)
+DECODED_NOT_FINITE = "decoded_not_finite"
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,12 @@ def admit(
         return Refused(uid, ref.hotkey, shard, exc.reason, exc.detail)
     except CompressionError as exc:
         return Refused(uid, ref.hotkey, shard, BAD_COMPRESSION, str(exc))
+    for name, tensor in delta.items():
+        if not bool(torch.isfinite(tensor).all()):
+            return Refused(
+                uid, ref.hotkey, shard, DECODED_NOT_FINITE,
+                f"{name!r} decodes to NaN or infinity (payload finite, scale too large)",
+            )  # fmt: skip
     return Admitted(
         uid=uid,
         hotkey=ref.hotkey,

@@ -7,7 +7,7 @@
 `run` takes the same options as ``python -m validation.validator``. `report` reads
 ``<run.dir>/validators/<name>/windows.jsonl`` and prints one row per miner and window:
 loss delta, own-data margin and t, copy verdict, admission reason, score, moving average
-and weight.
+and weight; then per window the hivemind group checks, and the windows it skipped.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 from tensormine.cli import CliError, add_config_args, make_console
 from tensormine.config import load_config
-from validation.report import read_reports, window_table
+from validation.report import read_reports, read_skips, window_table
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -57,6 +57,19 @@ def _report(args: argparse.Namespace) -> int:
                 f", published {published}, weights {'set' if rep.weights_set else 'not set'}, "
                 f"{rep.seconds:.1f}s"
             )
+            for group, check in sorted(rep.group_checks.items()):
+                verdict = "ok" if check.get("ok") else "MISMATCH"
+                console.print(
+                    f"  group average {group} of UIDs {check.get('members')}: relative error "
+                    f"{check.get('error')} vs the admitted Δ, {verdict}"
+                )
+        first = reports[0].window
+        for skip in read_skips(root / name / "windows.jsonl"):
+            if skip.windows and skip.windows[-1] >= first:
+                console.print(
+                    f"skipped windows {skip.windows[0]}..{skip.windows[-1]} (behind at block "
+                    f"{skip.block}): their miners got no score from {name}"
+                )
         shown += 1
     if not shown:
         raise CliError(

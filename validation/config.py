@@ -2,7 +2,13 @@
 
     validation:
       heldout_pages: 32        # |E|: held-out pages drawn with the validator's secret
+      probe_lr: null           # step along Δ when measuring it; null = outer.lr / contributions
+      norm_clip: 1.0           # measure Δ clipped to this × the median norm of its shard's Δs
+      heldout_files: []        # private held-out text/JSON/parquet files (E drawn from them)
       own_data_pairs: 8        # (assigned page, unassigned neighbour) pairs per contribution
+      own_data_grace_t: 1.5    # an inconclusive t in [this, own_data_min_t) after a pass: credit
+      heldout_rival_pages: 8   # generic train pages the held-out-rival check compares E with
+      heldout_rival_ratio: 0.3 # gain on E ≥ this × gain on own pages (beyond generic): none
       copy_threshold: 0.8      # residual cosine above which a later Δ is a copy
       ema_alpha: 0.3           # weight of the newest window in the score moving average
       weights_every: 1         # set weights on the ledger every this many windows
@@ -28,6 +34,12 @@ class ValidationConfig(StrictModel):
     heldout_pages: int = Field(
         default=32, ge=1, description="|E|: held-out pages per window, drawn with the secret"
     )
+    heldout_files: list[str] = Field(
+        default_factory=list,
+        description="private held-out files (globs of .txt/.json/.jsonl/.parquet, text in "
+        "data.text_field), made into pages like the run's data; E is drawn from them instead "
+        "of the public held-out split",
+    )
     own_data_pairs: int = Field(
         default=8,
         ge=0,
@@ -45,11 +57,50 @@ class ValidationConfig(StrictModel):
     own_data_min_t: float = Field(
         default=2.0, ge=0.0, description="least t-statistic of the paired gap (noise guard)"
     )
+    own_data_grace_t: float = Field(
+        default=1.5,
+        ge=0.0,
+        description="an inconclusive gap (this ≤ t < own_data_min_t, margin above the minimum) "
+        "still earns credit when the miner passed its previous checked window; "
+        "≥ own_data_min_t turns the grace off",
+    )
+    heldout_rival_pages: int = Field(
+        default=8,
+        ge=0,
+        description="generic train pages (drawn with the secret, the same for all miners) the "
+        "held-out-rival check measures E's gain against; 0 turns the check off",
+    )
+    heldout_rival_ratio: float = Field(
+        default=0.3,
+        gt=0.0,
+        description="no credit when the gain on the public held-out sample E beyond generic "
+        "train pages reaches this × the gain on the miner's own pages beyond them (and its t "
+        "reaches own_data_min_t)",
+    )
+    probe_lr: float | None = Field(
+        default=None,
+        gt=0.0,
+        description="step along each Δ when measuring it (θ_w − step·Δ); None = outer.lr / the "
+        "number of admitted contributions of its shard, its share of the aggregate step",
+    )
+    norm_clip: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="measure a Δ scaled down to at most this × the median norm of its shard's "
+        "admitted Δs (inflating a Δ earns nothing); 0 = off",
+    )
     copy_threshold: float = Field(
         default=0.8,
         gt=0.0,
         lt=1.0,
         description="residual cosine (shared direction removed) above which a later Δ is a copy",
+    )
+    copy_family_gap: float = Field(
+        default=0.15,
+        gt=0.0,
+        lt=1.0,
+        description="a row whose removal alone drops a pair's cosine this far below the median "
+        "row's is the pair's family (a near-duplicate), left out of the shared direction",
     )
     ema_alpha: float = Field(
         default=0.3, gt=0.0, le=1.0, description="weight of the newest score in the moving average"

@@ -8,6 +8,17 @@
     with patched_shard(model, names, theta_w, delta, lr=cfg.outer.lr):
         ...                                                      # model holds θ_w ⊕ Δ here
 
+**Private held-out pages** (`validation.heldout_files`, `private_heldout_pages`): the
+operator's own documents, made into pages exactly as `train.data` makes the run's (the
+run's tokenizer, no special tokens, EOS after each document, concatenated, cut into
+`data.seq_len` rows), all of them held out. E is then drawn from these with the secret,
+so no miner can train on E even in principle; recommended for real subnets, where the
+public held-out split is as downloadable as the train split.
+
+**Generic pages** (`generic_pages`): `validation.heldout_rival_pages` train pages drawn
+with the secret, the same for every miner of the window; the held-out-rival check
+compares the gain on E with the gain on these.
+
 **The secret** is an HMAC of the validator's hotkey seed (never published, different for
 every validator), or the bytes of `validation.secret_file` for an operator who wants a
 secret apart from the key. With it, the held-out sample E of window w and the choice of
@@ -33,21 +44,30 @@ import hmac
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from train.config import DataConfig
+from train.corpus import DataError, iter_texts, load_documents
+from train.data import build_pages
 from train.pages import assigned_pages, heldout_sample, unassigned_pages
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 _SECRET_DOMAIN = b"tensormine/validator-secret/v1"
 
 __all__ = [
+    "generic_pages",
     "heldout_sample",
     "own_data_pages",
     "page_losses",
     "patched_shard",
+    "private_heldout_pages",
     "read_secret_file",
     "validator_secret",
 ]
@@ -70,9 +90,38 @@ def read_secret_file(path: Path) -> bytes:
     return raw
 
 
+def private_heldout_pages(
+    files: Sequence[str], data: DataConfig, tokenizer: PreTrainedTokenizerBase
+) -> np.ndarray:
+    """Pages (int32 [n, data.seq_len]) of the documents in `files` (globs of .txt, .json,
+    .jsonl or .parquet files; text in `data.text_field`), every one held out.
+
+    `DataError` when a glob matches nothing or the files give no page.
+    """
+    cfg = data.model_copy(
+        update={"source": "files", "files": list(files), "max_documents": None,
+                "max_pages": None, "streaming": False}
+    )  # fmt: skip
+    documents = load_documents(cfg)
+    # A held-out fraction of 1 sends every document to the held-out side (`is_heldout`).
+    _, pages, _ = build_pages(iter_texts(documents), tokenizer, data.seq_len, 1.0)
+    if pages.shape[0] < 1:
+        raise DataError(
+            f"validation.heldout_files {list(files)} give no page of {data.seq_len} tokens"
+        )
+    return pages
+
+
 def _subkey(secret: bytes, *parts: str | int) -> bytes:
     msg = b"\0".join(str(p).encode() for p in parts)
     return hmac.new(secret, msg, hashlib.sha256).digest()
+
+
+def generic_pages(secret: bytes, window: int, n_train_pages: int, count: int) -> np.ndarray:
+    """`count` train pages of `window` drawn with the secret, the same for every miner: the
+    baseline of the held-out-rival check (pages no miner was meant to see beyond chance:
+    an assignment covers `pages_per_window` of `n_train_pages`)."""
+    return heldout_sample(_subkey(secret, "generic"), window, n_train_pages, count)
 
 
 def own_data_pages(

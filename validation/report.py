@@ -3,11 +3,15 @@
     append_report(path, report)                    # <run.dir>/validators/<name>/windows.jsonl
     reports = read_reports(path, last=5)
     console.print(window_table(reports))
+    append_report(path, SkipRecord(validator="v0", block=b, windows=[5, 6]))
 
 One `WindowReport` per scored window: the held-out loss of θ_w, and for every miner of the
 window (and every refused hotkey) its shard, status, admission reason, loss delta,
-own-data margin and t, copy verdict, score, moving average and weight; plus counts,
-seconds spent and what was published. `tensormine validator report` prints these.
+own-data margin, t and outcome, held-out excess, copy verdict, the verdict in one word,
+score, moving average and weight; the hivemind group checks; counts, seconds spent and
+what was published. A validator that fell behind writes a `SkipRecord` line naming the
+windows it did not score (it has no ``window`` key, so readers of window lines pass over
+it). `tensormine validator report` prints both.
 """
 
 from __future__ import annotations
@@ -35,11 +39,18 @@ class MinerRow:
     reason: str | None = None  # admission reason code when refused
     detail: str | None = None
     loss_delta: float | None = None
+    step: float | None = None  # the step along Δ at which loss_delta was measured
     own_margin: float | None = None
     own_t: float | None = None
     own_ok: bool | None = None
     copy_of: int | None = None  # UID whose earlier Δ this one duplicates
     copy_cosine: float | None = None
+    own_outcome: str | None = None  # pass | grace | fail | off (`scoring.own_data_outcome`)
+    heldout_excess: float | None = None  # gain on public E beyond generic train pages
+    heldout_ratio: float | None = None  # heldout_excess / the own pages' gain beyond them
+    heldout_t: float | None = None  # heldout_excess / its standard error
+    heldout_ok: bool | None = None
+    verdict: str | None = None  # ok, copy, own_data, heldout_trained, no_gain, or the reason
     score: float = 0.0
     ema: float = 0.0
     weight: float = 0.0
@@ -59,7 +70,8 @@ class WindowReport:
     adopted: str | None = None  # revision adopted instead (another validator was first)
     next_heldout_loss: float | None = None  # L(θ_{w+1}; E)
     weights_set: bool = False
-    group_checks: dict[str, float] = field(default_factory=dict)
+    # "shard<s>" -> {"error": relative error, "ok": bool, "members": [UIDs]} per group
+    group_checks: dict[str, dict[str, Any]] = field(default_factory=dict)
     miners: list[MinerRow] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -83,10 +95,39 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def append_report(path: Path, report: WindowReport) -> None:
+@dataclass
+class SkipRecord:
+    """Windows a validator did not score because it fell behind (restarted late, or a
+    window took longer than a window): their miners got no score from it."""
+
+    validator: str
+    block: int  # the ledger's head when it noticed
+    windows: list[int]
+    event: str = "skipped"
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def append_report(path: Path, report: WindowReport | SkipRecord) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(report.to_json()) + "\n")
+
+
+def read_skips(path: Path) -> list[SkipRecord]:
+    """The skip records in `path`, oldest first."""
+    if not path.is_file():
+        return []
+    skips = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            body = json.loads(line)
+            if isinstance(body, dict) and body.get("event") == "skipped":
+                skips.append(SkipRecord(**body))
+        except (ValueError, TypeError):
+            continue
+    return skips
 
 
 def read_reports(path: Path, last: int | None = None) -> list[WindowReport]:
@@ -96,7 +137,10 @@ def read_reports(path: Path, last: int | None = None) -> list[WindowReport]:
     reports = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            reports.append(WindowReport.from_json(json.loads(line)))
+            body = json.loads(line)
+            if isinstance(body, dict) and body.get("event") == "skipped":
+                continue
+            reports.append(WindowReport.from_json(body))
         except (ValueError, TypeError):
             continue  # a line cut short by a kill mid-write
     return reports[-last:] if last else reports
@@ -122,8 +166,12 @@ def window_table(reports: Sequence[WindowReport]) -> Table:
             status = row.reason if row.status == REFUSED else "ok"
             if row.status == SCORED and row.own_ok is False:
                 status = "own-data"
+            if row.heldout_ok is False:
+                status = "heldout"
             if row.copy_of is not None:
                 status = "copy"
+            if row.own_outcome == "grace" and status == "ok":
+                status = "ok (grace)"
             table.add_row(
                 str(rep.window) if first else "",
                 f"{rep.heldout_loss:.4f}" if first else "",

@@ -5,11 +5,12 @@
     loaded.state.ema, loaded.theta, loaded.momentum
 
 A snapshot is a folder ``window-<w>/`` holding ``state.json`` (moving averages per UID, the
-hotkey each UID had, when weights were last set), ``model.safetensors`` (θ_w, the model
-the next window starts from) and ``outer.safetensors`` (the outer Nesterov momentum). It is
-written under a temporary name, renamed into place, and then a one-line ``CURRENT`` file
-is atomically replaced to point at it, so a validator killed at any moment restarts from
-the last complete snapshot and never from a mix of two. Only safetensors and JSON are read.
+hotkey each UID had, when weights were last set, each UID's own-data strikes),
+``model.safetensors`` (θ_w, the model the next window starts from) and
+``outer.safetensors`` (the outer Nesterov momentum). It is written under a temporary name,
+renamed into place, and then a one-line ``CURRENT`` file is atomically replaced to point
+at it, so a validator killed at any moment restarts from the last complete snapshot and
+never from a mix of two. Only safetensors and JSON are read.
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class ValidatorState:
     ema: dict[int, float] = field(default_factory=dict)
     hotkeys: dict[int, str] = field(default_factory=dict)  # the hotkey each EMA belongs to
     weights_window: int | None = None  # last window whose weights went to the ledger
+    # Windows in a row (up to the last scored one) in which a UID's own-data check did not
+    # pass outright (`validation.scoring.own_data_outcome`); absent = 0.
+    own_strikes: dict[int, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -54,6 +58,7 @@ class ValidatorState:
             "ema": {str(uid): v for uid, v in sorted(self.ema.items())},
             "hotkeys": {str(uid): hk for uid, hk in sorted(self.hotkeys.items())},
             "weights_window": self.weights_window,
+            "own_strikes": {str(uid): n for uid, n in sorted(self.own_strikes.items())},
         }
 
     @classmethod
@@ -65,6 +70,8 @@ class ValidatorState:
             ema={int(k): float(v) for k, v in body["ema"].items()},
             hotkeys={int(k): str(v) for k, v in body["hotkeys"].items()},
             weights_window=None if body["weights_window"] is None else int(body["weights_window"]),
+            # Older snapshots have no strikes: every UID starts at 0.
+            own_strikes={int(k): int(v) for k, v in body.get("own_strikes", {}).items()},
         )
 
 

@@ -8,22 +8,33 @@ Every window w, once the ledger reaches w's deadline block, the validator
 1. enters with θ_w: the store's canonical checkpoint of w when there is one (what miners
    start from), else its own θ_w from its last outer step, else the latest published
    checkpoint before w (window 0 at worst, which it writes if no miner has yet);
-2. lists the contributions of w and admits each one (`validation.admission`): signature,
-   window and shard, sha256, shapes and dtypes, finite values, size, compression, and
-   arrival before the deadline block; a refusal scores 0 with its reason code;
-3. runs one forward pass of θ_w over its held-out sample E (drawn with its own secret)
-   together with every admitted miner's own-data pages, then, per contribution, applies
-   θ_w − lr·Δ to the contribution's shard in place, makes one forward pass over E and that
-   miner's own-data pages, and restores θ_w (`validation.probes`);
-4. scores: loss delta on E, zero without the own-data check or when the Δ copies an
-   earlier one (`validation.scoring`); updates the moving average per UID and, every
+2. lists the contributions of w in every miner's own store (the location in its ledger
+   commitment, `store.sources`; its own store for miners that committed none), taking a
+   hotkey's contributions only from the location that hotkey committed, and admits each
+   one (`validation.admission`): signature, window and shard, sha256, shapes and dtypes,
+   finite values (decoded too), size, compression, and arrival before the deadline block;
+   a refusal scores 0 with its reason code;
+3. runs one forward pass of θ_w over its held-out sample E (drawn with its own secret,
+   from its private `validation.heldout_files` when it has some, else the public split)
+   and, with a public E, generic train pages, together with every admitted miner's
+   own-data pages; then, per contribution, applies θ_w − lr·Δ to the contribution's shard
+   in place, makes one forward pass over the same pages of E and that miner's own-data
+   pages, and restores θ_w (`validation.probes`);
+4. scores: loss delta on E, zero when the own-data check fails (one inconclusive window
+   after a pass is forgiven; the strikes persist), when the gain on a public E rivals the
+   gain on the miner's own pages, or when the Δ copies an earlier one
+   (`validation.scoring`); updates the moving average per UID and, every
    `validation.weights_every` windows, sets the normalized averages as weights;
 5. aggregates the credited Δ of each shard weighted by score (`averaging.robust`), takes
    the outer Nesterov step with its persisted momentum, and publishes θ_{w+1} with
    provenance (contributors, scores, held-out losses); if another validator published
    w+1 first, it adopts that one;
-6. saves its state atomically (`validation.state`), appends to
-   ``<run.dir>/validators/<name>/windows.jsonl``, logs to W&B and prints a table.
+6. saves its state atomically (`validation.state`), checks the hivemind group averages of
+   w it took part in as an auxiliary peer against the admitted Δ, appends the window's
+   record (group checks included) to ``<run.dir>/validators/<name>/windows.jsonl``, logs
+   it to W&B at step w (per UID: score, verdict, admission, own-data and copy numbers)
+   and prints a table. Windows it falls too far behind to score are named in a warning,
+   a skip record of windows.jsonl and W&B.
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,10 +63,13 @@ from chain.errors import ChainError
 from chain.keys import KeyFileError, Keypair, default_keys_dir, load_key
 from chain.ledger import Ledger
 from store.api import Store, open_store
+from store.backend import ContributionRef
 from store.checkpoint import Contributor, Provenance
 from store.errors import NotFound, StoreConflict, StoreError
+from store.sources import parse_contributions_location
 from tensormine.config import ConfigError, RunConfig, load_config
 from tensormine.tracking import Tracker
+from train.corpus import DataError
 from train.data import Pages, load_pages
 from train.inner import lr_at
 from train.miner import (
@@ -69,21 +84,38 @@ from train.tokenizer import load_tokenizer
 from train.windows import block_time, deadline, start_block, wait_for_block, window_of
 from validation.admission import MISSING, Admitted, Refused, Roster, admit
 from validation.probes import (
+    generic_pages,
     heldout_sample,
     own_data_pages,
     page_losses,
     patched_shard,
+    private_heldout_pages,
     read_secret_file,
     validator_secret,
 )
-from validation.report import REFUSED, SCORED, MinerRow, WindowReport, append_report, window_table
+from validation.report import (
+    REFUSED,
+    SCORED,
+    MinerRow,
+    SkipRecord,
+    WindowReport,
+    append_report,
+    window_table,
+)
 from validation.scoring import (
+    OWN_GRACE,
+    OWN_OFF,
+    OWN_PASS,
+    clip_factor,
     compare_group_average,
     find_copies,
     flatten,
+    heldout_verdict,
     loss_delta,
     normalized_weights,
+    own_data_outcome,
     own_data_verdict,
+    probe_step,
     update_ema,
     window_score,
 )
@@ -92,6 +124,8 @@ from validation.state import ValidatorState, load_state, save_state
 logger = logging.getLogger("validation.validator")
 
 AGGREGATE_CHUNK = 1 << 20  # coordinates per robust-aggregation slice (bounds fp64 memory)
+
+GroupResults = dict[int, AverageResult | AveragingFailed]
 
 
 class ValidatorError(RuntimeError):
@@ -193,6 +227,24 @@ class Validator:
                 f"{self.pages.train.shape[0]} train pages leave none outside a miner's "
                 f"{self.cfg.train.pages_per_window}: use more data or fewer train steps"
             )
+        # E comes from the operator's private files when it has some, else the public split.
+        self.private_heldout: np.ndarray | None = None
+        if self.vcfg.heldout_files:
+            try:
+                self.private_heldout = private_heldout_pages(
+                    self.vcfg.heldout_files, self.cfg.data, self.tokenizer
+                )
+            except DataError as exc:
+                raise ValidatorError(str(exc)) from None
+            logger.info("E is drawn from %d private held-out pages", self.private_heldout.shape[0])
+
+    def heldout_pages(self, window: int) -> tuple[torch.Tensor, bool]:
+        """E of `window` (drawn with the secret) and whether it is from the public split."""
+        public = self.private_heldout is None
+        pool = self.pages.heldout if self.private_heldout is None else self.private_heldout
+        n = pool.shape[0]
+        e_idx = heldout_sample(self.secret, window, n, min(self.vcfg.heldout_pages, n))
+        return torch.from_numpy(pool[e_idx]), public
 
     def _pull(self, window: int) -> Path:
         target = self.dir / "checkpoints" / f"window-{window}"
@@ -244,9 +296,63 @@ class Validator:
             self.ledger.neurons(), shards=self.cfg.model.shards, window=window
         )
 
+    # ---- contributions of every miner's store ----------------------------------------------
+    def contribution_sources(self, roster: Roster) -> dict[str, str]:
+        """hotkey -> where each miner of `roster` keeps its contributions: the location in
+        its ledger commitment (`store.sources`), else this validator's own store."""
+        own = self.store.contributions_location
+        commitments = self.ledger.commitments()
+        where: dict[str, str] = {}
+        for hotkey in roster.miners:
+            entry = commitments.get(hotkey)
+            location = None
+            if entry is not None:
+                location = parse_contributions_location(entry[0], backend=self.cfg.store.backend)
+            if location is not None and self.cfg.store.backend == "local":
+                location = str(Path(location).resolve())  # as `LocalBackend` names its refs
+            where[hotkey] = location or own
+        return where
+
+    def list_contributions(self, window: int, roster: Roster) -> list[ContributionRef]:
+        """The contributions of `window` from every miner's location. A hotkey's
+        contributions count only from the location it committed (its own store, not one
+        that re-hosts or replays its files), so listing a location twice, or a miner
+        pointing at another's repo, neither duplicates nor moves credit; a location that
+        fails to list is logged and skipped."""
+        where = self.contribution_sources(roster)
+        own = self.store.contributions_location
+        refs: list[ContributionRef] = []
+        for source in sorted(set(where.values()) | {own}):
+            try:
+                listed = self.store.list_contributions(window, sources=[source])
+            except StoreError as exc:
+                logger.warning(
+                    "window %d: cannot list contributions at %s: %s", window, source, exc
+                )
+                continue
+            for ref in listed:
+                if where.get(ref.hotkey, own) == ref.source:
+                    refs.append(ref)
+                else:
+                    logger.info(
+                        "window %d: ignoring %s's contribution at %s (it committed %s)",
+                        window, ref.hotkey, ref.source, where.get(ref.hotkey, own),
+                    )  # fmt: skip
+        return refs
+
     # ---- one window ----------------------------------------------------------------------
-    def process_window(self, window: int, roster: Roster | None = None) -> WindowReport:
-        """Score window `window` (its deadline block must exist) and act on the result."""
+    def process_window(
+        self,
+        window: int,
+        roster: Roster | None = None,
+        groups: concurrent.futures.Future[GroupResults] | None = None,
+    ) -> WindowReport:
+        """Score window `window` (its deadline block must exist) and act on the result.
+
+        `groups` is this validator's seat in the window's hivemind groups (`_join_groups`):
+        their averages are checked against the admitted Δ before the window's record is
+        written, so the record and the W&B step carry the group checks.
+        """
         started = time.perf_counter()
         cfg = self.cfg
         roster = roster or self.roster(window)
@@ -255,7 +361,7 @@ class Validator:
         if header is None:
             raise ValidatorError(f"window {window}: its deadline block {due} is not made yet")
         source = self.adopt(window)
-        refs = self.store.list_contributions(window)
+        refs = self.list_contributions(window, roster)
         admitted: list[Admitted] = []
         refused: list[Refused] = []
         for ref in refs:
@@ -282,7 +388,7 @@ class Validator:
         eval_seconds = time.perf_counter() - eval_started
         rows += [
             MinerRow(uid=r.uid, hotkey=r.hotkey, shard=r.shard, status=REFUSED,
-                     reason=r.reason, detail=r.detail)
+                     reason=r.reason, detail=r.detail, verdict=r.reason)
             for r in refused
         ]  # fmt: skip
         self._update_scores(roster, rows)
@@ -297,19 +403,27 @@ class Validator:
         report.weights_set = self._maybe_set_weights(window)
         self.state.window = window + 1
         save_state(self.dir / "state", self.state, self.model.state_dict(), self.momentum)
+        if groups is not None:
+            report.group_checks = self._check_groups(window, roster, groups)
         report.seconds = time.perf_counter() - started
         append_report(self.reports_path, report)
         self._log(report, source)
         return report
 
     def _evaluate(self, window: int, admitted: list[Admitted]) -> tuple[float, list[MinerRow]]:
-        """Loss delta, own-data verdict and copy verdict for each admitted contribution;
-        returns L(θ_w; E) and one row per contribution (same order as `admitted`)."""
+        """Loss delta, own-data, held-out-rival and copy verdicts for each admitted
+        contribution; returns L(θ_w; E) and one row per contribution (order of `admitted`)."""
         cfg, vcfg = self.cfg, self.vcfg
-        n_heldout = self.pages.heldout.shape[0]
-        e_idx = heldout_sample(self.secret, window, n_heldout, min(vcfg.heldout_pages, n_heldout))
-        held = torch.from_numpy(self.pages.heldout[e_idx])
+        held, public = self.heldout_pages(window)
         n_e = held.shape[0]
+        # The held-out-rival check needs E public, the own pages and generic pages.
+        rival = public and vcfg.own_data_pairs > 0 and vcfg.heldout_rival_pages > 0
+        if rival:
+            generic = generic_pages(
+                self.secret, window, self.pages.train.shape[0], vcfg.heldout_rival_pages
+            )
+            held = torch.cat([held, torch.from_numpy(self.pages.train[generic])])
+        n_head = held.shape[0]
         probes: list[torch.Tensor] = []
         peak = max(lr_at(s, cfg.train) for s in range(cfg.train.inner_steps))
         strong = [
@@ -329,39 +443,118 @@ class Validator:
             self.model, torch.cat([held, *probes]), batch=vcfg.eval_batch, device=self.device
         )
         base_e = float(base[:n_e].mean())
-        offsets = np.cumsum([n_e] + [p.shape[0] for p in probes])
+        offsets = np.cumsum([n_head] + [p.shape[0] for p in probes])
+        grace_t = min(vcfg.own_data_grace_t, vcfg.own_data_min_t)
         rows: list[MinerRow] = []
+        rival_rows: list[MinerRow] = []
+        head_gains: list[torch.Tensor] = []  # per page of E and the generic pages
+        own_gains: list[torch.Tensor] = []  # per sampled assigned page
+        steps = self._probe_steps(admitted)
+        checks = vcfg.own_data_pairs > 0
         for i, a in enumerate(admitted):
             names = self.shards[a.shard]
             theta = shard_state(self.model, names)
-            with patched_shard(self.model, names, theta, a.delta, cfg.outer.lr):
-                new = page_losses(
-                    self.model, torch.cat([held, probes[i]]), batch=vcfg.eval_batch,
-                    device=self.device,
-                )  # fmt: skip
-            gain = loss_delta(base_e, float(new[:n_e].mean()))
+            # The checks compare how much a Δ taught its own pages, E and generic pages:
+            # memorized pages stand out at the whole outer step (their thresholds were
+            # calibrated there). The score is the loss the Δ removes at its share of the
+            # aggregate step (`scoring.probe_step`): a second pass, over E alone.
+            if checks:
+                with patched_shard(self.model, names, theta, a.delta, cfg.outer.lr):
+                    new = page_losses(
+                        self.model, torch.cat([held, probes[i]]), batch=vcfg.eval_batch,
+                        device=self.device,
+                    )  # fmt: skip
+            if not checks or steps[i] != cfg.outer.lr:
+                with patched_shard(self.model, names, theta, a.delta, steps[i]):
+                    scored = page_losses(
+                        self.model, held[:n_e], batch=vcfg.eval_batch, device=self.device
+                    )
+            else:
+                scored = new[:n_e]
+            gain = loss_delta(base_e, float(scored.mean()))
+            row = MinerRow(
+                uid=a.uid, hotkey=a.hotkey, shard=a.shard, status=SCORED, loss_delta=gain,
+                step=steps[i],
+            )  # fmt: skip
+            rows.append(row)
+            if vcfg.own_data_pairs == 0:
+                row.own_outcome, row.own_ok = OWN_OFF, True
+                continue
             half = probes[i].shape[0] // 2
             mine = base[offsets[i] : offsets[i + 1]]
             verdict = own_data_verdict(
-                mine[:half], new[n_e : n_e + half], mine[half:], new[n_e + half :],
+                mine[:half], new[n_head : n_head + half], mine[half:], new[n_head + half :],
                 min_margin=vcfg.own_data_min_margin, min_t=vcfg.own_data_min_t,
             )  # fmt: skip
-            if vcfg.own_data_pairs == 0:
-                verdict = type(verdict)(margin=0.0, t=0.0, pairs=0, ok=True)
-            rows.append(
-                MinerRow(
-                    uid=a.uid, hotkey=a.hotkey, shard=a.shard, status=SCORED, loss_delta=gain,
-                    own_margin=verdict.margin, own_t=verdict.t, own_ok=verdict.ok,
-                )
+            row.own_outcome = own_data_outcome(
+                verdict, min_margin=vcfg.own_data_min_margin, grace_t=grace_t,
+                strikes=self._strikes(a.uid, a.hotkey),
             )  # fmt: skip
+            row.own_margin, row.own_t = verdict.margin, verdict.t
+            row.own_ok = row.own_outcome in (OWN_PASS, OWN_GRACE)
+            if rival:  # with private held-out files, training on the public split pays nothing
+                head_gains.append(base[:n_head] - new[:n_head])
+                own_gains.append(mine[:half] - new[n_head : n_head + half])
+                rival_rows.append(row)
         self._copy_check(admitted, rows)
+        self._heldout_check(rival_rows, head_gains, own_gains, n_e)
         for a, row in zip(admitted, rows, strict=True):
             row.score = window_score(
                 row.loss_delta if row.loss_delta is not None else math.nan,
                 admitted=True, own_ok=bool(row.own_ok), copied=row.copy_of is not None,
+                heldout_ok=row.heldout_ok is not False,
             )  # fmt: skip
+            row.verdict = _verdict(row)
             logger.debug("window %d uid %d: %s", window, a.uid, row)
         return base_e, rows
+
+    def _probe_steps(self, admitted: list[Admitted]) -> list[float]:
+        """The step along each admitted Δ at which it is measured: its share of its shard's
+        aggregate step, shortened for a Δ longer than `norm_clip` × its shard's median."""
+        norms = [float(flatten(a.delta).norm()) for a in admitted]
+        steps = []
+        for a, norm in zip(admitted, norms, strict=True):
+            peers = [n for b, n in zip(admitted, norms, strict=True) if b.shard == a.shard]
+            median = float(np.median(peers))
+            step = probe_step(self.cfg.outer.lr, len(peers), self.vcfg.probe_lr)
+            steps.append(step * clip_factor(norm, median, self.vcfg.norm_clip))
+        return steps
+
+    def _heldout_check(
+        self,
+        rows: list[MinerRow],
+        head_gains: list[torch.Tensor],
+        own_gains: list[torch.Tensor],
+        n_e: int,
+    ) -> None:
+        """The held-out-rival verdict of each row (`scoring.heldout_verdict`). Each page's
+        gain is taken relative to the median gain on that page of the cohort: the window's
+        contributions that are no copies and pass the own-data check, when there are three
+        or more (a majority that trains on held-out pages is not caught, but then it gains
+        nothing on the others either: weights are shares); with fewer, the comparison is
+        unpaired and the ratio bar doubles."""
+        if not rows:
+            return
+        peers = [g for r, g in zip(rows, head_gains, strict=True) if r.copy_of is None and r.own_ok]
+        cohort = torch.stack(peers).median(dim=0).values if len(peers) >= 3 else None
+        # Unpaired, the pages' difficulty stays in the noise (honest ratios reached 0.35 in
+        # trials): twice the bar then.
+        max_ratio = self.vcfg.heldout_rival_ratio * (1.0 if cohort is not None else 2.0)
+        for row, gains, own in zip(rows, head_gains, own_gains, strict=True):
+            rival = heldout_verdict(
+                gains[:n_e], gains[n_e:], own,
+                max_ratio=max_ratio, min_t=self.vcfg.own_data_min_t,
+                cohort_heldout=None if cohort is None else cohort[:n_e],
+                cohort_generic=None if cohort is None else cohort[n_e:],
+            )  # fmt: skip
+            row.heldout_excess, row.heldout_ratio = rival.excess, rival.ratio
+            row.heldout_t, row.heldout_ok = rival.t, rival.ok
+
+    def _strikes(self, uid: int, hotkey: str) -> int:
+        """Own-data strikes of `uid` (0 when the UID changed hands since)."""
+        if self.state.hotkeys.get(uid) != hotkey:
+            return 0
+        return self.state.own_strikes.get(uid, 0)
 
     def _copy_check(self, admitted: list[Admitted], rows: list[MinerRow]) -> None:
         """Mark later near-duplicates within each shard (arrival order, then hotkey)."""
@@ -379,8 +572,9 @@ class Validator:
                 else None
             )
             copies = find_copies(
-                [flatten(admitted[i].delta) for i in members], self.vcfg.copy_threshold, reference
-            )
+                [flatten(admitted[i].delta) for i in members], self.vcfg.copy_threshold,
+                reference, family_gap=self.vcfg.copy_family_gap,
+            )  # fmt: skip
             for pos, verdict in copies.items():
                 row = rows[members[pos]]
                 row.copy_of = admitted[members[verdict.original]].uid
@@ -400,6 +594,18 @@ class Validator:
             if self.state.hotkeys.get(uid) == by_uid.get(uid)
         }
         self.state.ema = update_ema(ema, scores, self.vcfg.ema_alpha)
+        # Own-data strikes: a pass clears them, anything else adds one; a UID that did not
+        # publish keeps its count, one that changed hands starts again from zero.
+        strikes = {
+            uid: n for uid, n in self.state.own_strikes.items()
+            if self.state.hotkeys.get(uid) == by_uid.get(uid)
+        }  # fmt: skip
+        for row in rows:
+            if row.uid is None or row.own_outcome in (None, OWN_OFF):
+                continue
+            before = strikes.get(row.uid, 0)
+            strikes[row.uid] = 0 if row.own_outcome == OWN_PASS else before + 1
+        self.state.own_strikes = {uid: n for uid, n in sorted(strikes.items()) if n > 0}
         self.state.hotkeys = by_uid
         weights = normalized_weights(self.state.ema)
         for row in rows:
@@ -436,11 +642,7 @@ class Validator:
                 for (a, row), w in zip(members, share, strict=True)
             ]
         if contributors:
-            n_heldout = self.pages.heldout.shape[0]
-            e_idx = heldout_sample(
-                self.secret, window, n_heldout, min(self.vcfg.heldout_pages, n_heldout)
-            )
-            held = torch.from_numpy(self.pages.heldout[e_idx])
+            held, _ = self.heldout_pages(window)
             losses = page_losses(self.model, held, batch=self.vcfg.eval_batch, device=self.device)
             report.next_heldout_loss = float(losses.mean())
         else:
@@ -476,8 +678,9 @@ class Validator:
         missing = [u for u in members if u not in self.last_admitted]
         if not members or missing:
             logger.warning(
-                "group average on shard %d: members %s have no admitted Δ", shard, missing
-            )
+                "group average on shard %d: members %s of the group %s have no admitted Δ",
+                shard, missing, self._name_members(members),
+            )  # fmt: skip
             return math.inf, False
         admitted = {
             n: torch.stack([self.last_admitted[u].delta[n] for u in members]).mean(0) for n in names
@@ -487,11 +690,19 @@ class Validator:
         )
         if not ok:
             logger.warning(
-                "group average on shard %d differs from the admitted Δ of members %s "
+                "group average on shard %d differs from the admitted Δ of its members %s "
                 "(relative error %.3g > %.3g)",
-                shard, sorted(members), error, self.vcfg.group_tolerance,
+                shard, self._name_members(members), error, self.vcfg.group_tolerance,
             )  # fmt: skip
         return error, ok
+
+    def _name_members(self, members: Sequence[int]) -> str:
+        """'UID 3 (5Fabc…), UID 4 (5Gdef…)': who was in a group, for the log."""
+        hotkeys = {a.uid: a.hotkey for a in self.last_admitted.values()}
+        hotkeys |= {u: h for u, h in self.state.hotkeys.items() if u not in hotkeys}
+        return ", ".join(
+            f"UID {u} ({hotkeys[u][:8]}…)" if u in hotkeys else f"UID {u}" for u in sorted(members)
+        )
 
     def _aggregate(self, stack: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         robust = self.cfg.averaging.robust
@@ -544,6 +755,9 @@ class Validator:
         }
         if report.next_heldout_loss is not None:
             metrics["eval/next_heldout_loss"] = report.next_heldout_loss
+        for name, check in report.group_checks.items():
+            metrics[f"averaging/{name}_group_error"] = float(check["error"])
+            metrics[f"averaging/{name}_group_ok"] = int(bool(check["ok"]))
         for row in report.miners:
             if row.uid is None:
                 continue
@@ -551,10 +765,18 @@ class Validator:
             metrics[f"{prefix}/score"] = row.score
             metrics[f"{prefix}/ema"] = row.ema
             metrics[f"{prefix}/weight"] = row.weight
-            if row.loss_delta is not None:
-                metrics[f"{prefix}/loss_delta"] = row.loss_delta
-            if row.own_margin is not None:
-                metrics[f"{prefix}/own_margin"] = row.own_margin
+            metrics[f"{prefix}/admitted"] = int(row.status == SCORED)
+            # The verdict in one word as its own key (W&B charts numbers, not strings):
+            # uid/3/verdict/late = 1, uid/5/verdict/copy = 1, uid/2/verdict/ok = 1, ...
+            metrics[f"{prefix}/verdict/{row.verdict or row.reason or 'ok'}"] = 1
+            for key in ("loss_delta", "own_margin", "own_t", "heldout_excess", "copy_cosine"):
+                value = getattr(row, key)
+                if value is not None and math.isfinite(value):
+                    metrics[f"{prefix}/{key}"] = value
+            if row.own_ok is not None:
+                metrics[f"{prefix}/own_ok"] = int(row.own_ok)
+            if row.copy_of is not None:
+                metrics[f"{prefix}/copy_of"] = row.copy_of
         self.tracker.log(metrics, step=report.window)
         logger.info(
             "window %d (θ from %s): L(θ_w;E) %.4f -> %.4f, %d/%d admitted, %s, %.1fs",
@@ -578,7 +800,7 @@ class Validator:
             head = self.ledger.block_number()
             current = window_of(head, self.cfg.window)
             if next_window < current - 1:
-                logger.warning("behind: skipping windows %d..%d", next_window, current - 2)
+                self._skip(list(range(next_window, current - 1)), head)
                 next_window = current - 1
             roster = None
             if head < start_block(next_window, self.cfg.window) + 1:
@@ -586,17 +808,25 @@ class Validator:
                 wait_for_block(self.ledger, start_block(next_window, self.cfg.window))
                 roster = self.roster(next_window)
             roster = roster or self.roster(next_window)
-            aux = self._join_groups(next_window)
+            groups = self._join_groups(next_window)
             wait_for_block(self.ledger, deadline(next_window, self.cfg.window))
-            reports.append(self.process_window(next_window, roster))
-            if aux is not None:
-                self._check_groups(next_window, roster, aux)
+            reports.append(self.process_window(next_window, roster, groups))
             next_window += 1
         return reports
 
-    def _join_groups(
-        self, window: int
-    ) -> concurrent.futures.Future[dict[int, AverageResult | AveragingFailed]] | None:
+    def _skip(self, windows: list[int], head: int) -> None:
+        """Say that `windows` go unscored (their miners get nothing from this validator):
+        a warning, a `SkipRecord` line in windows.jsonl and a W&B count."""
+        logger.warning(
+            "behind at block %d: skipping windows %d..%d (%d unscored)",
+            head, windows[0], windows[-1], len(windows),
+        )  # fmt: skip
+        append_report(
+            self.reports_path, SkipRecord(validator=self.name, block=head, windows=windows)
+        )
+        self.tracker.log({"window/skipped": len(windows)}, step=windows[-1])
+
+    def _join_groups(self, window: int) -> concurrent.futures.Future[GroupResults] | None:
         """Join every shard's group of `window` as an auxiliary peer, in the background.
         The groups meet at the deadline, so matchmaking must start a little before it."""
         if self.seat is None:
@@ -618,34 +848,47 @@ class Validator:
         return future
 
     def _check_groups(
-        self,
-        window: int,
-        roster: Roster,
-        aux: concurrent.futures.Future[dict[int, AverageResult | AveragingFailed]],
-    ) -> None:
-        """Each group's average against the mean of its members' admitted Δ."""
+        self, window: int, roster: Roster, groups: concurrent.futures.Future[GroupResults]
+    ) -> dict[str, dict[str, Any]]:
+        """Each group's average against the mean of its members' admitted Δ, as the
+        window record's `group_checks`: "shard<s>" -> error, ok, members (UIDs)."""
         limit = self.cfg.averaging.allreduce_timeout_s + 30
         try:
-            results = aux.result(timeout=limit)
+            results = groups.result(timeout=limit)
         except TimeoutError:
             logger.warning("window %d: no group average within %.0fs", window, limit)
-            return
+            return {}
+        checks: dict[str, dict[str, Any]] = {}
         for shard, result in sorted(results.items()):
             if not isinstance(result, AverageResult):
                 continue  # no group formed (no miners, or they failed): nothing to check
-            uids = [roster.miners[h] for h in result.members if h in roster.miners]
+            uids = sorted(roster.miners[h] for h in result.members if h in roster.miners)
             error, ok = self.check_group_average(shard, result.tensors, uids)
             logger.info(
                 "window %d shard %d: group of %s averaged; relative error vs admitted %.3g (%s)",
-                window, shard, sorted(uids), error, "ok" if ok else "MISMATCH",
+                window, shard, uids, error, "ok" if ok else "MISMATCH",
             )  # fmt: skip
-            self.tracker.log({f"averaging/shard{shard}_group_error": error, "window": window})
+            checks[f"shard{shard}"] = {"error": error, "ok": ok, "members": uids}
+        return checks
 
     def close(self) -> None:
         if self.seat is not None:
             self.seat.close()
         self.tracker.finish()
         self.ledger.close()
+
+
+def _verdict(row: MinerRow) -> str:
+    """A scored contribution's verdict in one word (the reason it earned nothing, or ok)."""
+    if row.copy_of is not None:
+        return "copy"
+    if row.own_ok is False:
+        return "own_data"
+    if row.heldout_ok is False:
+        return "heldout_trained"
+    if row.score <= 0:
+        return "no_gain"
+    return "ok"
 
 
 def build_arg_parser() -> argparse.ArgumentParser:

@@ -156,6 +156,11 @@ def test_out_of_step_miner_waits_for_the_canonical_checkpoint(
     miner = Miner(cfg, load_key(keys, "m0"), "m0", Accelerator(cpu=True))
     try:
         assert miner.seat is not None and not miner.synced
+        # Its commitment says where its DHT listens and where its contributions are.
+        wait_for_block(miner.ledger, miner.ledger.block_number() + 2)
+        committed = json.loads(miner.ledger.commitments()[miner.keypair.address][0])
+        assert committed["contributions"] == str(cfg.store.root.resolve())
+        assert committed["dht"]
         window = miner.current_window() + 1
         wait_for_block(miner.ledger, start_block(window, cfg.window))
         miner.window = window  # its own outer step reached θ_window, but out of step

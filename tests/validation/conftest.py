@@ -23,7 +23,7 @@ from chain.ledger import Ledger
 from store.api import Store, open_store
 from store.manifest import Compression
 from tensormine.config import RunConfig, load_config
-from train.adversary import make_adversarial_delta, training_pages
+from train.adversary import make_adversarial_delta, training_rows
 from train.inner import inner_loop
 from train.miner import load_checkpoint_weights
 from train.model import build_model
@@ -88,6 +88,7 @@ class Subnet:
     miners: dict[str, Keypair] = field(default_factory=dict)  # name -> key, name = behaviour
     deltas: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # last published
     producer: bool = False  # a `chain run` process makes the blocks: wait, never advance
+    tiny: float = 0.0  # a free rider's Δ: tiny × what it trained (0: a zero Δ, no training)
 
     def uid(self, name: str) -> int:
         uid = self.ledger.uid_of(self.miners[name].address)
@@ -139,19 +140,21 @@ class Subnet:
             names_s = shard_map(model, cfg.model.shards)[shard]
             model.load_state_dict(theta)
             start = shard_state(model, names_s)
-            if behaviour in ("honest", "wrong_data"):
-                idx = training_pages(
-                    behaviour, kp.address, window, cfg.run.seed, pages.train.shape[0],
+            if behaviour in ("honest", "wrong_data", "heldout") or (
+                behaviour == "free_rider" and self.tiny > 0
+            ):
+                rows = training_rows(
+                    behaviour, kp.address, window, cfg.run.seed, pages.train, pages.heldout,
                     cfg.train.pages_per_window,
                 )  # fmt: skip
                 make_trainable(model, names_s)
-                inner_loop(acc, model, names_s, torch.from_numpy(pages.train[idx]), cfg.train)
+                inner_loop(acc, model, names_s, torch.from_numpy(rows), cfg.train)
                 trained = shard_state(model, names_s)
                 own = {n: start[n] - trained[n] for n in names_s}
             else:  # these do not train: noise takes the honest Δ's norms, the rest copy
                 own = self.deltas.get("honest") or {n: torch.zeros_like(start[n]) for n in names_s}
             other = self.deltas.get("honest")
-            delta = make_adversarial_delta(behaviour, own, other, rng)
+            delta = make_adversarial_delta(behaviour, own, other, rng, tiny=self.tiny)
             self.deltas[behaviour] = delta
             self.publish(kp, uid, window, shard, delta)
             apply_to_shard(model, names_s, start)

@@ -10,7 +10,7 @@ import torch
 
 from chain.keys import Keypair
 from tensormine.config import load_config
-from train.adversary import BEHAVIOURS, make_adversarial_delta, training_pages
+from train.adversary import BEHAVIOURS, make_adversarial_delta, training_pages, training_rows
 from train.inner import mean_loss
 from train.model import build_model, model_fingerprint
 from train.pages import assigned_pages
@@ -128,10 +128,30 @@ def test_adversarial_deltas() -> None:
         make_adversarial_delta("copier", honest, None, rng)
     with pytest.raises(ValueError, match="unknown behaviour"):
         make_adversarial_delta("lazy", honest, None, rng)
-    assert set(BEHAVIOURS) == {"honest", "free_rider", "noise", "copier", "wrong_data"}
+    assert set(BEHAVIOURS) == {"honest", "free_rider", "noise", "copier", "wrong_data", "heldout"}
     wrong = training_pages("wrong_data", "5Key", 2, 0, 500, 32)
     assert len(wrong) == 32
     assert not set(wrong.tolist()) & set(assigned_pages("5Key", 2, 0, 500, 32).tolist())
     assert np.array_equal(
         training_pages("honest", "5Key", 2, 0, 500, 32), assigned_pages("5Key", 2, 0, 500, 32)
     )
+    # `heldout` trains every other step-page on a public held-out page instead (or all).
+    train = np.arange(500)[:, None] * np.ones((1, 4), dtype=np.int64)
+    heldout = -1 - np.arange(60)[:, None] * np.ones((1, 4), dtype=np.int64)
+    rows = training_rows("heldout", "5Key", 2, 0, train, heldout, 32)
+    mine = assigned_pages("5Key", 2, 0, 500, 32)
+    assert np.array_equal(rows[0::2, 0], mine[0::2]) and (rows[1::2] < 0).all()
+    assert (training_rows("heldout", "5Key", 2, 0, train, heldout, 32, heldout_share=1.0) < 0).all()
+    assert np.array_equal(training_rows("honest", "5Key", 2, 0, train, heldout, 32)[:, 0], mine)
+    assert np.array_equal(make_adversarial_delta("heldout", honest, None, rng)["b"], honest["b"])
+
+
+def test_own_data_strikes_survive_a_restart(tmp_path: Path) -> None:
+    state = ValidatorState(window=4, ema={3: 0.5}, hotkeys={3: "a"}, own_strikes={3: 1})
+    save_state(tmp_path, state, {}, {})
+    loaded = load_state(tmp_path, {})
+    assert loaded is not None and loaded.state.own_strikes == {3: 1}
+    # A snapshot written before strikes existed loads with none.
+    body = state.to_json()
+    del body["own_strikes"]
+    assert ValidatorState.from_json(body).own_strikes == {}

