@@ -89,6 +89,12 @@ class ValidationConfig(StrictModel):
         description="measure a Δ scaled down to at most this × the median norm of its shard's "
         "admitted Δs (inflating a Δ earns nothing); 0 = off",
     )
+    heldout_rival_strikes: int = Field(
+        default=2,
+        ge=1,
+        description="flagged held-out-rival verdicts in a row before a miner loses the "
+        "window's credit (1 = at the first)",
+    )
     copy_threshold: float = Field(
         default=0.8,
         gt=0.0,

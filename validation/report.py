@@ -50,6 +50,7 @@ class MinerRow:
     heldout_ratio: float | None = None  # heldout_excess / the own pages' gain beyond them
     heldout_t: float | None = None  # heldout_excess / its standard error
     heldout_ok: bool | None = None
+    heldout_outcome: str | None = None  # pass | grace | fail (`scoring.heldout_outcome`)
     verdict: str | None = None  # ok, copy, own_data, heldout_trained, no_gain, or the reason
     score: float = 0.0
     ema: float = 0.0

@@ -175,6 +175,25 @@ def own_data_outcome(
     return OWN_FAIL
 
 
+def heldout_outcome(ok: bool, *, flagged_before: int, strikes: int) -> str:
+    """What a window's held-out-rival verdict means for the miner's credit: `pass` when
+    `ok`; when flagged, `fail` (no credit) once this makes `strikes` flagged windows in a
+    row (`flagged_before` of them came just before), else `grace` (credited).
+
+    Why (`validation.heldout_rival_strikes` = 2 by default): a held-out trainer gains on E
+    in every window, but one window's excess is weak evidence. E's pages are not
+    independent (several come from one document, and the corpus has families of similar
+    files), so a miner whose pages happen to share a topic with E shows an excess with a
+    t that overstates it: in the demo an honest miner was flagged in one window by one
+    validator (excess 0.14 nats, t 3.7, ratio 0.38; the other validator's E gave 0.04)
+    and lost most of its run's emission. Such luck does not repeat with fresh pages, a
+    held-out trainer's excess does, so two flagged windows in a row cost the credit.
+    """
+    if ok:
+        return OWN_PASS
+    return OWN_FAIL if flagged_before + 1 >= strikes else OWN_GRACE
+
+
 @dataclass(frozen=True)
 class HeldoutVerdict:
     """How a contribution's gain on the public held-out sample E compares with its gain on

@@ -50,6 +50,9 @@ class ValidatorState:
     # Windows in a row (up to the last scored one) in which a UID's own-data check did not
     # pass outright (`validation.scoring.own_data_outcome`); absent = 0.
     own_strikes: dict[int, int] = field(default_factory=dict)
+    # Windows in a row (up to the last scored one) in which a UID's held-out-rival check
+    # flagged it (`validation.scoring.heldout_outcome`); absent = 0.
+    heldout_flags: dict[int, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -59,6 +62,7 @@ class ValidatorState:
             "hotkeys": {str(uid): hk for uid, hk in sorted(self.hotkeys.items())},
             "weights_window": self.weights_window,
             "own_strikes": {str(uid): n for uid, n in sorted(self.own_strikes.items())},
+            "heldout_flags": {str(uid): n for uid, n in sorted(self.heldout_flags.items())},
         }
 
     @classmethod
@@ -72,6 +76,7 @@ class ValidatorState:
             weights_window=None if body["weights_window"] is None else int(body["weights_window"]),
             # Older snapshots have no strikes: every UID starts at 0.
             own_strikes={int(k): int(v) for k, v in body.get("own_strikes", {}).items()},
+            heldout_flags={int(k): int(v) for k, v in body.get("heldout_flags", {}).items()},
         )
 
 

@@ -54,7 +54,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from averaging.group import AverageResult, AveragingFailed
+from averaging.group import AverageResult, AveragingFailed, LedgerWeights
 from averaging.outer import outer_step
 from averaging.participant import Participant
 from averaging.robust import aggregate
@@ -103,6 +103,7 @@ from validation.report import (
     window_table,
 )
 from validation.scoring import (
+    OWN_FAIL,
     OWN_GRACE,
     OWN_OFF,
     OWN_PASS,
@@ -110,6 +111,7 @@ from validation.scoring import (
     compare_group_average,
     find_copies,
     flatten,
+    heldout_outcome,
     heldout_verdict,
     loss_delta,
     normalized_weights,
@@ -180,6 +182,11 @@ class Validator:
         self._pending_weights: str | None = None  # extrinsic hash of the last set_weights
         # The last scored window's admitted Δ by UID, for checking hivemind group averages.
         self.last_admitted: dict[int, Admitted] = {}
+        # What each member of a group weighs in its average: the same ledger field and
+        # floor every group member reads (`averaging.weights`).
+        self.group_weights = LedgerWeights(
+            cfg.chain.db, cfg.averaging.weights, cfg.averaging.weight_floor
+        )
         self.tracker = Tracker.start(
             cfg.wandb, run_dir=self.dir, name=f"validator-{name}", group=cfg.run.name,
             job_type="validator", config=cfg.to_json_dict(),
@@ -548,7 +555,19 @@ class Validator:
                 cohort_generic=None if cohort is None else cohort[n_e:],
             )  # fmt: skip
             row.heldout_excess, row.heldout_ratio = rival.excess, rival.ratio
-            row.heldout_t, row.heldout_ok = rival.t, rival.ok
+            row.heldout_t = rival.t
+            row.heldout_outcome = heldout_outcome(
+                rival.ok, flagged_before=self._heldout_flags(row),
+                strikes=self.vcfg.heldout_rival_strikes,
+            )  # fmt: skip
+            row.heldout_ok = row.heldout_outcome != OWN_FAIL
+
+    def _heldout_flags(self, row: MinerRow) -> int:
+        """Held-out-rival flags of `row`'s UID in the windows just before (0 when the UID
+        changed hands since)."""
+        if row.uid is None or self.state.hotkeys.get(row.uid) != row.hotkey:
+            return 0
+        return self.state.heldout_flags.get(row.uid, 0)
 
     def _strikes(self, uid: int, hotkey: str) -> int:
         """Own-data strikes of `uid` (0 when the UID changed hands since)."""
@@ -606,6 +625,14 @@ class Validator:
             before = strikes.get(row.uid, 0)
             strikes[row.uid] = 0 if row.own_outcome == OWN_PASS else before + 1
         self.state.own_strikes = {uid: n for uid, n in sorted(strikes.items()) if n > 0}
+        flags = {
+            uid: n for uid, n in self.state.heldout_flags.items()
+            if self.state.hotkeys.get(uid) == by_uid.get(uid)
+        }  # fmt: skip
+        for row in rows:
+            if row.uid is not None and row.heldout_outcome is not None:
+                flags[row.uid] = 0 if row.heldout_outcome == OWN_PASS else flags.get(row.uid, 0) + 1
+        self.state.heldout_flags = {uid: n for uid, n in sorted(flags.items()) if n > 0}
         self.state.hotkeys = by_uid
         weights = normalized_weights(self.state.ema)
         for row in rows:
@@ -625,12 +652,7 @@ class Validator:
                 continue
             scores = torch.tensor([row.score for _, row in members], dtype=torch.float64)
             stack = torch.stack([flatten(a.delta) for a, _ in members])
-            mixed = self._aggregate(stack, scores)
-            delta, offset = {}, 0
-            for name in sorted(names):
-                numel = int(np.prod(self.shapes[shard][name]))
-                delta[name] = mixed[offset : offset + numel].view(self.shapes[shard][name])
-                offset += numel
+            delta = self._unflatten(shard, self._aggregate(stack, scores))
             theta = shard_state(self.model, names)
             momentum = {n: self.momentum[n] for n in names if n in self.momentum}
             new_params, new_momentum = outer_step(theta, delta, momentum, self.cfg.outer)
@@ -672,9 +694,10 @@ class Validator:
         self, shard: int, group_average: dict[str, torch.Tensor], members: Sequence[int]
     ) -> tuple[float, bool]:
         """Compare the average a hivemind group of `members` (UIDs) reached on `shard` in
-        the last scored window with the plain mean of those members' admitted Δ, and log a
-        mismatch naming the group. Members without an admitted Δ make it a mismatch."""
-        names = self.shards[shard]
+        the last scored window with the average of those members' admitted Δ that the
+        groups should have reached — weighted by the ledger field `averaging.weights` and
+        reduced by `averaging.robust`, as every group member does — and log a mismatch
+        naming the group. Members without an admitted Δ make it a mismatch."""
         missing = [u for u in members if u not in self.last_admitted]
         if not members or missing:
             logger.warning(
@@ -682,9 +705,12 @@ class Validator:
                 shard, missing, self._name_members(members),
             )  # fmt: skip
             return math.inf, False
-        admitted = {
-            n: torch.stack([self.last_admitted[u].delta[n] for u in members]).mean(0) for n in names
-        }
+        weights = torch.tensor(
+            [self.group_weights(self.last_admitted[u].hotkey) for u in members],
+            dtype=torch.float64,
+        )
+        stack = torch.stack([flatten(self.last_admitted[u].delta) for u in members])
+        admitted = self._unflatten(shard, self._aggregate(stack, weights))
         error, ok = compare_group_average(
             group_average, admitted, tolerance=self.vcfg.group_tolerance
         )
@@ -703,6 +729,16 @@ class Validator:
         return ", ".join(
             f"UID {u} ({hotkeys[u][:8]}…)" if u in hotkeys else f"UID {u}" for u in sorted(members)
         )
+
+    def _unflatten(self, shard: int, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The shard's tensors from one vector in `scoring.flatten`'s (sorted name) order."""
+        out, offset = {}, 0
+        for name in sorted(self.shards[shard]):
+            shape = self.shapes[shard][name]
+            numel = int(np.prod(shape))
+            out[name] = vector[offset : offset + numel].view(shape)
+            offset += numel
+        return out
 
     def _aggregate(self, stack: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         robust = self.cfg.averaging.robust

@@ -24,8 +24,15 @@ def test_colluders_free_riders_and_heldout_trainers_earn_nothing(
 ) -> None:
     names = [*HONEST, *COPIERS, "free_rider", "heldout"]
     # E of 32 pages and 16 generic pages: the held-out check's noise shrinks with both.
+    # One flagged window costs the credit here (the default forgives the first of a run of
+    # flags, `scoring.heldout_outcome`): this test measures what the check detects.
     net = subnet_factory(
-        names, **{"validation.heldout_pages": 32, "validation.heldout_rival_pages": 16}
+        names,
+        **{
+            "validation.heldout_pages": 32,
+            "validation.heldout_rival_pages": 16,
+            "validation.heldout_rival_strikes": 1,
+        },
     )
     net.tiny = 0.01  # the free rider trains, then publishes 1 % of its Δ
     uid = {name: net.uid(name) for name in names}

@@ -147,11 +147,15 @@ def test_adversarial_deltas() -> None:
 
 
 def test_own_data_strikes_survive_a_restart(tmp_path: Path) -> None:
-    state = ValidatorState(window=4, ema={3: 0.5}, hotkeys={3: "a"}, own_strikes={3: 1})
+    state = ValidatorState(
+        window=4, ema={3: 0.5}, hotkeys={3: "a"}, own_strikes={3: 1}, heldout_flags={3: 2}
+    )
     save_state(tmp_path, state, {}, {})
     loaded = load_state(tmp_path, {})
     assert loaded is not None and loaded.state.own_strikes == {3: 1}
+    assert loaded.state.heldout_flags == {3: 2}
     # A snapshot written before strikes existed loads with none.
     body = state.to_json()
-    del body["own_strikes"]
-    assert ValidatorState.from_json(body).own_strikes == {}
+    del body["own_strikes"], body["heldout_flags"]
+    old = ValidatorState.from_json(body)
+    assert old.own_strikes == {} and old.heldout_flags == {}

@@ -15,6 +15,7 @@ from validation.scoring import (
     cosine_matrix,
     find_copies,
     flatten,
+    heldout_outcome,
     heldout_verdict,
     loss_delta,
     normalized_weights,
@@ -46,6 +47,15 @@ def test_clip_factor_brings_long_deltas_to_the_median() -> None:
     honest, median = 2.0, 2.0
     for k in (1.5, 4.0, 100.0):
         assert k * honest * clip_factor(k * honest, median, 1.0) == pytest.approx(honest)
+
+
+def test_heldout_outcome_costs_credit_only_for_flags_in_a_row() -> None:
+    assert heldout_outcome(True, flagged_before=3, strikes=2) == "pass"
+    assert heldout_outcome(False, flagged_before=0, strikes=2) == "grace"  # one window: luck?
+    assert heldout_outcome(False, flagged_before=1, strikes=2) == "fail"  # again: no credit
+    assert heldout_outcome(False, flagged_before=5, strikes=2) == "fail"
+    assert heldout_outcome(False, flagged_before=0, strikes=1) == "fail"  # strict setting
+    assert heldout_outcome(False, flagged_before=1, strikes=3) == "grace"
 
 
 def test_loss_delta_is_base_minus_new() -> None:

@@ -51,12 +51,14 @@ def test_honest_miner_takes_the_weight_and_a_restart_keeps_it(
             # A validator that stops (here: closes) and starts again resumes its averages.
             ema_before = dict(validator.state.ema)
             strikes_before = dict(validator.state.own_strikes)
+            flags_before = dict(validator.state.heldout_flags)
             theta_before = model_fingerprint(validator.model.state_dict())
             validator.close()
             validator = net.validator()
             assert validator.resume()
             assert validator.state.ema == ema_before
             assert validator.state.own_strikes == strikes_before
+            assert validator.state.heldout_flags == flags_before
             # Strikes count the windows in a row without an outright pass.
             last = {r.uid: r for r in reports[-1].miners}
             for u, row in last.items():
@@ -70,13 +72,21 @@ def test_honest_miner_takes_the_weight_and_a_restart_keeps_it(
         net.to_deadline(window)
         reports.append(validator.process_window(window))
     validator.close()
-    # A hivemind group average of window 3 checked against the admitted Δ (sent pre-int8).
+    # A hivemind group average of window 3 checked against the admitted Δ (sent pre-int8),
+    # weighted as the groups weigh their members: by trust on the ledger, at least the floor.
     pair = [uids["honest"], uids["free_rider"]]
-    mean = {n: d / 2 for n, d in net.deltas["honest"].items()}
+    avg = net.cfg.averaging
+    assert avg.weights == "trust" and avg.robust.kind == "mean"
+    trust = {n.uid: max(n.trust, avg.weight_floor) for n in net.ledger.neurons()}
+    w_honest, w_free = trust[pair[0]], trust[pair[1]]
+    assert w_honest > 10 * w_free  # the validator's weights made the honest miner trusted
+    share = w_honest / (w_honest + w_free)  # the free rider's Δ is zero
+    mean = {n: d * share for n, d in net.deltas["honest"].items()}
     error, ok = validator.check_group_average(0, mean, pair)
     assert ok and error < 0.02
     with caplog.at_level(logging.WARNING, logger="validation.validator"):
-        assert not validator.check_group_average(0, net.deltas["honest"], pair)[1]
+        plain = {n: d / 2 for n, d in net.deltas["honest"].items()}  # an unweighted mean
+        assert not validator.check_group_average(0, plain, pair)[1]
     # The mismatch warning names the group's members (UIDs and hotkeys).
     warned = [
         r.getMessage() for r in caplog.records if "differs from the admitted" in r.getMessage()
