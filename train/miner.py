@@ -118,8 +118,9 @@ def resolve_mixed_precision(setting: str) -> str:
     return "no"
 
 
-def open_ledger(cfg: RunConfig, attempts: int = 5) -> Ledger:
-    """The run's ledger, with a few retries while another process is creating it."""
+def open_ledger(cfg: RunConfig, attempts: int = 3) -> Ledger:
+    """The run's ledger, with a few retries (1.5 s in all) while another process is
+    creating it; a missing ledger is otherwise reported at once, not after a long wait."""
     for attempt in range(attempts):
         try:
             return Ledger(cfg.chain.db)
@@ -129,7 +130,7 @@ def open_ledger(cfg: RunConfig, attempts: int = 5) -> Ledger:
                     f"no ledger at {cfg.chain.db}; start one with `tensormine chain init` "
                     "and `tensormine chain run` (or point chain.db at it)"
                 ) from None
-            time.sleep(2.0**attempt)
+            time.sleep(0.5 * 2.0**attempt)
     raise AssertionError("unreachable")
 
 

@@ -71,7 +71,8 @@ class WindowReport:
     adopted: str | None = None  # revision adopted instead (another validator was first)
     next_heldout_loss: float | None = None  # L(θ_{w+1}; E)
     weights_set: bool = False
-    # "shard<s>" -> {"error": relative error, "ok": bool, "members": [UIDs]} per group
+    # "shard<s>" -> {"error": relative error, "ok": bool, "members": [UIDs],
+    #               "bytes_sent": int, "bytes_received": int} per group
     group_checks: dict[str, dict[str, Any]] = field(default_factory=dict)
     miners: list[MinerRow] = field(default_factory=list)
 

@@ -794,6 +794,9 @@ class Validator:
         for name, check in report.group_checks.items():
             metrics[f"averaging/{name}_group_error"] = float(check["error"])
             metrics[f"averaging/{name}_group_ok"] = int(bool(check["ok"]))
+            for key in ("bytes_sent", "bytes_received"):  # as an auxiliary peer
+                if key in check:
+                    metrics[f"averaging/{name}_{key}"] = int(check[key])
         for row in report.miners:
             if row.uid is None:
                 continue
@@ -887,7 +890,8 @@ class Validator:
         self, window: int, roster: Roster, groups: concurrent.futures.Future[GroupResults]
     ) -> dict[str, dict[str, Any]]:
         """Each group's average against the mean of its members' admitted Δ, as the
-        window record's `group_checks`: "shard<s>" -> error, ok, members (UIDs)."""
+        window record's `group_checks`: "shard<s>" -> error, ok, members (UIDs) and the
+        bytes this validator sent and received in the group as an auxiliary peer."""
         limit = self.cfg.averaging.allreduce_timeout_s + 30
         try:
             results = groups.result(timeout=limit)
@@ -904,7 +908,10 @@ class Validator:
                 "window %d shard %d: group of %s averaged; relative error vs admitted %.3g (%s)",
                 window, shard, uids, error, "ok" if ok else "MISMATCH",
             )  # fmt: skip
-            checks[f"shard{shard}"] = {"error": error, "ok": ok, "members": uids}
+            checks[f"shard{shard}"] = {
+                "error": error, "ok": ok, "members": uids,
+                "bytes_sent": result.bytes_sent, "bytes_received": result.bytes_received,
+            }  # fmt: skip
         return checks
 
     def close(self) -> None:

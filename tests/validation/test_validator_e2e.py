@@ -31,7 +31,7 @@ def test_killed_validator_resumes_its_moving_averages(subnet_factory: Factory) -
     # The own-data check is off: this test is about the process, not about the statistics.
     net = subnet_factory(
         ["honest", "free_rider"],
-        **{"chain.block_time_s": 0.2, "window.blocks": 100, "validation.own_data_pairs": 0},
+        **{"chain.block_time_s": 0.1, "window.blocks": 100, "validation.own_data_pairs": 0},
     )
     net.producer = True
     args = [sys.executable, "-m", "validation.validator", "--config", "configs/tiny.yaml",
