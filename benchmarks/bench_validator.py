@@ -7,13 +7,14 @@ Two measurements, both on the `tiny` preset (5.3 M parameters, seq_len 128, |E| 
 `validation.heldout_pages` = 32, 8 own-data pairs):
 
 1. **Scoring cost per contribution against one forward pass over E**, measured in
-   alternation (so both see the same load on a shared machine; medians of `--repeats`
-   rounds): a plain `train.inner.mean_loss` over E, against the validator's step for one
-   contribution (apply θ − lr·Δ to the shard in place, `page_losses` over E plus the
-   contribution's own-data pages in the same pass, restore θ, own-data verdict), with the
-   own-data check (E + 16 pages) and without it (E alone). The window's base pass adds
-   (|E| + 16·N) pages for N contributions, i.e. |E|/N + 16 pages per contribution; the
-   table adds that share, scaled from the plain pass's time per page.
+   alternation (so all see the same load on a shared machine; medians of `--repeats`
+   rounds): a plain `train.inner.mean_loss` over E, against the validator's two passes
+   for one contribution: the score (θ − s·Δ at the share step, over E) and the checks
+   (θ − lr·Δ at the outer step, over E, 8 generic pages and 16 own-data pages, own-data
+   verdict), each applied to the shard in place and restored. The window's base pass
+   covers (|E| + 8 + 16·N) pages for N contributions; the table adds each contribution's
+   share of it, scaled from the plain pass's time per page. With the checks off
+   (`own_data_pairs: 0`) only the scoring pass and E/N of the base pass remain.
 2. **Contributions per minute**: a real ledger and local store in a temporary folder, a
    staked validator and N miners with signed int8 contributions, and the whole of
    `Validator.process_window` (admission with sha256, signature and safetensors checks,
@@ -62,6 +63,9 @@ def make_config(root: Path, data: Path, pairs: int) -> RunConfig:
         "window.blocks": 20,
         "validation.own_data_pairs": pairs,
         "wandb.mode": "disabled",
+        # The validator alone, as scorer: no hivemind seat (no miners average here, and its
+        # DHT commitment would wait for blocks nobody produces).
+        "averaging.enabled": "false",
     }
     return load_config("configs/tiny.yaml", [f"{k}={v}" for k, v in sets.items()])
 
@@ -119,38 +123,48 @@ def forward_over_e(validator: Validator, repeats: int) -> float:
 
 
 def micro(validator: Validator, repeats: int) -> tuple[float, float, float]:
-    """Medians (plain fwd(E), scoring step with own-data, scoring step without), seconds."""
-    cfg = validator.cfg
-    held = torch.from_numpy(validator.pages.heldout[: cfg.validation.heldout_pages])
-    own = torch.from_numpy(validator.pages.train[: 2 * cfg.validation.own_data_pairs])
+    """Medians (plain fwd(E), the scoring pass, the checks' pass), seconds.
+
+    The scoring pass applies θ − s·Δ at the share step s and runs over E alone; the
+    checks' pass applies θ − lr·Δ at the outer step and runs over E, the generic pages of
+    the held-out-rival check and the contribution's own-data pages, then computes the
+    own-data verdict. Each restores θ afterwards."""
+    cfg, vcfg = validator.cfg, validator.cfg.validation
+    held = torch.from_numpy(validator.pages.heldout[: vcfg.heldout_pages])
+    generic = torch.from_numpy(validator.pages.train[-vcfg.heldout_rival_pages :])
+    own = torch.from_numpy(validator.pages.train[: 2 * vcfg.own_data_pairs])
     names = validator.shards[0]
     theta = shard_state(validator.model, names)
     gen = torch.Generator().manual_seed(1)
     delta = {k: 1e-3 * torch.randn(v.shape, generator=gen) for k, v in theta.items()}
-    base = page_losses(validator.model, torch.cat([held, own]))
-    pairs = cfg.validation.own_data_pairs
+    checked = torch.cat([held, generic, own])
+    base = page_losses(validator.model, checked)
+    pairs, n_head = vcfg.own_data_pairs, held.shape[0] + generic.shape[0]
 
-    def step(ids: torch.Tensor) -> None:
+    def score() -> None:
+        with patched_shard(validator.model, names, theta, delta, cfg.outer.lr / 4):
+            page_losses(validator.model, held, batch=vcfg.eval_batch)
+
+    def checks() -> None:
         with patched_shard(validator.model, names, theta, delta, cfg.outer.lr):
-            new = page_losses(validator.model, ids, batch=cfg.validation.eval_batch)
-        if ids.shape[0] > held.shape[0]:
-            n = held.shape[0]
-            own_data_verdict(base[n : n + pairs], new[n : n + pairs], base[n + pairs :],
-                             new[n + pairs :], min_margin=0.0, min_t=2.0)  # fmt: skip
+            new = page_losses(validator.model, checked, batch=vcfg.eval_batch)
+        mine, theirs = slice(n_head, n_head + pairs), slice(n_head + pairs, None)
+        own_data_verdict(base[mine], new[mine], base[theirs], new[theirs],
+                         min_margin=0.0, min_t=2.0)  # fmt: skip
 
     plain: list[float] = []
-    with_own: list[float] = []
-    without: list[float] = []
+    scoring: list[float] = []
+    checking: list[float] = []
     for _ in range(repeats):
         for bucket, fn in (
-            (plain, lambda: mean_loss(validator.model, held, batch=cfg.validation.eval_batch)),
-            (with_own, lambda: step(torch.cat([held, own]))),
-            (without, lambda: step(held)),
+            (plain, lambda: mean_loss(validator.model, held, batch=vcfg.eval_batch)),
+            (scoring, score),
+            (checking, checks),
         ):
             started = time.perf_counter()
             fn()
             bucket.append(time.perf_counter() - started)
-    return statistics.median(plain), statistics.median(with_own), statistics.median(without)
+    return statistics.median(plain), statistics.median(scoring), statistics.median(checking)
 
 
 def main() -> None:
@@ -165,22 +179,25 @@ def main() -> None:
         for n in args.counts:
             validator, _, total = one_window(Path(tmp) / f"n{n}", data, n, pairs=8)
             if n == args.counts[0]:
-                plain, with_own, without = micro(validator, args.repeats)
-                e_pages = validator.cfg.validation.heldout_pages
-                own_pages = 2 * validator.cfg.validation.own_data_pairs
+                plain, scoring, checking = micro(validator, args.repeats)
+                vcfg = validator.cfg.validation
+                e_pages = vcfg.heldout_pages
+                head_pages = e_pages + vcfg.heldout_rival_pages
+                own_pages = 2 * vcfg.own_data_pairs
             validator.close()
             windows.append((n, total / n, 60 * n / total))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"plain forward over E ({e_pages} pages): {plain:.3f} s (median of {args.repeats})")
-    print(f"scoring step with own-data check:    {with_own:.3f} s = {with_own / plain:.2f}x")
-    print(f"scoring step without own-data check: {without:.3f} s = {without / plain:.2f}x")
+    print(f"scoring pass (share step, E):           {scoring:.3f} s = {scoring / plain:.2f}x")
+    print(f"checks' pass (outer step, E + {head_pages - e_pages} + {own_pages} pages): "
+          f"{checking:.3f} s = {checking / plain:.2f}x")  # fmt: skip
     per_page = plain / e_pages
-    print("| contributions N | step + base share, own-data on | own-data off | "
+    print("| contributions N | passes + base share, checks on | checks off | "
           "window s/contribution | contributions/min |")  # fmt: skip
     print("| ---: | ---: | ---: | ---: | ---: |")
     for n, per, per_min in windows:
-        on = (with_own + per_page * (e_pages / n + own_pages)) / plain
-        off = (without + per_page * e_pages / n) / plain
+        on = (scoring + checking + per_page * (head_pages / n + own_pages)) / plain
+        off = (scoring + per_page * e_pages / n) / plain
         print(f"| {n} | {on:.2f}x | {off:.2f}x | {per:.3f} | {per_min:.0f} |")
 
 
