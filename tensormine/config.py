@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from averaging.config import CompressionConfig, OuterConfig
 from averaging.settings import AveragingConfig
@@ -57,6 +57,23 @@ class RunConfig(StrictModel):
     wandb: WandbConfig = WandbConfig()
     validation: ValidationConfig = ValidationConfig()
     subnet: SubnetConfig = SubnetConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _files_under_run_dir(cls, data: Any) -> Any:
+        """The ledger and the local store live in the run's folder unless a config puts
+        them elsewhere: `--set run.dir=runs/other` moves the whole run."""
+        if not isinstance(data, Mapping):
+            return data
+        tree = dict(data)
+        run = tree.get("run")
+        run_dir = run.get("dir") if isinstance(run, Mapping) else None
+        folder = Path(run_dir) if isinstance(run_dir, str | Path) else RunSection().dir
+        for section, key, name in (("chain", "db", "ledger.sqlite"), ("store", "root", "store")):
+            part = tree.get(section) or {}
+            if isinstance(part, Mapping) and key not in part:
+                tree[section] = {**part, key: folder / name}
+        return tree
 
     def to_json_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON types (for manifests and checkpoints)."""

@@ -51,3 +51,14 @@ def test_overrides_are_typed_and_checked(tmp_path: Path) -> None:
 def test_shipped_configs_load() -> None:
     for path in sorted(Path("configs").glob("*.yaml")):
         load_config(path)
+
+
+def test_the_ledger_and_store_follow_the_run_dir(tmp_path: Path) -> None:
+    cfg = load_config("configs/demo.yaml", ["run.dir=runs/other"])
+    assert cfg.chain.db == Path("runs/other/ledger.sqlite")
+    assert cfg.store.root == Path("runs/other/store")
+    # ... unless the config puts them elsewhere.
+    pinned = write(tmp_path, "run:\n  dir: runs/a\nchain:\n  db: /tmp/l.sqlite\n")
+    cfg = load_config(pinned, ["store.root=/tmp/s"])
+    assert cfg.chain.db == Path("/tmp/l.sqlite") and cfg.store.root == Path("/tmp/s")
+    assert load_config(None).chain.db == Path("runs/local/ledger.sqlite")
