@@ -189,14 +189,16 @@ class LedgerWeights:
         self._neurons: dict[str, Neuron] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, hotkey: str) -> float:
+    def _current(self) -> dict[str, Neuron]:
         with self._lock:
             ledger = self.ledger.get()
             block = ledger.block_number()
             if block != self._block:
                 self._neurons = {n.hotkey: n for n in ledger.neurons()}
                 self._block = block
-            neuron = self._neurons.get(hotkey)
+            return self._neurons
+
+    def _weight(self, neuron: Neuron | None) -> float:
         if neuron is None:
             return 0.0
         if self.source == "uniform":
@@ -207,6 +209,13 @@ class LedgerWeights:
             "trust": neuron.trust,
         }[self.source]
         return max(float(value), self.floor)
+
+    def __call__(self, hotkey: str) -> float:
+        return self._weight(self._current().get(hotkey))
+
+    def snapshot(self) -> dict[str, float]:
+        """Every registered hotkey's weight now (what a round starting now would use)."""
+        return {hotkey: self._weight(n) for hotkey, n in self._current().items()}
 
 
 def group_prefix(run: str, shard: int) -> str:

@@ -45,8 +45,9 @@ import logging
 import math
 import shutil
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,8 @@ logger = logging.getLogger("validation.validator")
 AGGREGATE_CHUNK = 1 << 20  # coordinates per robust-aggregation slice (bounds fp64 memory)
 
 GroupResults = dict[int, AverageResult | AveragingFailed]
+# A window's group results, and each hotkey's weight on the ledger when the round started.
+GroupRound = tuple[GroupResults, dict[str, float]]
 
 
 class ValidatorError(RuntimeError):
@@ -352,7 +355,7 @@ class Validator:
         self,
         window: int,
         roster: Roster | None = None,
-        groups: concurrent.futures.Future[GroupResults] | None = None,
+        groups: concurrent.futures.Future[GroupRound] | None = None,
     ) -> WindowReport:
         """Score window `window` (its deadline block must exist) and act on the result.
 
@@ -691,13 +694,19 @@ class Validator:
                 logger.warning("window %d: not published here, keeping our own θ", window + 1)
 
     def check_group_average(
-        self, shard: int, group_average: dict[str, torch.Tensor], members: Sequence[int]
+        self,
+        shard: int,
+        group_average: dict[str, torch.Tensor],
+        members: Sequence[int],
+        weights: Mapping[str, float] | None = None,
     ) -> tuple[float, bool]:
         """Compare the average a hivemind group of `members` (UIDs) reached on `shard` in
         the last scored window with the average of those members' admitted Δ that the
         groups should have reached — weighted by the ledger field `averaging.weights` and
         reduced by `averaging.robust`, as every group member does — and log a mismatch
-        naming the group. Members without an admitted Δ make it a mismatch."""
+        naming the group. Members without an admitted Δ make it a mismatch. `weights`
+        (hotkey -> weight) are the ones read when the round started; without them, the
+        ledger's current ones."""
         missing = [u for u in members if u not in self.last_admitted]
         if not members or missing:
             logger.warning(
@@ -705,12 +714,14 @@ class Validator:
                 shard, missing, self._name_members(members),
             )  # fmt: skip
             return math.inf, False
-        weights = torch.tensor(
-            [self.group_weights(self.last_admitted[u].hotkey) for u in members],
+        hotkeys = [self.last_admitted[u].hotkey for u in members]
+        known = weights or {}
+        per_member = torch.tensor(
+            [known[h] if h in known else self.group_weights(h) for h in hotkeys],
             dtype=torch.float64,
         )
         stack = torch.stack([flatten(self.last_admitted[u].delta) for u in members])
-        admitted = self._unflatten(shard, self._aggregate(stack, weights))
+        admitted = self._unflatten(shard, self._aggregate(stack, per_member))
         error, ok = compare_group_average(
             group_average, admitted, tolerance=self.vcfg.group_tolerance
         )
@@ -865,7 +876,7 @@ class Validator:
         )
         self.tracker.log({"window/skipped": len(windows)}, step=windows[-1])
 
-    def _join_groups(self, window: int) -> concurrent.futures.Future[GroupResults] | None:
+    def _join_groups(self, window: int) -> concurrent.futures.Future[GroupRound] | None:
         """Join every shard's group of `window` as an auxiliary peer, in the background.
         The groups meet at the deadline, so matchmaking must start a little before it."""
         if self.seat is None:
@@ -879,22 +890,35 @@ class Validator:
         start_at = block_time(self.ledger, due, anchor=start_block(window, cfg.window))
         tail = cfg.window.publish_margin * cfg.chain.block_time_s
         timeout = max(start_at - time.time() + tail, cfg.averaging.min_matchmaking_time_s + 0.5)
+        seat = self.seat
+
+        def meet() -> GroupRound:
+            # The weights the groups' reducers read from the ledger when the round starts;
+            # trust moves at every epoch, so the check must not use later ones.
+            weights: dict[str, float] = {}
+            snap = threading.Timer(
+                max(0.0, start_at - time.time()),
+                lambda: weights.update(self.group_weights.snapshot()),
+            )
+            snap.start()
+            results = seat.average_window(window, {}, start_at=start_at, timeout=timeout)
+            snap.join()
+            return results, weights
+
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aux-averaging")
-        future = pool.submit(
-            self.seat.average_window, window, {}, start_at=start_at, timeout=timeout
-        )
+        future = pool.submit(meet)
         pool.shutdown(wait=False)
         return future
 
     def _check_groups(
-        self, window: int, roster: Roster, groups: concurrent.futures.Future[GroupResults]
+        self, window: int, roster: Roster, groups: concurrent.futures.Future[GroupRound]
     ) -> dict[str, dict[str, Any]]:
         """Each group's average against the mean of its members' admitted Δ, as the
         window record's `group_checks`: "shard<s>" -> error, ok, members (UIDs) and the
         bytes this validator sent and received in the group as an auxiliary peer."""
         limit = self.cfg.averaging.allreduce_timeout_s + 30
         try:
-            results = groups.result(timeout=limit)
+            results, weights = groups.result(timeout=limit)
         except TimeoutError:
             logger.warning("window %d: no group average within %.0fs", window, limit)
             return {}
@@ -903,7 +927,7 @@ class Validator:
             if not isinstance(result, AverageResult):
                 continue  # no group formed (no miners, or they failed): nothing to check
             uids = sorted(roster.miners[h] for h in result.members if h in roster.miners)
-            error, ok = self.check_group_average(shard, result.tensors, uids)
+            error, ok = self.check_group_average(shard, result.tensors, uids, weights or None)
             logger.info(
                 "window %d shard %d: group of %s averaged; relative error vs admitted %.3g (%s)",
                 window, shard, uids, error, "ok" if ok else "MISMATCH",

@@ -302,6 +302,9 @@ def test_ledger_weights(swarm: Swarm) -> None:
     stake = LedgerWeights(swarm.ledger_path, "stake", 1e-3)
     assert [stake(h) for h in swarm.hotkeys] == pytest.approx([1.0, 2.0, 3.0, 4.0])
     assert stake("5NotRegistered") == 0.0
+    # Every registered hotkey's weight at once (what a round starting now would use).
+    snapshot = stake.snapshot()
+    assert {h: snapshot[h] for h in swarm.hotkeys} == {h: stake(h) for h in swarm.hotkeys}
     assert LedgerWeights(swarm.ledger, "uniform", 1e-3)(swarm.hotkeys[0]) == 1.0
     # No epoch has paid incentive yet: every member gets the floor.
     assert LedgerWeights(swarm.ledger, "incentive", 0.5)(swarm.hotkeys[2]) == 0.5

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from averaging.compression import encode
 from averaging.config import CompressionConfig
-from averaging.group import AverageResult, AveragingFailed
+from averaging.group import AverageResult
 from store import layout
 from store.api import Store, open_store
 from store.config import StoreConfig
@@ -31,6 +31,7 @@ from train.model import model_fingerprint
 from train.windows import start_block
 from validation.report import read_reports, read_skips
 from validation.scoring import flatten
+from validation.validator import GroupRound
 
 Factory = Callable[..., Subnet]
 BEHAVIOURS = ["honest", "free_rider", "noise", "copier", "wrong_data"]
@@ -237,13 +238,13 @@ def test_bad_contributions_score_zero_with_a_named_reason(
 
     # This validator's seat in the hivemind group of shard 0: the honest miner averaged
     # alone, with the Δ it sent before int8 compression.
-    groups: concurrent.futures.Future[dict[int, AverageResult | AveragingFailed]]
-    groups = concurrent.futures.Future()
+    groups: concurrent.futures.Future[GroupRound] = concurrent.futures.Future()
     group = AverageResult(
         tensors=net.deltas["honest"], members=[net.miners["honest"].address], dropped=[],
         aux=[], bytes_sent=0, bytes_received=0, seconds=0.0, attempts=1,
     )  # fmt: skip
-    groups.set_result({0: group})
+    # The weights read when the round started: the honest miner's alone.
+    groups.set_result(({0: group}, {net.miners["honest"].address: 0.5}))
     logged: list[tuple[dict[str, float | int], int | None]] = []
     validator.tracker.log = lambda m, step=None: logged.append((m, step))  # type: ignore[method-assign]
     report = validator.process_window(window, groups=groups)
