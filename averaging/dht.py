@@ -55,6 +55,7 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import P2PDaemonError, PeerID
 from hivemind.proto import crypto_pb2
+from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.multiaddr import Multiaddr
 from hivemind.utils.multiaddr.exceptions import Error as MultiaddrError
 from hivemind.utils.serializer import MSGPackSerializer
@@ -240,15 +241,7 @@ def commitment_for(
     addrs = [m for m in addrs if peer_id_of(m) == own][:MAX_COMMITTED_MADDRS]
     if not addrs:
         raise ValueError(f"no multiaddr of peer {own} to commit")
-    body: dict[str, Any] = {}
-    current = ledger.commitments().get(hotkey)
-    if current is not None:
-        try:
-            old = json.loads(current[0])
-        except ValueError:
-            old = None
-        if isinstance(old, dict):
-            body = old
+    body = ledger.commitment_fields(hotkey)
     proof = PeerProof.make(key, commitment_message(own, hotkey, check_run_name(run)))
     body["dht_proof"] = proof.model_dump(exclude_none=True)
     while addrs:
@@ -516,10 +509,10 @@ def start_dht(
         candidates = list(config.initial_peers) + from_ledger
         try:
             return _start(candidates, kwargs, key, identity)
-        except (P2PDaemonError, RuntimeError) as exc:
+        except (P2PDaemonError, RuntimeError, TimeoutError) as exc:
             last_error = exc
             logger.warning(
-                "DHT start %d/%d with %d bootstrap addresses failed: %s",
+                "DHT start %d/%d with %d bootstrap addresses failed: %r",
                 attempt,
                 config.bootstrap_attempts,
                 len(candidates),
@@ -531,7 +524,7 @@ def start_dht(
         logger.warning("no committed DHT peer answered; starting a new DHT alone")
         try:
             return _start([], kwargs, key, identity)
-        except (P2PDaemonError, RuntimeError) as exc:
+        except (P2PDaemonError, RuntimeError, TimeoutError) as exc:
             last_error = exc
     raise DHTStartError(f"could not start the DHT: {last_error}") from last_error
 
@@ -583,6 +576,26 @@ async def _connect_and_ping(targets: dict[str, list[str]], _dht: DHT, node: Any)
     return answered
 
 
+def _reap_failed_node(dht: DHT) -> None:
+    """End the process of a DHT node that failed to start, and its p2p daemon.
+
+    The node's process exits by itself after a failed start: give it the time to. Killing
+    it while it sends a result can leave hivemind's MPFuture update lock (shared by every
+    process this one forks) held forever, and then every later node's start here hangs
+    until its timeout: seen when several peers restart at once (their committed peers are
+    all gone, so each start fails). If it must be killed, hivemind's futures get fresh
+    locks (`MPFuture.reset_backend`), which no DHT of this process is using yet.
+    """
+    dht.join(10)
+    if dht.is_alive():
+        dht.terminate()
+        dht.join(5)
+        logger.warning(
+            "a DHT node that failed to start had to be killed; resetting hivemind's futures"
+        )
+        MPFuture.reset_backend()
+
+
 def _start(
     initial_peers: list[str], kwargs: dict[str, Any], key: PeerKey, identity: Path | None
 ) -> DHT:
@@ -602,10 +615,7 @@ def _start(
             # hivemind waits forever for a node that never gets ready unless told otherwise.
             dht.run_in_background(await_ready=True, timeout=kwargs["startup_timeout"])
         except BaseException:
-            # The node's process exits on a failed start; make sure it (and its daemon) is gone.
-            if dht.is_alive():
-                dht.terminate()
-            dht.join(5)
+            _reap_failed_node(dht)
             raise
     if dht.peer_id != key.peer_id:
         dht.shutdown()

@@ -298,6 +298,20 @@ class Ledger:
         rows = self.conn.execute("SELECT hotkey, data, block FROM commitments").fetchall()
         return {str(h): (str(d), int(b)) for h, d, b in rows}
 
+    def commitment_fields(self, hotkey: str) -> dict[str, Any]:
+        """`hotkey`'s latest commitment as a JSON object, or {} when it has none or it is
+        not one. Components share one commitment by owning keys of it (the averaging's
+        DHT address, the miner's contributions location): read this, change your keys,
+        commit the whole object again."""
+        current = self.commitments().get(hotkey)
+        if current is None:
+            return {}
+        try:
+            body = json.loads(current[0])
+        except ValueError:
+            return {}
+        return body if isinstance(body, dict) else {}
+
     def pool_size(self) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM pool").fetchone()[0])
 

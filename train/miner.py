@@ -711,15 +711,7 @@ def commit_contributions_location(ledger: Ledger, keypair: Keypair, location: st
     of its ledger commitment; the other keys, such as the DHT address, are kept). Returns
     whether an extrinsic was submitted; nothing is sent when the commitment already says
     so. It is not waited for: validators need it only once the first window is scored."""
-    body: dict[str, Any] = {}
-    current = ledger.commitments().get(keypair.address)
-    if current is not None:
-        try:
-            old = json.loads(current[0])
-        except ValueError:
-            old = None
-        if isinstance(old, dict):
-            body = old
+    body = ledger.commitment_fields(keypair.address)
     entry = contributions_entry(location)
     if all(body.get(k) == v for k, v in entry.items()):
         return False

@@ -253,6 +253,13 @@ def test_commitments(ledger: Ledger) -> None:
     _, (m,) = subnet(ledger, miners=1, validators=[50])
     do(ledger, m, "commit", {"data": "/ip4/127.0.0.1/tcp/4001/p2p/Qm"})
     assert ledger.commitments()[m.address][0] == "/ip4/127.0.0.1/tcp/4001/p2p/Qm"
+    assert ledger.commitment_fields(m.address) == {}  # not a JSON object
+    do(ledger, m, "commit", {"data": '{"dht": ["/ip4/127.0.0.1/tcp/1"], "contributions": "a/b"}'})
+    assert ledger.commitment_fields(m.address) == {
+        "dht": ["/ip4/127.0.0.1/tcp/1"],
+        "contributions": "a/b",
+    }
+    assert ledger.commitment_fields("5NobodyCommitted") == {}
     with pytest.raises(errors.InvalidCall, match="1024"):
         ledger.submit_call(m, "commit", {"data": "x" * 2000})
 
