@@ -786,7 +786,10 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
         if state is None:
             raise RuntimeError("no state to share")
         metadata, tensors = state
-        return metadata, tensors, None
+        # The count travels with the metadata so that the receiver can tell a complete
+        # state from a stream that ended early (hivemind issue #504: a download sometimes
+        # stops after a tensor without an error; the second try gets everything).
+        return {STATE_METADATA: metadata, STATE_COUNT: len(tensors)}, tensors, None
 
     def download_state(
         self, peers: Mapping[str, PeerInfo], *, timeout: float, max_bytes: int
@@ -840,7 +843,11 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
                     ranked.append((float(value), peer))
             ranked.sort(key=lambda item: item[0], reverse=True)
             deadline = time.monotonic() + timeout
-            for _priority, peer in ranked:
+            tries = [peer for _priority, peer in ranked for _ in range(STATE_TRIES)]
+            truncated: set[PeerID] = set()
+            for i, peer in enumerate(tries):
+                if i % STATE_TRIES and peer not in truncated:
+                    continue  # only a cut-short stream earns a peer a second try
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -848,9 +855,15 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
                     got = await asyncio.wait_for(
                         self._read_state(peer, max_bytes), timeout=remaining
                     )
+                except StateTruncated as exc:
+                    logger.info("state download from %s: %s; asking again", peer, exc)
+                    truncated.add(peer)
+                    continue
                 except (TimeoutError, *_STATE_ERRORS) as exc:
                     logger.warning("state download from %s failed: %r", peer, exc)
+                    truncated.discard(peer)
                     continue
+                truncated.discard(peer)
                 if got is not None:
                     metadata, tensors, nbytes = got
                     future.set_result((admitted[peer].hotkey, metadata, tensors, nbytes))
@@ -885,7 +898,7 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
             tensors.append(deserialize_torch_tensor(combine_from_streaming(parts)))
         if metadata is None:
             return None  # the peer declined (nothing to share)
-        return metadata, tensors, total
+        return (*unwrap_state(metadata, tensors), total)
 
     async def _round_counters(self, *, future: Any) -> None:
         future.set_result(self.tm_log.counters())
@@ -1015,6 +1028,35 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
         if len(sets) > 1:
             return f"parts were reduced over {len(sets)} different sets of senders"
         return None
+
+
+# ---- state downloads ----------------------------------------------------------------------
+
+STATE_METADATA = "metadata"
+STATE_COUNT = "tensors"
+STATE_TRIES = 2  # per peer, when its stream was cut short
+
+
+class StateTruncated(AllreduceException):
+    """A state stream ended before every tensor its metadata announced had arrived."""
+
+
+def unwrap_state(envelope: Any, tensors: list[torch.Tensor]) -> tuple[Any, list[torch.Tensor]]:
+    """The sender's metadata, once the number of tensors received matches its count.
+
+    Raises `StateTruncated` for fewer tensors than announced (the stream was cut short:
+    worth asking again) and `AllreduceException` for anything else malformed.
+    """
+    if not isinstance(envelope, dict) or set(envelope) != {STATE_METADATA, STATE_COUNT}:
+        raise AllreduceException("state metadata is not a {metadata, tensors} object")
+    count = envelope[STATE_COUNT]
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise AllreduceException(f"state announces {count!r} tensors")
+    if len(tensors) < count:
+        raise StateTruncated(f"{len(tensors)} of {count} tensors arrived")
+    if len(tensors) > count:
+        raise AllreduceException(f"{len(tensors)} tensors arrived, {count} announced")
+    return envelope[STATE_METADATA], tensors
 
 
 # ---- the caller's side -------------------------------------------------------------------

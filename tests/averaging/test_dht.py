@@ -48,11 +48,6 @@ from tests.chain.conftest import do, fast_config
 DEAD_PEER = "12D3KooWMLN9GrCCQEnxwnZY21DKdxDRg64PZWyBt8SX9VDh8Ugf"
 
 
-class _NoCommitments:
-    def commitments(self) -> dict[str, tuple[str, int]]:
-        return {}
-
-
 def test_identity_file_is_private_and_keeps_the_peer_id(tmp_path: Path) -> None:
     path = tmp_path / "identity" / "p2p.key"
     first = start_dht(DHTConfig(identity_path=path))
@@ -97,7 +92,9 @@ def test_new_identities_are_ed25519_and_old_rsa_files_keep_their_peer_id(tmp_pat
     dht = start_dht(DHTConfig(), identity_path=old)
     try:
         assert dht.peer_id == key.peer_id
-        text = commitment_for(dht, _NoCommitments(), "5F" + "x" * 46, run=RUN)  # type: ignore[arg-type]
+        cfg = fast_config(tmp_path / "ledger.sqlite")
+        with Ledger.create(cfg.db, cfg, Keypair.generate().address) as ledger:
+            text = commitment_for(dht, ledger, "5F" + "x" * 46, run=RUN)
         # One address and an RSA proof leave room for other keys (~120 bytes of them).
         assert len(text) < 900, len(text)
     finally:

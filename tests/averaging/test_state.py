@@ -7,9 +7,18 @@ import time
 
 import pytest
 import torch
+from hivemind.averaging.partition import AllreduceException
 
 from averaging.dht import StaticDirectory, start_dht, visible_maddrs
-from averaging.group import AveragingFailed, Role, ShardAverager
+from averaging.group import (
+    STATE_COUNT,
+    STATE_METADATA,
+    AveragingFailed,
+    Role,
+    ShardAverager,
+    StateTruncated,
+    unwrap_state,
+)
 from averaging.participant import commit_address
 from averaging.settings import DHTConfig
 from tests.averaging.conftest import (
@@ -114,3 +123,21 @@ def test_aux_round_rejects_a_delta(swarm: Swarm, shutdown_later: list[ShardAvera
         avg.average(0, random_delta(1), timeout=2, role=Role.AUX)
     (outcome,) = run_round([avg], [random_delta(2)], window=1, timeout=2, expected_peers=2)
     assert isinstance(outcome, AveragingFailed)
+
+
+def test_a_state_stream_cut_short_is_told_from_a_whole_one() -> None:
+    """The sender announces how many tensors follow; fewer is a cut-short stream (asked
+    again), more or a malformed announcement is refused."""
+    tensors = [torch.zeros(2), torch.ones(3)]
+    envelope = {STATE_METADATA: {"window": 4}, STATE_COUNT: 2}
+    assert unwrap_state(envelope, tensors) == ({"window": 4}, tensors)
+    with pytest.raises(StateTruncated, match="1 of 2 tensors"):
+        unwrap_state(envelope, tensors[:1])
+    with pytest.raises(AllreduceException, match="3 tensors arrived, 2 announced"):
+        unwrap_state(envelope, [*tensors, torch.ones(1)])
+    for bad in ({"window": 4}, {STATE_METADATA: {}, STATE_COUNT: "2"}, [2], None):
+        with pytest.raises(AllreduceException) as caught:
+            unwrap_state(bad, tensors)
+        assert not isinstance(caught.value, StateTruncated)
+    with pytest.raises(AllreduceException, match="True"):
+        unwrap_state({STATE_METADATA: {}, STATE_COUNT: True}, tensors)

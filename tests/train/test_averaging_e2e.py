@@ -3,8 +3,9 @@
 Four miner processes (two shards, so each is a member of one group and an auxiliary peer
 of the other) train against a real ledger and store. After its first window one miner is
 SIGKILLed with its DHT, averagers and p2p daemon; the other three go on without it and
-still end each window with bit-identical models. Restarted, it downloads θ and the outer
-momentum from a peer and ends its next window in step with them again.
+still end each window with bit-identical models. Restarted once they have finished a
+window without it, it downloads θ and the outer momentum from a peer and ends its next
+window in step with them again.
 """
 
 from __future__ import annotations
@@ -100,8 +101,17 @@ def test_four_miners_stay_in_step_and_survive_a_kill(tmp_path: Path) -> None:
         os.killpg(procs["m3"].pid, signal.SIGKILL)
         procs["m3"].wait(timeout=10)
         killed_after = reports(run, "m3")[-1]["window"]
-        # The machine comes back at once; by the time it has started, the others have
-        # gone on without it, and it must catch up with them.
+        # The machine comes back once the others have finished a window without it (back
+        # at once, it may start fast enough to join the very next round, and then no round
+        # ran without it); it must catch up with them.
+        deadline = time.monotonic() + 120
+        while not all(
+            any(r["window"] > killed_after for r in reports(run, name)) for name in NAMES[:3]
+        ):
+            for name in NAMES[:3]:
+                assert procs[name].poll() is None, (tmp_path / f"{name}.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the survivors never finished a window"
+            time.sleep(0.2)
         procs["m3"] = start("m3", 1, "m3-restart.log")
         for name, proc in procs.items():
             rc = proc.wait(timeout=600)
