@@ -1037,7 +1037,7 @@ STATE_COUNT = "tensors"
 STATE_TRIES = 2  # per peer, when its stream was cut short
 
 
-class StateTruncated(AllreduceException):
+class StateTruncated(Exception):
     """A state stream ended before every tensor its metadata announced had arrived."""
 
 
