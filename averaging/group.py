@@ -56,7 +56,8 @@ part reducer:
 - **Error feedback after a failure.** A member may fail a round that the others completed
   with its Δ in it (a reducer's last reply lost). The contributor sets tell it which parts
   of its Δ were counted; its top-k residual is committed for those values and kept as
-  before for the rest (`AveragingFailed.delivered` says how much).
+  before for the rest (`AveragingFailed.delivered` says how much). `wire_residual` and
+  `restore_wire_residual` carry it across a restart (the miner saves it with its state).
 
 Wire codecs (`AveragingConfig.wire`): hivemind's `Float16Compression`, its uniform 8-bit
 format (repaired for NumPy 2 in `averaging.wire.Uniform8BitCodec`), and our sparse top-k
@@ -1286,6 +1287,37 @@ class ShardAverager:
 
     def stop_sharing_state(self) -> None:
         self._averager.allow_state_sharing = False
+
+    @property
+    def tensor_names(self) -> list[str]:
+        """The names of the tensors this shard's group averages."""
+        return list(self._shapes)
+
+    def wire_residual(self) -> dict[str, torch.Tensor]:
+        """The top-k error feedback not yet sent (empty without top-k on the wire): save it
+        with the model so that a restarted peer still sends what it owes the group."""
+        if self._sparsifier is None:
+            return {}
+        return {name: t.clone() for name, t in self._sparsifier.residual.items()}
+
+    def restore_wire_residual(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Take back what `wire_residual` returned (names and shapes of this shard, fp32,
+        finite; anything else raises `ValueError`). Without top-k on the wire (the config
+        changed) there is nothing to owe, and the residual is dropped."""
+        for name, tensor in tensors.items():
+            if name not in self._shapes:
+                raise ValueError(f"shard {self.shard} has no tensor {name!r}")
+            if tuple(tensor.shape) != self._shapes[name]:
+                raise ValueError(
+                    f"{name}: residual shape {tuple(tensor.shape)}, expected {self._shapes[name]}"
+                )
+            if tensor.dtype != torch.float32 or not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{name}: a residual must be finite fp32")
+        if self._sparsifier is None:
+            if tensors:
+                logger.info("shard %d: no top-k on the wire; dropping its residual", self.shard)
+            return
+        self._sparsifier.residual = {name: t.clone() for name, t in tensors.items()}
 
     def load_state_from_peers(self, *, timeout: float, max_bytes: int) -> PeerState | None:
         """The state of the registered peer that declares the newest one, or None.

@@ -212,6 +212,25 @@ class Participant:
             timeout=timeout, max_bytes=max_bytes
         )
 
+    def wire_residuals(self) -> dict[str, torch.Tensor]:
+        """Every shard's top-k error feedback, by tensor name (shards own disjoint names)."""
+        out: dict[str, torch.Tensor] = {}
+        for averager in self.averagers.values():
+            out.update(averager.wire_residual())
+        return out
+
+    def restore_wire_residuals(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Hand each shard's averager its part of what `wire_residuals` returned; a name
+        that no shard holds raises `ValueError`."""
+        owner = {name: shard for shard, a in self.averagers.items() for name in a.tensor_names}
+        unknown = sorted(set(tensors) - set(owner))
+        if unknown:
+            raise ValueError(f"residuals for tensors no shard holds: {unknown[:5]}")
+        for shard, averager in self.averagers.items():
+            averager.restore_wire_residual(
+                {name: t for name, t in tensors.items() if owner[name] == shard}
+            )
+
     def close(self) -> None:
         for averager in self.averagers.values():
             averager.shutdown()

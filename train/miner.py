@@ -22,7 +22,8 @@ Every window w (ledger blocks [w·B, (w+1)·B)) the miner
    giving θ_{w+1}, identical on every miner in step. A group that fails leaves the
    miner with its own Δ on its shard (and θ_w on the shards it missed), out of step until
    it loads a peer's state or the store's checkpoint at the next window;
-5. saves its state atomically (a killed miner restarts into the current window), appends
+5. saves its state atomically (weights, outer momentum, the publication's and the wire's
+   top-k residuals; a killed miner restarts into the current window), appends
    a line to ``<run dir>/miners/<name>/windows.jsonl``, and logs loss, learning rate, grad
    norm, tokens/s, step time, bytes published, window, shard and held-out loss to W&B
    (offline unless an API key is set).
@@ -80,6 +81,7 @@ from train.windows import block_time, deadline, start_block, wait_for_block, win
 logger = logging.getLogger("train.miner")
 
 STATE_POINTER = "CURRENT"
+WIRE_RESIDUAL = "wire_residual.safetensors"  # top-k error feedback owed to the groups
 EVAL_SAMPLE_KEY = b"tensormine/miner-eval"
 
 
@@ -268,6 +270,8 @@ class Miner:
         save_file(state, str(tmp / "model.safetensors"))
         save_outer_state(tmp / "outer.safetensors", self.momentum)
         save_outer_state(tmp / "residual.safetensors", self.residual)
+        if self.seat is not None:
+            save_outer_state(tmp / WIRE_RESIDUAL, self.seat.wire_residuals())
         meta = {"window": self.window, "fingerprint": model_fingerprint(state), "uid": self.uid}
         (tmp / "state.json").write_text(json.dumps(meta))
         shutil.rmtree(folder, ignore_errors=True)
@@ -296,6 +300,11 @@ class Miner:
         self._heldout = None
         self.momentum = load_outer_state(folder / "outer.safetensors", shapes)
         self.residual = load_outer_state(folder / "residual.safetensors", shapes)
+        if self.seat is not None and (folder / WIRE_RESIDUAL).is_file():
+            try:
+                self.seat.restore_wire_residuals(load_outer_state(folder / WIRE_RESIDUAL, shapes))
+            except ValueError as exc:  # OuterStateError is one too
+                raise MinerError(f"{folder / WIRE_RESIDUAL}: {exc}") from None
         self.window = int(meta["window"])
         logger.info("resumed %s at window %d from %s", self.name, self.window, folder)
         return True

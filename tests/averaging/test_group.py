@@ -232,9 +232,27 @@ def test_codecs_on_the_wire(swarm: Swarm, shutdown_later: list[ShardAverager]) -
             ]
             expected = torch.stack(sent_parts).mean(0).half().float()
             torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-6)
+            # What was not sent is owed to the next round; it survives a save and restore.
+            for avg, d, part in zip(avgs, deltas, sent_parts, strict=True):
+                assert torch.equal(avg.wire_residual()["w"], d["w"] - part)
+            saved = avgs[0].wire_residual()
+            avgs[0].restore_wire_residual({"w": torch.ones(128, 256)})
+            assert torch.equal(avgs[0].wire_residual()["w"], torch.ones(128, 256))
+            avgs[0].restore_wire_residual(saved)
+            assert torch.equal(avgs[0].wire_residual()["w"], deltas[0]["w"] - sent_parts[0])
+            for bad, why in (
+                ({"v": torch.zeros(128, 256)}, "no tensor 'v'"),
+                ({"w": torch.zeros(256, 128)}, "shape"),
+                ({"w": torch.full((128, 256), float("nan"))}, "finite fp32"),
+                ({"w": torch.zeros(128, 256, dtype=torch.float64)}, "finite fp32"),
+            ):
+                with pytest.raises(ValueError, match=why):
+                    avgs[0].restore_wire_residual(bad)
+            assert torch.equal(avgs[0].wire_residual()["w"], saved["w"])
         else:
             relative = ((got - mean).norm() / mean.norm()).item()
             assert relative < {"none": 1e-6, "fp16": 1e-3, "int8": 0.1}[wire], wire
+            assert avgs[0].wire_residual() == {}
         for avg in avgs:
             avg.shutdown()
     assert 0.45 < sent["fp16"] / sent["none"] < 0.55

@@ -83,7 +83,9 @@ def test_bad_setups_fail_with_a_clear_message(
 
 
 def test_restart_resumes_from_the_saved_state(setup: tuple[RunConfig, list[str], Path]) -> None:
-    cfg, _, keys = setup
+    _, sets, keys = setup
+    # Top-k on the wire: the error feedback owed to the group is part of the state.
+    cfg = load_config("configs/tiny.yaml", [*sets, "averaging.wire=topk"])
     stop = threading.Event()
     producer = threading.Thread(
         target=lambda: run_producer(Ledger(cfg.chain.db), stop=stop), daemon=True
@@ -93,6 +95,17 @@ def test_restart_resumes_from_the_saved_state(setup: tuple[RunConfig, list[str],
         first = Miner(cfg, load_key(keys, "m0"), "m0", Accelerator(cpu=True))
         reports = first.run(max_windows=1)
         saved = model_fingerprint(first.model.state_dict())
+        # Whatever the window's round left owed (it depends on timing), a known residual
+        # must come back exactly.
+        assert first.seat is not None
+        gen = torch.Generator().manual_seed(3)
+        owed = {
+            n: torch.randn(p.shape, generator=gen)
+            for n, p in first.model.named_parameters()
+            if n in first.shards[0]
+        }
+        first.seat.restore_wire_residuals(owed)
+        first.save_state()
         first.close()
         # A new process (here: a new Miner) picks up where the last finished window left it.
         second = Miner(cfg, load_key(keys, "m0"), "m0", Accelerator(cpu=True))
@@ -102,6 +115,9 @@ def test_restart_resumes_from_the_saved_state(setup: tuple[RunConfig, list[str],
         assert set(second.momentum) and all(
             torch.isfinite(t).all() for t in second.momentum.values()
         )
+        assert second.seat is not None
+        again = second.seat.wire_residuals()
+        assert set(again) == set(owed) and all(torch.equal(owed[n], again[n]) for n in owed)
         second.close()
     finally:
         stop.set()
