@@ -331,6 +331,7 @@ class Subnet:
     def run(self, console: Console) -> Outcome:
         cfg = self.cfg
         outcome = Outcome()
+        shown = 0  # notes printed at start-up are not repeated in the summary
         for warning in check(cfg):
             logger.warning("%s", warning)
         self.refuse_if_running()
@@ -361,6 +362,7 @@ class Subnet:
                 self.start_processes(parts)
                 for note in self.notes:
                     console.print(f"[yellow]{note}[/]")
+                shown = len(self.notes)
                 self.watch(console)
         except KeyboardInterrupt:
             outcome.interrupted = True
@@ -376,7 +378,7 @@ class Subnet:
                 outcome.failed.append(f"{name} (exit {rc}, log {child.log})")
         outcome.snapshot = self.snapshot()
         append_ledger_history(self.paths.history, outcome.snapshot)
-        outcome.notes = self.notes
+        outcome.notes = self.notes[shown:]
         return outcome
 
     def close(self) -> None:

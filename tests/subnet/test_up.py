@@ -121,7 +121,8 @@ def test_up_then_resume_adds_nothing(tmp_path: Path, fake_miners: dict[str, str]
     again, sn2 = run_once(cfg, sets)
     assert again.rc == 0
     # The run's one window is trained: the resumed run starts no miner again.
-    assert sum("has trained its 1 windows already" in n for n in again.notes) == 2
+    assert sum("has trained its 1 windows already" in n for n in sn2.notes) == 2
+    assert not any("has trained" in n for n in again.notes)  # said once, at start-up
     assert [len(read_jsonl(cfg.run.dir / "miners" / f"miner-{i}" / "windows.jsonl"))
             for i in range(2)] == [1, 1]  # fmt: skip
     assert {m.name: m.address for m in sn2.members} == names  # keys reused
