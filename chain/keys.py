@@ -156,13 +156,18 @@ def _key_path(keys_dir: Path, name: str) -> Path:
     return keys_dir / f"{name}.json"
 
 
-def create_key(keys_dir: Path, name: str, *, overwrite: bool = False) -> Keypair:
-    """Make a new key pair and write it to ``keys_dir/NAME.json`` with mode 0600."""
+def create_key(
+    keys_dir: Path, name: str, *, overwrite: bool = False, seed: bytes | None = None
+) -> Keypair:
+    """Make a new key pair and write it to ``keys_dir/NAME.json`` with mode 0600.
+
+    `seed` (32 bytes) gives the key pair of that Ed25519 seed instead of a fresh random
+    one: for an existing key, or for reproducible tests."""
     path = _key_path(keys_dir, name)
     if path.exists() and not overwrite:
         raise KeyFileError(f"key {name!r} already exists at {path}; refusing to overwrite it")
+    kp = Keypair.generate() if seed is None else Keypair(seed)
     keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    kp = Keypair.generate()
     body = json.dumps({"name": name, "address": kp.address, "ed25519_seed": kp.seed.hex()})
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -55,6 +55,17 @@ def test_key_files_are_private_and_round_trip(keys_dir: Path) -> None:
     assert list_keys(keys_dir) == [("alice", kp.address)]
     with pytest.raises(KeyFileError, match="already exists"):
         create_key(keys_dir, "alice")
+    # From a given seed: that seed's key pair (RFC 8032's first test vector), and a seed
+    # of the wrong length writes nothing.
+    seed = bytes.fromhex("9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60")
+    dave = create_key(keys_dir, "dave", seed=seed)
+    assert dave.public_key.hex() == (
+        "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a"
+    )
+    assert load_key(keys_dir, "dave").address == dave.address
+    with pytest.raises(KeyFileError, match="32 bytes"):
+        create_key(keys_dir, "erin", seed=seed[:31])
+    assert not (keys_dir / "erin.json").exists()
 
 
 def test_key_file_readable_by_others_is_refused(keys_dir: Path) -> None:

@@ -8,6 +8,7 @@ compression, signed manifest); `Subnet.to_deadline(window)` produces blocks up t
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,12 +170,27 @@ class Subnet:
         )  # fmt: skip
 
 
-def make_subnet(tmp_path: Path, data_cache: Path, miners: list[str], **extra: object) -> Subnet:
+def make_subnet(
+    tmp_path: Path,
+    data_cache: Path,
+    miners: list[str],
+    *,
+    key_seed: str | None = None,
+    **extra: object,
+) -> Subnet:
+    """A ledger with a staked validator and `miners` registered. With `key_seed` every key
+    (and so the validator's secret and each miner's pages) is derived from it: a run whose
+    statistical checks come out the same every time."""
     run, keys = tmp_path / "run", tmp_path / "keys"
     sets = overrides(run, data_cache, **extra)
     cfg = load_config("configs/tiny.yaml", sets)
-    owner = create_key(keys, "owner")
-    vkey = create_key(keys, "v0")
+
+    def key(name: str) -> Keypair:
+        seed = None if key_seed is None else hashlib.sha256(f"{key_seed}/{name}".encode()).digest()
+        return create_key(keys, name, seed=seed)
+
+    owner = key("owner")
+    vkey = key("v0")
     ledger = Ledger.create(cfg.chain.db, cfg.chain, owner.address)
     hashes = [
         ledger.submit_call(vkey, "faucet", {"amount": 2001 * TAO}),
@@ -182,7 +198,7 @@ def make_subnet(tmp_path: Path, data_cache: Path, miners: list[str], **extra: ob
         ledger.submit_call(vkey, "add_stake", {"amount": 2000 * TAO}),
     ]
     ledger.produce_block()
-    keyed = {name: create_key(keys, name) for name in miners}
+    keyed = {name: key(name) for name in miners}
     hashes += [ledger.submit_call(kp, "register", {}) for kp in keyed.values()]
     ledger.produce_block()
     for h in hashes:
@@ -200,8 +216,8 @@ def make_subnet(tmp_path: Path, data_cache: Path, miners: list[str], **extra: ob
 def subnet_factory(tmp_path: Path, data_cache: Path) -> Iterator[object]:
     made: list[Subnet] = []
 
-    def factory(miners: list[str], **extra: object) -> Subnet:
-        net = make_subnet(tmp_path, data_cache, miners, **extra)
+    def factory(miners: list[str], *, key_seed: str | None = None, **extra: object) -> Subnet:
+        net = make_subnet(tmp_path, data_cache, miners, key_seed=key_seed, **extra)
         made.append(net)
         return net
 

@@ -26,8 +26,15 @@ def test_colluders_free_riders_and_heldout_trainers_earn_nothing(
     # E of 32 pages and 16 generic pages: the held-out check's noise shrinks with both.
     # One flagged window costs the credit here (the default forgives the first of a run of
     # flags, `scoring.heldout_outcome`): this test measures what the check detects.
+    # The checks are statistical, so the keys (and with them the validator's secret and
+    # every miner's pages) come from a fixed seed and the run is the same every time. Over
+    # 26 runs with random keys the assertions below failed on noise in about 1 of 8: the
+    # held-out trainer slipped through 2 windows, an honest miner failed the own-data
+    # check (or, once, was flagged by the held-out check in window 1), or the copies' noise
+    # hid them from the copy check in window 4.
     net = subnet_factory(
         names,
+        key_seed="adversaries",
         **{
             "validation.heldout_pages": 32,
             "validation.heldout_rival_pages": 16,
@@ -38,14 +45,15 @@ def test_colluders_free_riders_and_heldout_trainers_earn_nothing(
     uid = {name: net.uid(name) for name in names}
     validator = net.validator()
     reports = []
-    caught = 0
+    caught = copies_found = 0
     credited = dict.fromkeys(HONEST, 0)
 
     def brief(rows: list[MinerRow]) -> list[tuple[object, ...]]:
         keys = ("uid", "verdict", "loss_delta", "own_t", "copy_of", "heldout_ratio", "heldout_t")
         return [tuple(getattr(r, k) for k in keys) for r in rows]
 
-    for window in (1, 2, 3):
+    # Four windows: more evidence per miner than three (a single window's verdict is noisy).
+    for window in (1, 2, 3, 4):
         net.mine(window)
         net.to_deadline(window)
         reports.append(validator.process_window(window))
@@ -53,11 +61,21 @@ def test_colluders_free_riders_and_heldout_trainers_earn_nothing(
         # Honest miners trained from one θ_w are not copies of one another (real Δ) ...
         for name in HONEST:
             assert rows[uid[name]].copy_of is None, (window, name, rows[uid[name]])
-        # ... while every copy of the last honest Δ is found, however many collude.
+        # ... while copies of the last honest Δ are found, however many collude, and earn
+        # nothing. As training goes on the honest Δs align, what is left of honest-3's Δ
+        # beyond their shared direction shrinks, and the copies' 30 % noise can push their
+        # residual cosine under the threshold (seen in window 4, about one run in 14):
+        # then the own-data check refuses them (they did not train on their pages).
         for name in COPIERS:
             row = rows[uid[name]]
-            assert row.copy_of == uid["honest-3"] and row.score == 0.0, (window, name, row)
-            assert row.verdict == "copy"
+            assert row.score == 0.0 and row.verdict in ("copy", "own_data"), (window, name, row)
+            assert row.verdict != "copy" or row.copy_of == uid["honest-3"], (window, name, row)
+        found = sum(rows[uid[name]].verdict == "copy" for name in COPIERS)
+        copies_found += found
+        if window < 4:
+            assert found == len(COPIERS), (window, brief(reports[-1].miners))
+        if found < len(COPIERS):
+            continue
         # On the same real Δ: 1, 2 or 3 copiers among the 4 honest ones.
         deltas = {a.uid: flatten(a.delta) for a in validator.last_admitted.values()}
         for k in (1, 2):
@@ -75,13 +93,17 @@ def test_colluders_free_riders_and_heldout_trainers_earn_nothing(
     # credit in most windows (the checks are statistical: in trials it slipped through
     # in about 1 window of 8, mostly the first, where from θ_0 every page gains alike).
     assert caught >= 2, [brief(r.miners) for r in reports]
+    assert copies_found >= 3 * len(COPIERS), copies_found
     # The own-data check is statistical: an honest miner may fail it in a window (t < 1.5
     # about once in 30 of its windows here), never in most.
-    assert min(credited.values()) >= 2, credited
+    assert min(credited.values()) >= 3, credited
 
     final = {r.uid: r for r in reports[-1].miners}
     honest_weights = [final[uid[n]].weight for n in HONEST]
-    assert min(honest_weights) > 0.15, honest_weights
+    # Together the honest miners hold nearly all the weight. One of them may hold less: a
+    # failed own-data check zeroes its score for a window in which the others' scores grew
+    # (seen: 0.054 after window 3, back to 0.147 after window 4).
+    assert sum(honest_weights) > 0.8 and min(honest_weights) > 0.1, honest_weights
     # A free rider's score is its (tiny) loss delta: ~1 % of an honest one's weight.
     assert final[uid["free_rider"]].weight < 0.05 * min(honest_weights)
     for name in COPIERS:
