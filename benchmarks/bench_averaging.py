@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _bench_data import pages_and_heldout
 from accelerate import Accelerator
 from hivemind.compression import CompressionInfo
 from safetensors.torch import load_file, save_file
@@ -59,12 +60,10 @@ from averaging.config import OuterConfig
 from averaging.outer import mean_delta, outer_step
 from averaging.wire import SparseCodec, TopKSparsifier
 from tensormine.config import RunConfig, load_config
-from train.data import load_pages
 from train.inner import inner_loop, mean_loss
 from train.model import build_model
-from train.pages import assigned_pages, heldout_sample
+from train.pages import assigned_pages
 from train.shards import apply_to_shard, make_trainable, shard_map, shard_state
-from train.tokenizer import load_tokenizer
 
 HERE = Path(__file__).resolve().parent
 RUN_DIR = Path("runs/bench-averaging")
@@ -128,14 +127,10 @@ def setup(documents: int, eval_pages: int) -> Trainer:
         "configs/tiny.yaml", [f"run.dir={RUN_DIR}", f"data.max_documents={documents}"]
     )
     cache = f"{RUN_DIR}/data"
-    tokenizer = load_tokenizer(cfg.data, cfg.model.vocab_size, cache)
-    pages = load_pages(cfg.data, tokenizer, cache)
-    n_heldout = pages.heldout.shape[0]
-    sample = heldout_sample(b"bench", 0, n_heldout, min(eval_pages, n_heldout))
+    pages, evaluation = pages_and_heldout(cfg, cache, b"bench", eval_pages)
     model = build_model(cfg.model, cfg.run.seed)
     names = shard_map(model, 1)[0]
     make_trainable(model, names)
-    evaluation = torch.from_numpy(pages.heldout[sample])
     return Trainer(cfg, model, names, pages.train, evaluation, theta0=shard_state(model, names))
 
 

@@ -17,17 +17,16 @@ import platform
 import time
 
 import torch
+from _bench_data import pages_and_heldout
 from accelerate import Accelerator
 
 from averaging.config import OuterConfig
 from averaging.outer import outer_step
 from tensormine.config import load_config
-from train.data import load_pages
 from train.inner import inner_loop, mean_loss
 from train.model import build_model
-from train.pages import assigned_pages, heldout_sample
+from train.pages import assigned_pages
 from train.shards import apply_to_shard, make_trainable, shard_map, shard_state
-from train.tokenizer import load_tokenizer
 
 SETTINGS = [
     OuterConfig(lr=1.0, momentum=0.0, nesterov=False),  # baseline: plain averaging
@@ -48,12 +47,7 @@ def main() -> None:
         "configs/tiny.yaml", [f"run.dir={run_dir}", f"data.max_documents={args.documents}"]
     )
     cache = f"{run_dir}/data"
-    tokenizer = load_tokenizer(cfg.data, cfg.model.vocab_size, cache)
-    pages = load_pages(cfg.data, tokenizer, cache)
-    n_heldout = pages.heldout.shape[0]
-    evaluation = torch.from_numpy(
-        pages.heldout[heldout_sample(b"bench", 0, n_heldout, min(args.eval_pages, n_heldout))]
-    )
+    pages, evaluation = pages_and_heldout(cfg, cache, b"bench", args.eval_pages)
     accelerator = Accelerator(cpu=True)
     print(
         f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "

@@ -24,16 +24,15 @@ import platform
 import time
 
 import torch
+from _bench_data import pages_and_heldout
 from accelerate import Accelerator
 
 from averaging.outer import mean_delta, outer_step
 from tensormine.config import load_config
-from train.data import load_pages
 from train.inner import inner_loop, mean_loss
 from train.model import build_model
-from train.pages import assigned_pages, heldout_sample
+from train.pages import assigned_pages
 from train.shards import apply_to_shard, make_trainable, shard_map, shard_state
-from train.tokenizer import load_tokenizer
 
 Delta = dict[str, torch.Tensor]
 
@@ -49,12 +48,7 @@ def main() -> None:
     run_dir = "runs/bench-probe"
     cfg = load_config("configs/demo.yaml", [f"run.dir={run_dir}", *args.set])
     cache = f"{run_dir}/data"
-    tokenizer = load_tokenizer(cfg.data, cfg.model.vocab_size, cache)
-    pages = load_pages(cfg.data, tokenizer, cache)
-    n_heldout = pages.heldout.shape[0]
-    evaluation = torch.from_numpy(
-        pages.heldout[heldout_sample(b"bench-probe", 0, n_heldout, min(args.eval_pages, n_heldout))]
-    )
+    pages, evaluation = pages_and_heldout(cfg, cache, b"bench-probe", args.eval_pages)
     n = args.miners
     steps = {"outer lr (baseline)": cfg.outer.lr, "outer lr / 2": cfg.outer.lr / 2}
     steps[f"outer lr / n = {cfg.outer.lr / n:g} (share)"] = cfg.outer.lr / n
