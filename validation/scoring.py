@@ -259,6 +259,11 @@ def heldout_verdict(
     return HeldoutVerdict(excess, own_excess, ratio, t, not (t >= min_t and ratio >= max_ratio))
 
 
+def delta_norm(delta: Mapping[str, torch.Tensor]) -> float:
+    """‖Δ‖ over all its tensors, as `flatten(delta).norm()` but without the copy."""
+    return math.sqrt(sum(float(t.detach().float().norm()) ** 2 for t in delta.values()))
+
+
 def flatten(delta: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """One fp32 vector of a Δ, in sorted name order (so two Δ of one shard line up)."""
     return torch.cat([delta[name].detach().reshape(-1).float() for name in sorted(delta)])

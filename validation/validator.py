@@ -110,6 +110,7 @@ from validation.scoring import (
     OWN_PASS,
     clip_factor,
     compare_group_average,
+    delta_norm,
     find_copies,
     flatten,
     heldout_outcome,
@@ -521,7 +522,7 @@ class Validator:
     def _probe_steps(self, admitted: list[Admitted]) -> list[float]:
         """The step along each admitted Δ at which it is measured: its share of its shard's
         aggregate step, shortened for a Δ longer than `norm_clip` × its shard's median."""
-        norms = [float(flatten(a.delta).norm()) for a in admitted]
+        norms = [delta_norm(a.delta) for a in admitted]
         steps = []
         for a, norm in zip(admitted, norms, strict=True):
             peers = [n for b, n in zip(admitted, norms, strict=True) if b.shard == a.shard]

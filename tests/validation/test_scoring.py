@@ -13,6 +13,7 @@ from validation.scoring import (
     clip_factor,
     compare_group_average,
     cosine_matrix,
+    delta_norm,
     find_copies,
     flatten,
     heldout_outcome,
@@ -340,3 +341,10 @@ def test_heldout_verdict_compares_gains_beyond_generic_pages() -> None:
 def test_window_score_needs_the_heldout_check_too() -> None:
     assert window_score(0.3, admitted=True, own_ok=True, copied=False, heldout_ok=False) == 0.0
     assert window_score(0.3, admitted=True, own_ok=True, copied=False, heldout_ok=True) == 0.3
+
+
+def test_delta_norm_is_the_norm_of_the_flattened_delta() -> None:
+    gen = torch.Generator().manual_seed(0)
+    delta = {"b": torch.randn(3, 5, generator=gen), "a": torch.randn(7, generator=gen).half()}
+    assert delta_norm(delta) == pytest.approx(float(flatten(delta).double().norm()), rel=1e-6)
+    assert delta_norm({"z": torch.zeros(4)}) == 0.0
