@@ -10,6 +10,7 @@ window in step with them again.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -53,8 +54,17 @@ def overrides(run: Path) -> list[str]:
         "averaging.sender_timeout_s=2",
         "averaging.allreduce_timeout_s=10",
         "averaging.state_timeout_s=10",
+        # DiLoCo's momentum 0.9 overshoots at H = 6: held-out loss swings up and down by up to
+        # 0.7 nats from window 3 on (once in CI it ended above where it began; see
+        # benchmarks/RESULTS.md, Averaging). 0.5 still gives the restarted miner a momentum
+        # that matters: loading a wrong one would put its θ_{w+1} off the others'.
+        "outer.momentum=0.5",
         "wandb.mode=disabled",
     ]
+
+
+def seed(name: str) -> bytes:
+    return hashlib.sha256(f"averaging-e2e/{name}".encode()).digest()
 
 
 def reports(run: Path, name: str) -> list[dict[str, Any]]:
@@ -68,8 +78,10 @@ def test_four_miners_stay_in_step_and_survive_a_kill(tmp_path: Path) -> None:
     run, keys = tmp_path / "run", tmp_path / "keys"
     sets = overrides(run)
     cfg = load_config("configs/tiny.yaml", sets)
-    owner = create_key(keys, "owner")
-    miners = {name: create_key(keys, name) for name in NAMES}
+    # Keys (and so each miner's pages) from a fixed seed: the held-out check below comes
+    # out alike every run, up to which round a peer happens to join.
+    owner = create_key(keys, "owner", seed=seed("owner"))
+    miners = {name: create_key(keys, name, seed=seed(name)) for name in NAMES}
     with Ledger.create(cfg.chain.db, cfg.chain, owner.address) as ledger:
         for kp in miners.values():
             ledger.submit_call(kp, "register", {})
@@ -140,10 +152,9 @@ def test_four_miners_stay_in_step_and_survive_a_kill(tmp_path: Path) -> None:
     after_kill = [survivors[name][killed_after + 1] for name in NAMES[:3]]
     hotkey_m3 = miners["m3"].address
     assert all(hotkey_m3 not in r["members"] for r in after_kill), after_kill
-    # Held-out loss fell over the run.
-    assert (
-        survivors["m0"][windows[-1]]["heldout_loss"] < survivors["m0"][windows[0]]["heldout_before"]
-    )
+    # Held-out loss fell over the run (by 1.3–1.5 nats in three runs on 2 busy cores).
+    first_loss = survivors["m0"][windows[0]]["heldout_before"]
+    assert survivors["m0"][windows[-1]]["heldout_loss"] < first_loss - 0.5, survivors["m0"]
     # The restarted miner loaded the peers' state and ended its window in step with them.
     (back,) = [r for r in reports(run, "m3") if r["window"] > killed_after]
     others = [survivors[name].get(back["window"]) for name in NAMES[:3]]
