@@ -22,7 +22,11 @@ part reducer:
   process before each round, so the ledger is read in the caller's process only.
 - **Weights from the ledger.** Each reducer weighs a sender by ``weight_of(hotkey)`` of
   the hotkey behind its (libp2p-authenticated) peer id, looked up before the round; the
-  weight a peer announces in its messages is ignored.
+  weight a peer announces in its messages is ignored. With ``average(weights_block=b)``
+  and a `LedgerWeights`, the weights are those of the last epoch at or before block b
+  (miners pass the window's first block): peers that look up at different moments, one
+  just before an epoch and one just after, still weigh alike, and a validator can redo
+  the average with the same numbers.
 - **Equal shares.** Every member reduces an equal share of the vector and aux peers none;
   hivemind would size shares by the bandwidth each peer announces about itself.
 - **Robust reduction.** A reducer collects all contributions to a part before combining
@@ -72,6 +76,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import math
 import re
@@ -179,8 +184,13 @@ WeightSource = Literal["uniform", "stake", "incentive", "trust"]
 
 
 class LedgerWeights:
-    """``weight_of(hotkey)`` from the ledger's latest block: `source` of the hotkey's neuron,
-    at least `floor` (so a newly registered member still counts); 0 for unregistered ones."""
+    """``weight_of(hotkey)`` from the ledger: `source` of the hotkey's neuron, at least
+    `floor` (so a newly registered member still counts); 0 for unregistered ones.
+
+    Called, it reads the latest block. `table(at_block=b)` gives every registered
+    hotkey's weight as the last epoch at or before b left it (`Ledger.epoch_neurons`), the
+    same whenever it is asked; a hotkey registered since, or every one before the first
+    epoch, has the floor (for `stake` too: stake is pinned with the epoch's metagraph)."""
 
     def __init__(self, ledger: Ledger | Path | str, source: WeightSource, floor: float) -> None:
         if not floor > 0:
@@ -214,9 +224,26 @@ class LedgerWeights:
     def __call__(self, hotkey: str) -> float:
         return self._weight(self._current().get(hotkey))
 
-    def snapshot(self) -> dict[str, float]:
-        """Every registered hotkey's weight now (what a round starting now would use)."""
-        return {hotkey: self._weight(n) for hotkey, n in self._current().items()}
+    def table(self, at_block: int | None = None) -> dict[str, float]:
+        """Every registered hotkey's weight: now (None), or pinned to the last epoch at or
+        before `at_block` (what every member of a round pinned to that block uses)."""
+        current = self._current()
+        if at_block is None:
+            return {hotkey: self._weight(n) for hotkey, n in current.items()}
+        with self._lock:
+            pinned = self.ledger.get().epoch_neurons(at_block)
+        then = {} if pinned is None else {n.hotkey: n for n in pinned[1]}
+        table = {}
+        for hotkey in current:
+            if hotkey in then:
+                table[hotkey] = self._weight(then[hotkey])
+            else:  # registered since that epoch, or no epoch yet: a newcomer's weight
+                table[hotkey] = 1.0 if self.source == "uniform" else self.floor
+        return table
+
+
+def _pinned_weight(table: Mapping[str, float], hotkey: str) -> float:
+    return table.get(hotkey, 0.0)  # not registered
 
 
 def group_prefix(run: str, shard: int) -> str:
@@ -1136,6 +1163,7 @@ class ShardAverager:
         start_at: float | None = None,
         role: Role | None = None,
         base: str | None = None,
+        weights_block: int | None = None,
     ) -> AverageResult:
         """All-reduce `delta` with this window's group; members pass Δ, aux peers None.
 
@@ -1143,7 +1171,9 @@ class ShardAverager:
         of its own shard's group and an auxiliary peer of the others, which change with
         the window). `base` (hex, 8–64 digits), e.g. a fingerprint of the model the
         window started from, is announced to the group; the result's `bases` lists what
-        every peer of the final group announced.
+        every peer of the final group announced. `weights_block` pins a `LedgerWeights`
+        to the last epoch at or before that block (`LedgerWeights.table`); every peer of
+        a round must pass the same one (e.g. the window's first block).
 
         Forms a group for up to `timeout` seconds (earlier once `expected_peers` joined),
         then runs the all-reduce for up to `allreduce_timeout_s`; a failed attempt is
@@ -1162,7 +1192,7 @@ class ShardAverager:
             raise ValueError("start_at must fall within the timeout")
         role = self.role if role is None else role
         values = self._check_delta(delta, role)
-        peers = self._peer_table()
+        peers = self._peer_table(weights_block)
         if self._sparsifier is not None and role is Role.MEMBER:
             values = self._sparsifier.sparsify(values)
         with self._averager.get_tensors() as buffers:
@@ -1261,10 +1291,13 @@ class ShardAverager:
             out[name] = tensor.detach().to(device="cpu", dtype=torch.float32)
         return out
 
-    def _peer_table(self) -> dict[str, PeerInfo]:
+    def _peer_table(self, weights_block: int | None = None) -> dict[str, PeerInfo]:
+        weight_of = self.weight_of
+        if weights_block is not None and isinstance(weight_of, LedgerWeights):
+            weight_of = functools.partial(_pinned_weight, weight_of.table(weights_block))
         table = {}
         for peer, hotkey in self.directory.peers().items():
-            weight = float(self.weight_of(hotkey))
+            weight = float(weight_of(hotkey))
             if not math.isfinite(weight) or weight < 0:
                 raise ValueError(f"weight_of({hotkey}) = {weight}; weights must be finite and ≥ 0")
             table[peer] = PeerInfo(hotkey, weight)

@@ -141,11 +141,13 @@ class Participant:
         timeout: float,
         receive: Iterable[int] | None = None,
         base: str | None = None,
+        weights_block: int | None = None,
     ) -> dict[int, AverageResult | AveragingFailed]:
         """Average this window in every group at once: a member of each shard in `deltas`
         (with that Δ), an auxiliary peer of each other shard in `receive` (default: all).
         `base` (a fingerprint of the model the window started from) is announced to every
-        group; see `in_step`.
+        group; see `in_step`. `weights_block` pins the members' ledger weights to the last
+        epoch at or before it (`ShardAverager.average`); every peer passes the same one.
 
         A group that fails gives its `AveragingFailed` in place of a result; a bad Δ
         (wrong names or shapes, non-finite) raises `ValueError` before anything is sent.
@@ -169,6 +171,7 @@ class Participant:
                     start_at=start_at,
                     role=Role.AUX if delta is None else Role.MEMBER,
                     base=base,
+                    weights_block=weights_block,
                 )
             except AveragingFailed as exc:
                 logger.warning("window %d shard %d: %s", window, shard, exc)

@@ -10,7 +10,8 @@ calling Yuma, as subtensor does around its epoch:
 - a UID is inactive when it has not set weights for `activity_cutoff` blocks;
 - validator permits are the top-K by stake (with the minimum stake).
 Emission to miners and validators is added to their stake, as on the chain; the owner's
-cut goes to the owner's free balance. Yuma's outputs are stored as u16 like subtensor's.
+cut goes to the owner's free balance. Yuma's outputs are stored as u16 like subtensor's,
+and the metagraph the epoch leaves is kept per epoch (`Ledger.epoch_neurons`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from numpy.typing import NDArray
 from chain.config import ChainConfig
 from chain.consensus import EpochResult, bonds_from_u16, bonds_to_u16, yuma_epoch
 from chain.distribution import U16_MAX, Payout, split_emission
+from chain.storage import record_epoch
 
 if TYPE_CHECKING:
     from chain.runtime import Runtime
@@ -173,6 +175,7 @@ def run_epoch(rt: Runtime, block: int) -> None:
             if stored[i].any()
         ],
     )
+    record_epoch(conn, block)  # after the payout: stakes as this epoch leaves them
     logger.debug(
         "epoch at block %d: %d UIDs, paid %d rao (owner %d), carried %d",
         block,

@@ -21,7 +21,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -34,7 +34,15 @@ from chain.errors import ChainError, CorruptLedger, InvalidCall, NotIncluded
 from chain.extrinsics import Extrinsic, parse_args, sign_extrinsic
 from chain.keys import Keypair, is_address, signing_bytes
 from chain.runtime import Account, Runtime
-from chain.storage import begin, connect, create_schema, read_meta
+from chain.storage import (
+    NEURON_COLUMNS,
+    NEURONS_FROM,
+    begin,
+    connect,
+    create_schema,
+    ensure_history,
+    read_meta,
+)
 
 MAX_EXTRINSICS_PER_BLOCK = 1024
 ZERO_HASH = "0" * 64
@@ -115,6 +123,27 @@ class Neuron:
     emission: int  # rao paid at the last epoch
 
 
+def _neuron(r: Sequence[Any]) -> Neuron:
+    """A `Neuron` from a row in `chain.storage.NEURON_COLUMNS` order (u16 fields scaled)."""
+    rank, trust, consensus, incentive, dividends, vtrust = (int(v) / U16_MAX for v in r[7:13])
+    return Neuron(
+        uid=int(r[0]),
+        hotkey=str(r[1]),
+        stake=int(r[2]),
+        balance=int(r[3]),
+        registered_block=int(r[4]),
+        last_update=int(r[5]),
+        validator_permit=bool(r[6]),
+        rank=rank,
+        trust=trust,
+        consensus=consensus,
+        incentive=incentive,
+        dividends=dividends,
+        validator_trust=vtrust,
+        emission=int(r[13]),
+    )
+
+
 def _genesis_from_meta(meta: dict[str, str], path: Path) -> tuple[ChainConfig, str, str]:
     try:
         genesis = json.loads(meta["genesis"])
@@ -140,6 +169,7 @@ class Ledger:
             self.conn.close()
             raise
         self.config, self.owner, self.genesis_hash = _genesis_from_meta(meta, self.path)
+        ensure_history(self.conn)
 
     # ---- lifecycle ---------------------------------------------------------------
     @classmethod
@@ -257,36 +287,29 @@ class Ledger:
             return rt.uid_of(hotkey)
 
     def neurons(self) -> list[Neuron]:
+        """The metagraph now, by UID."""
+        rows = self.conn.execute(f"SELECT {NEURON_COLUMNS} {NEURONS_FROM} ORDER BY n.uid")
+        return [_neuron(r) for r in rows.fetchall()]
+
+    def epoch_neurons(self, at_block: int) -> tuple[int, list[Neuron]] | None:
+        """The metagraph as the last epoch at or before `at_block` left it: `(that epoch's
+        block, neurons by UID)`, or None if none ran by then (or it is older than the last
+        `chain.storage.EPOCH_HISTORY` epochs). Trust, incentive and the other Yuma outputs
+        change only at epochs, so processes that ask at different moments for the same
+        `at_block` get the same answer, where `neurons()` may straddle an epoch."""
+        row = self.conn.execute(
+            "SELECT MAX(block) FROM epoch_neurons WHERE block <= ?", (int(at_block),)
+        ).fetchone()
+        if row is None or row[0] is None:
+            return None
+        block = int(row[0])
         rows = self.conn.execute(
-            "SELECT n.uid, n.hotkey, COALESCE(a.stake, 0), COALESCE(a.balance, 0), "
-            "n.registered_block, n.last_update, n.validator_permit, n.rank, n.trust, "
-            "n.consensus, n.incentive, n.dividends, n.validator_trust, n.emission "
-            "FROM neurons n LEFT JOIN accounts a ON a.address = n.hotkey ORDER BY n.uid"
+            "SELECT uid, hotkey, stake, balance, registered_block, last_update, "
+            "validator_permit, rank, trust, consensus, incentive, dividends, validator_trust, "
+            "emission FROM epoch_neurons WHERE block = ? ORDER BY uid",
+            (block,),
         ).fetchall()
-        out = []
-        for r in rows:
-            rank, trust, consensus, incentive, dividends, vtrust = (
-                int(v) / U16_MAX for v in r[7:13]
-            )
-            out.append(
-                Neuron(
-                    uid=int(r[0]),
-                    hotkey=str(r[1]),
-                    stake=int(r[2]),
-                    balance=int(r[3]),
-                    registered_block=int(r[4]),
-                    last_update=int(r[5]),
-                    validator_permit=bool(r[6]),
-                    rank=rank,
-                    trust=trust,
-                    consensus=consensus,
-                    incentive=incentive,
-                    dividends=dividends,
-                    validator_trust=vtrust,
-                    emission=int(r[13]),
-                )
-            )
-        return out
+        return block, [_neuron(r) for r in rows]
 
     def weights(self) -> dict[int, list[tuple[int, int]]]:
         """Stored u16 weight rows: validator UID -> [(UID, weight)]."""

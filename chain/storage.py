@@ -6,8 +6,11 @@ failing, and `BEGIN IMMEDIATE` around every change so each block (extrinsics, em
 epoch) commits whole or not at all, even under SIGKILL.
 
 State tables (what a replay must rebuild bit for bit): `state`, `accounts`, `neurons`,
-`weights`, `bonds`, `commitments`. History tables: `blocks`, `extrinsics`. The `pool`
-holds submitted extrinsics that no block has taken yet.
+`weights`, `bonds`, `commitments`. History tables: `blocks`, `extrinsics`, and
+`epoch_neurons`, the metagraph as each of the last `EPOCH_HISTORY` epochs left it (so that
+peers reading at different moments can agree on "the weights as of block b", as
+`metagraph(block=b)` answers on the real chain). The `pool` holds submitted extrinsics
+that no block has taken yet.
 """
 
 from __future__ import annotations
@@ -23,7 +26,39 @@ from chain.errors import CorruptLedger
 FORMAT = "tensormine-ledger"
 VERSION = 1
 
-SCHEMA = """
+# The neurons' columns that `Ledger.neurons()` reads, in its order; an epoch copies them.
+NEURON_COLUMNS = (
+    "n.uid, n.hotkey, COALESCE(a.stake, 0), COALESCE(a.balance, 0), n.registered_block, "
+    "n.last_update, n.validator_permit, n.rank, n.trust, n.consensus, n.incentive, "
+    "n.dividends, n.validator_trust, n.emission"
+)
+NEURONS_FROM = "FROM neurons n LEFT JOIN accounts a ON a.address = n.hotkey"
+EPOCH_HISTORY = 64  # epochs kept in `epoch_neurons`
+
+# Added after version 1 without a version bump: `ensure_history` creates it in older files.
+EPOCH_NEURONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS epoch_neurons (
+    block INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    hotkey TEXT NOT NULL,
+    stake INTEGER NOT NULL,
+    balance INTEGER NOT NULL,
+    registered_block INTEGER NOT NULL,
+    last_update INTEGER NOT NULL,
+    validator_permit INTEGER NOT NULL,
+    rank INTEGER NOT NULL,
+    trust INTEGER NOT NULL,
+    consensus INTEGER NOT NULL,
+    incentive INTEGER NOT NULL,
+    dividends INTEGER NOT NULL,
+    validator_trust INTEGER NOT NULL,
+    emission INTEGER NOT NULL,
+    PRIMARY KEY (block, uid)
+);
+"""
+
+SCHEMA = (
+    """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE state (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -84,6 +119,8 @@ CREATE TABLE pool (
 );
 CREATE INDEX pool_signer ON pool (signer, nonce);
 """
+    + EPOCH_NEURONS_SCHEMA
+)
 
 STATE_TABLES = {
     "state": "id",
@@ -108,6 +145,29 @@ def connect(path: Path | str, *, timeout: float = 30.0) -> sqlite3.Connection:
     except sqlite3.DatabaseError as exc:
         raise CorruptLedger(f"{path}: not a readable SQLite database ({exc})") from exc
     return conn
+
+
+def ensure_history(conn: sqlite3.Connection) -> None:
+    """Create the history tables a ledger written by an older version lacks."""
+    row = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'epoch_neurons'"
+    ).fetchone()
+    if row is None:
+        conn.executescript(EPOCH_NEURONS_SCHEMA)
+
+
+def record_epoch(conn: sqlite3.Connection, block: int) -> None:
+    """Copy the metagraph as this epoch leaves it into `epoch_neurons` (inside the
+    epoch's transaction) and forget epochs older than the last `EPOCH_HISTORY`."""
+    conn.execute(
+        f"INSERT OR REPLACE INTO epoch_neurons SELECT ?, {NEURON_COLUMNS} {NEURONS_FROM}",
+        (block,),
+    )
+    conn.execute(
+        "DELETE FROM epoch_neurons WHERE block < (SELECT MIN(block) FROM "
+        "(SELECT DISTINCT block FROM epoch_neurons ORDER BY block DESC LIMIT ?))",
+        (EPOCH_HISTORY,),
+    )
 
 
 def create_schema(conn: sqlite3.Connection, meta: dict[str, str]) -> None:

@@ -579,6 +579,9 @@ class Miner:
                 timeout=timeout,
                 receive=active,
                 base=base,
+                # Every peer weighs the members as the last epoch before the window began
+                # left them, however the reads fall around an epoch near the deadline.
+                weights_block=start_block(window, cfg.window),
             )
         synced = (
             self.seat is not None

@@ -45,7 +45,6 @@ import logging
 import math
 import shutil
 import sys
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -130,7 +129,7 @@ logger = logging.getLogger("validation.validator")
 AGGREGATE_CHUNK = 1 << 20  # coordinates per robust-aggregation slice (bounds fp64 memory)
 
 GroupResults = dict[int, AverageResult | AveragingFailed]
-# A window's group results, and each hotkey's weight on the ledger when the round started.
+# A window's group results, and each hotkey's weight in them (pinned to the window's start).
 GroupRound = tuple[GroupResults, dict[str, float]]
 
 
@@ -706,8 +705,8 @@ class Validator:
         groups should have reached — weighted by the ledger field `averaging.weights` and
         reduced by `averaging.robust`, as every group member does — and log a mismatch
         naming the group. Members without an admitted Δ make it a mismatch. `weights`
-        (hotkey -> weight) are the ones read when the round started; without them, the
-        ledger's current ones."""
+        (hotkey -> weight) are the ones the round used (`LedgerWeights.table` pinned to
+        the window's first block); without them, the ledger's current ones."""
         missing = [u for u in members if u not in self.last_admitted]
         if not members or missing:
             logger.warning(
@@ -893,17 +892,15 @@ class Validator:
         timeout = max(start_at - time.time() + tail, cfg.averaging.min_matchmaking_time_s + 0.5)
         seat = self.seat
 
+        first = start_block(window, cfg.window)
+
         def meet() -> GroupRound:
-            # The weights the groups' reducers read from the ledger when the round starts;
-            # trust moves at every epoch, so the check must not use later ones.
-            weights: dict[str, float] = {}
-            snap = threading.Timer(
-                max(0.0, start_at - time.time()),
-                lambda: weights.update(self.group_weights.snapshot()),
+            # The weights every member's reducer uses: the ledger's as the last epoch at or
+            # before the window's first block left them (the miners pin the same block).
+            weights = self.group_weights.table(first)
+            results = seat.average_window(
+                window, {}, start_at=start_at, timeout=timeout, weights_block=first
             )
-            snap.start()
-            results = seat.average_window(window, {}, start_at=start_at, timeout=timeout)
-            snap.join()
             return results, weights
 
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aux-averaging")

@@ -110,7 +110,9 @@ def test_trust_weights_from_a_ledger_epoch(
     """The default weights are the members' trust after a real Yuma epoch: two validators
     (60 and 40 TAO) disagree on the four miners, so consensus clips some weights and the
     miners' trust differs. The average is Σ T_i Δ_i / Σ T_i; a registered miner with zero
-    trust (no validator weighs it) still gets the floor."""
+    trust (no validator weighs it) still gets the floor. A round pinned to a block uses
+    the trust of the last epoch up to it, though a later epoch has changed it since (as
+    when one falls between the members' reads at a window's deadline)."""
     assert AveragingConfig().weights == "trust"
     cfg = fast_config(tmp_path / "trust.sqlite")
     with Ledger.create(cfg.db, cfg, Keypair.generate().address) as ledger:
@@ -120,7 +122,7 @@ def test_trust_weights_from_a_ledger_epoch(
         uids = [ledger.uid_of(h) for h in swarm.hotkeys]
         do(ledger, v_a, "set_weights", {"uids": uids, "weights": [4, 3, 2, 1]})
         do(ledger, v_b, "set_weights", {"uids": uids, "weights": [1, 2, 3, 4]})
-        while not is_epoch_block(ledger.produce_block().number, 1, cfg.tempo):
+        while not is_epoch_block(epoch := ledger.produce_block().number, 1, cfg.tempo):
             pass
         trust = {n.hotkey: n.trust for n in ledger.neurons()}
         weights = [trust[h] for h in swarm.hotkeys]
@@ -129,6 +131,16 @@ def test_trust_weights_from_a_ledger_epoch(
         weight_of = LedgerWeights(cfg.db, AveragingConfig().weights, floor)
         assert trust[newcomer.address] == 0 and weight_of(newcomer.address) == floor
         assert [weight_of(h) for h in swarm.hotkeys] == weights
+        # The validators agree now; the next epoch changes every miner's trust.
+        do(ledger, v_a, "set_weights", {"uids": uids, "weights": [1, 1, 1, 1]})
+        do(ledger, v_b, "set_weights", {"uids": uids, "weights": [1, 1, 1, 1]})
+        while not is_epoch_block(ledger.produce_block().number, 1, cfg.tempo):
+            pass
+        assert [weight_of(h) for h in swarm.hotkeys] != weights
+        pinned = weight_of.table(epoch + 1)
+        assert [pinned[h] for h in swarm.hotkeys] == weights
+        assert pinned[newcomer.address] == floor
+        assert weight_of.table(0)[swarm.hotkeys[0]] == floor  # genesis: before any epoch
 
     shard = swarm.new_shard()
     table = StaticDirectory(swarm.directory().peers())
@@ -140,7 +152,7 @@ def test_trust_weights_from_a_ledger_epoch(
     ]
     shutdown_later.extend(avgs)
     deltas = [random_delta(30 + i) for i in range(4)]
-    results = ok(run_round(avgs, deltas, window=0, expected_peers=4))
+    results = ok(run_round(avgs, deltas, window=0, expected_peers=4, weights_block=epoch + 1))
     expected = weighted(deltas, weights)
     for r in results:
         for name, tensor in expected.items():
@@ -320,8 +332,8 @@ def test_ledger_weights(swarm: Swarm) -> None:
     stake = LedgerWeights(swarm.ledger_path, "stake", 1e-3)
     assert [stake(h) for h in swarm.hotkeys] == pytest.approx([1.0, 2.0, 3.0, 4.0])
     assert stake("5NotRegistered") == 0.0
-    # Every registered hotkey's weight at once (what a round starting now would use).
-    snapshot = stake.snapshot()
+    # Every registered hotkey's weight at once (what an unpinned round starting now uses).
+    snapshot = stake.table()
     assert {h: snapshot[h] for h in swarm.hotkeys} == {h: stake(h) for h in swarm.hotkeys}
     assert LedgerWeights(swarm.ledger, "uniform", 1e-3)(swarm.hotkeys[0]) == 1.0
     # No epoch has paid incentive yet: every member gets the floor.

@@ -17,7 +17,7 @@ from chain.keys import Keypair
 from chain.ledger import Ledger
 from chain.replay import replay
 from chain.runtime import is_epoch_block
-from chain.storage import state_digest
+from chain.storage import EPOCH_HISTORY, state_digest
 
 from .conftest import TAO, do, fast_config, fund, subnet
 
@@ -75,6 +75,53 @@ def test_epoch_pays_miners_and_validators(ledger: Ledger) -> None:
     assert owner_balance == pytest.approx(total * 11796 / 65535, abs=2)
     assert ledger.account(m0.address).stake == neurons[2].emission  # emission is staked
     held(ledger)
+
+
+def test_epoch_neurons_keep_each_epochs_metagraph(ledger: Ledger) -> None:
+    """`epoch_neurons(b)` is the metagraph the last epoch at or before b left, whatever
+    has happened since: what peers reading at different moments can agree on."""
+    (v0, v1), _ = subnet(ledger, miners=2, validators=[300, 100])
+    assert ledger.epoch_neurons(ledger.block_number()) is None  # no epoch yet
+    client0, client1 = LedgerClient(ledger, v0), LedgerClient(ledger, v1)
+    client0.set_weights([2, 3], [3.0, 1.0], wait=False)
+    client1.set_weights([2, 3], [3.0, 1.0], wait=False)
+    while not is_epoch_block(first := ledger.produce_block().number, 1, 9):
+        pass
+    after_first = ledger.neurons()
+    got = ledger.epoch_neurons(first)
+    assert got == (first, after_first)  # stakes after the epoch's payout included
+    assert ledger.epoch_neurons(first - 1) is None
+    # The validators change their minds; the next epoch moves incentive to UID 3.
+    client0.set_weights([2, 3], [1.0, 3.0], wait=False)
+    client1.set_weights([2, 3], [1.0, 3.0], wait=False)
+    while not is_epoch_block(second := ledger.produce_block().number, 1, 9):
+        pass
+    ledger.produce_block()
+    assert ledger.neurons()[3].incentive > after_first[3].incentive
+    assert ledger.epoch_neurons(second - 1) == (first, after_first)  # still the old one
+    pinned = ledger.epoch_neurons(second + 1)
+    assert pinned is not None and pinned[0] == second
+    assert [n.incentive for n in pinned[1]] == [n.incentive for n in ledger.neurons()]
+
+
+def test_epoch_history_is_bounded_and_added_to_old_files(tmp_path: Path, owner: Keypair) -> None:
+    cfg = fast_config(tmp_path / "old.sqlite", tempo=1)
+    with Ledger.create(cfg.db, cfg, owner.address) as ledger:
+        subnet(ledger, miners=1, validators=[100])
+        for _ in range(2 * EPOCH_HISTORY + 10):
+            ledger.produce_block()
+        kept = ledger.conn.execute("SELECT DISTINCT block FROM epoch_neurons").fetchall()
+        assert len(kept) == EPOCH_HISTORY
+        newest = max(b for (b,) in kept)
+        assert ledger.epoch_neurons(newest + 5) is not None
+        assert ledger.epoch_neurons(min(b for (b,) in kept) - 1) is None  # forgotten
+        # A file written before the table existed gets it when opened.
+        ledger.conn.execute("DROP TABLE epoch_neurons")
+    with Ledger(cfg.db) as ledger:
+        assert ledger.epoch_neurons(10**9) is None
+        while not is_epoch_block(block := ledger.produce_block().number, 1, 1):
+            pass
+        assert ledger.epoch_neurons(block) == (block, ledger.neurons())
 
 
 def test_bad_signature_is_refused_and_changes_nothing(ledger: Ledger) -> None:
