@@ -780,6 +780,21 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         super().run()
 
+    async def _shutdown(self, timeout: float | None) -> None:
+        # hivemind's, except that a p2p daemon already gone is no error: it shares the
+        # caller's process group, so a SIGINT to the group (`subnet up` stopping its
+        # children, Ctrl+C in a terminal) ends it before the caller shuts us down, and
+        # its handlers went with it. Unhandled, this printed a traceback at every exit.
+        if not self.client_mode:
+            try:
+                await self.remove_p2p_handlers(self._p2p, namespace=self.prefix)
+            except (OSError, P2PDaemonError) as exc:
+                logger.debug("p2p daemon gone before the averager's shutdown: %r", exc)
+        remaining: set[Any] = set()
+        for group in self._running_groups.values():
+            remaining.update(group.finalize(cancel=True))
+        await asyncio.wait_for(asyncio.gather(*remaining), timeout)
+
     # -- called from the caller's process ---------------------------------------------
     def configure_round(
         self, *, bits: str, peers: Mapping[str, PeerInfo], target_group_size: int | None

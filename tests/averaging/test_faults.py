@@ -27,6 +27,7 @@ from enum import Enum, auto
 from pathlib import Path
 from typing import Any, ClassVar
 
+import psutil
 import pytest
 import torch
 from hivemind.averaging.partition import AllreduceException
@@ -418,3 +419,37 @@ def test_whole_peer_sigkilled(
             proc.wait(timeout=10)
         if proc.stdout is not None:
             proc.stdout.close()
+
+
+def lose_daemon_then_shut_down() -> None:
+    """In a child process (its stderr is the evidence): start a DHT and an averager, end
+    the DHT's p2p daemon with SIGINT, then shut the averager down."""
+    dht = start_dht(DHTConfig())
+    try:
+        me = dht.peer_id.to_base58()
+        averager = ShardAverager(
+            dht, RUN, 0, template(), config=FAST, directory=StaticDirectory({me: "me"}),
+            weight_of=lambda _hotkey: 1.0,
+        )  # fmt: skip
+        (daemon,) = [c.pid for c in psutil.Process(dht.pid).children() if c.name() == "p2pd"]
+        os.kill(daemon, signal.SIGINT)
+        time.sleep(1.0)
+        averager.shutdown()
+        print("AVERAGER DOWN", flush=True)
+    finally:
+        dht.shutdown()
+        dht.join(10)
+
+
+def test_shutdown_after_the_p2p_daemon_died_is_quiet() -> None:
+    """`subnet up` stops a child with SIGINT to its process group, so the p2p daemon may
+    exit before the child shuts its averagers down; their shutdown must not print a
+    traceback for the daemon's vanished socket (it did, in both validators' logs at the
+    end of `make demo`)."""
+    code = "from tests.averaging.test_faults import lose_daemon_then_shut_down as f; f()"
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0 and "AVERAGER DOWN" in done.stdout, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
