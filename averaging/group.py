@@ -22,11 +22,11 @@ part reducer:
   process before each round, so the ledger is read in the caller's process only.
 - **Weights from the ledger.** Each reducer weighs a sender by ``weight_of(hotkey)`` of
   the hotkey behind its (libp2p-authenticated) peer id, looked up before the round; the
-  weight a peer announces in its messages is ignored. With ``average(weights_block=b)``
-  and a `LedgerWeights`, the weights are those of the last epoch at or before block b
-  (miners pass the window's first block): peers that look up at different moments, one
-  just before an epoch and one just after, still weigh alike, and a validator can redo
-  the average with the same numbers.
+  weight a peer announces in its messages is ignored. ``average(weights=...)`` overrides
+  it for one round: `Participant` passes `LedgerWeights.table(b)`, the weights as the last
+  epoch at or before block b left them (miners pass the window's first block), so peers
+  that look up at different moments, one just before an epoch and one just after, still
+  weigh alike, and a validator can redo the average with the same numbers.
 - **Equal shares.** Every member reduces an equal share of the vector and aux peers none;
   hivemind would size shares by the bandwidth each peer announces about itself.
 - **Robust reduction.** A reducer collects all contributions to a part before combining
@@ -76,7 +76,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import logging
 import math
 import re
@@ -240,10 +239,6 @@ class LedgerWeights:
             else:  # registered since that epoch, or no epoch yet: a newcomer's weight
                 table[hotkey] = 1.0 if self.source == "uniform" else self.floor
         return table
-
-
-def _pinned_weight(table: Mapping[str, float], hotkey: str) -> float:
-    return table.get(hotkey, 0.0)  # not registered
 
 
 def group_prefix(run: str, shard: int) -> str:
@@ -1178,7 +1173,7 @@ class ShardAverager:
         start_at: float | None = None,
         role: Role | None = None,
         base: str | None = None,
-        weights_block: int | None = None,
+        weights: Mapping[str, float] | None = None,
     ) -> AverageResult:
         """All-reduce `delta` with this window's group; members pass Δ, aux peers None.
 
@@ -1186,9 +1181,9 @@ class ShardAverager:
         of its own shard's group and an auxiliary peer of the others, which change with
         the window). `base` (hex, 8–64 digits), e.g. a fingerprint of the model the
         window started from, is announced to the group; the result's `bases` lists what
-        every peer of the final group announced. `weights_block` pins a `LedgerWeights`
-        to the last epoch at or before that block (`LedgerWeights.table`); every peer of
-        a round must pass the same one (e.g. the window's first block).
+        every peer of the final group announced. `weights` (hotkey -> weight; absent: not
+        registered, 0) replaces `weight_of` for this round, e.g. `LedgerWeights.table`
+        pinned to a block that every peer of the round passes alike.
 
         Forms a group for up to `timeout` seconds (earlier once `expected_peers` joined),
         then runs the all-reduce for up to `allreduce_timeout_s`; a failed attempt is
@@ -1207,7 +1202,7 @@ class ShardAverager:
             raise ValueError("start_at must fall within the timeout")
         role = self.role if role is None else role
         values = self._check_delta(delta, role)
-        peers = self._peer_table(weights_block)
+        peers = self._peer_table(weights)
         if self._sparsifier is not None and role is Role.MEMBER:
             values = self._sparsifier.sparsify(values)
         with self._averager.get_tensors() as buffers:
@@ -1306,13 +1301,10 @@ class ShardAverager:
             out[name] = tensor.detach().to(device="cpu", dtype=torch.float32)
         return out
 
-    def _peer_table(self, weights_block: int | None = None) -> dict[str, PeerInfo]:
-        weight_of = self.weight_of
-        if weights_block is not None and isinstance(weight_of, LedgerWeights):
-            weight_of = functools.partial(_pinned_weight, weight_of.table(weights_block))
+    def _peer_table(self, weights: Mapping[str, float] | None = None) -> dict[str, PeerInfo]:
         table = {}
         for peer, hotkey in self.directory.peers().items():
-            weight = float(weight_of(hotkey))
+            weight = float(self.weight_of(hotkey) if weights is None else weights.get(hotkey, 0.0))
             if not math.isfinite(weight) or weight < 0:
                 raise ValueError(f"weight_of({hotkey}) = {weight}; weights must be finite and ≥ 0")
             table[peer] = PeerInfo(hotkey, weight)

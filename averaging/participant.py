@@ -77,6 +77,7 @@ class Participant:
             raise ValueError(f"no averager for state shard {state_shard}")
         self.dht, self.averagers, self._state_shard = dht, dict(averagers), state_shard
         self.ledger_path: Path | None = None
+        self.weights: LedgerWeights | None = None  # what `weights_block` pins
 
     @classmethod
     def join(
@@ -118,6 +119,7 @@ class Participant:
             raise
         seat = cls(dht, averagers, state_shard=min(averagers))
         seat.ledger_path = ledger.path
+        seat.weights = weights
         seat.join_peers()
         return seat
 
@@ -147,7 +149,8 @@ class Participant:
         (with that Δ), an auxiliary peer of each other shard in `receive` (default: all).
         `base` (a fingerprint of the model the window started from) is announced to every
         group; see `in_step`. `weights_block` pins the members' ledger weights to the last
-        epoch at or before it (`ShardAverager.average`); every peer passes the same one.
+        epoch at or before it (`LedgerWeights.table`, read once for every group); every
+        peer passes the same one.
 
         A group that fails gives its `AveragingFailed` in place of a result; a bad Δ
         (wrong names or shapes, non-finite) raises `ValueError` before anything is sent.
@@ -160,6 +163,11 @@ class Participant:
         if not shards:
             return {}
         self.join_peers()
+        pinned = None
+        if weights_block is not None:
+            if self.weights is None:
+                raise ValueError("weights_block needs the ledger weights of `Participant.join`")
+            pinned = self.weights.table(weights_block)
 
         def one(shard: int) -> AverageResult | AveragingFailed:
             delta = deltas.get(shard)
@@ -171,7 +179,7 @@ class Participant:
                     start_at=start_at,
                     role=Role.AUX if delta is None else Role.MEMBER,
                     base=base,
-                    weights_block=weights_block,
+                    weights=pinned,
                 )
             except AveragingFailed as exc:
                 logger.warning("window %d shard %d: %s", window, shard, exc)

@@ -128,12 +128,12 @@ def run_round(
     timeout: float = 8.0,
     timeouts: Sequence[float] | None = None,
     expected_peers: int | None = None,
-    weights_block: int | None = None,
+    weights: dict[str, float] | None = None,
 ) -> list[Outcome]:
     """Every averager's `average` at once (one thread each); a failure is returned, not raised.
     `timeouts` gives each averager its own timeout (default: `timeout` for all). They share a
     start time, as miners do with the window's end, so that they agree on one leader, and
-    `weights_block`."""
+    `weights`."""
     limits = list(timeouts) if timeouts is not None else [timeout] * len(averagers)
     start_at = time.time() + FAST.min_matchmaking_time_s + 0.5
 
@@ -145,7 +145,7 @@ def run_round(
                 timeout=limit,
                 expected_peers=expected_peers,
                 start_at=start_at,
-                weights_block=weights_block,
+                weights=weights,
             )
         except AveragingFailed as exc:
             return exc

@@ -152,7 +152,7 @@ def test_trust_weights_from_a_ledger_epoch(
     ]
     shutdown_later.extend(avgs)
     deltas = [random_delta(30 + i) for i in range(4)]
-    results = ok(run_round(avgs, deltas, window=0, expected_peers=4, weights_block=epoch + 1))
+    results = ok(run_round(avgs, deltas, window=0, expected_peers=4, weights=pinned))
     expected = weighted(deltas, weights)
     for r in results:
         for name, tensor in expected.items():
