@@ -8,6 +8,7 @@
     tensormine chain stake add --key alice --amount 2000
     tensormine chain weights --key alice --uids 1,2 --weights 0.7,0.3
     tensormine chain status | metagraph | balances | schedule | simulate --blocks N
+    tensormine chain commitments --round W     # miners' contribution digests for window W
 
 Amounts on the command line are TAO (up to 9 decimals); the ledger counts rao.
 Commands that change state sign an extrinsic with the named key and wait until a block
@@ -292,6 +293,20 @@ def cmd_balances(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_commitments(args: argparse.Namespace) -> int:
+    with open_ledger(args) as ledger:
+        head = ledger.head().number
+        rows = ledger.contribution_commitments(args.round)
+    table = Table(
+        "hotkey", "digest", "block", title=f"contribution commitments, round {args.round}"
+    )
+    for c in rows.values():
+        table.add_row(c.hotkey, c.digest, str(c.block))
+    make_console().print(table)
+    print(f"{len(rows)} commitments for round {args.round}; head is block {head}")
+    return 0
+
+
 def cmd_schedule(args: argparse.Namespace) -> int:
     with open_ledger(args) as ledger:
         issuance, _ = ledger.issuance()
@@ -445,6 +460,10 @@ def register(sub: Any) -> None:
         if name == "metagraph":
             p.add_argument("--full", action="store_true", help="show whole hotkeys")
         p.set_defaults(handler=handler)
+    p = csub.add_parser("commitments", help="miners' contribution digests for one round")
+    _add_ledger_args(p)
+    p.add_argument("--round", type=int, required=True, help="training window")
+    p.set_defaults(handler=cmd_commitments)
     p = csub.add_parser("simulate", help="fast-forward emission and epochs with fixed weights")
     _add_ledger_args(p)
     p.add_argument("--blocks", type=int, help="blocks to run ahead")

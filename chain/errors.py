@@ -33,6 +33,10 @@ class RateLimited(ChainError):
     """The signer set weights too recently."""
 
 
+class AlreadyCommitted(ChainError):
+    """The hotkey already committed a contribution for this round; a commitment is final."""
+
+
 class InsufficientFunds(ChainError):
     """Not enough free balance or stake for the operation."""
 

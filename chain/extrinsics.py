@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,9 @@ from chain.errors import BadSignature, InvalidCall
 from chain.keys import Keypair, is_address, signing_bytes, verify
 
 U16_MAX = 65535
+I64_MAX = 2**63 - 1  # SQLite's INTEGER
 MAX_COMMITMENT_BYTES = 1024
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 class _Args(BaseModel):
@@ -68,6 +71,23 @@ class CommitArgs(_Args):
         return value
 
 
+class ContributionArgs(_Args):
+    """A miner's commitment to its pseudo-gradient for training window `round`: the
+    sha256 of the payload it will reveal in the store after the window's deadline."""
+
+    round: int = Field(ge=0, le=I64_MAX)
+    digest: str
+
+    @field_validator("digest")
+    @classmethod
+    def _sha256(cls, value: str) -> str:
+        if _SHA256_HEX.fullmatch(value) is None:
+            raise ValueError(
+                f"must be a sha256 digest, 64 lowercase hex characters (got {value[:80]!r})"
+            )
+        return value
+
+
 CALLS: dict[str, type[_Args]] = {
     "register": NoArgs,
     "add_stake": AmountArgs,
@@ -76,6 +96,7 @@ CALLS: dict[str, type[_Args]] = {
     "set_weights": WeightsArgs,
     "faucet": AmountArgs,
     "commit": CommitArgs,
+    "commit_contribution": ContributionArgs,
 }
 
 

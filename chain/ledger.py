@@ -31,7 +31,7 @@ from chain import errors
 from chain.config import ChainConfig
 from chain.emission import block_emission
 from chain.errors import ChainError, CorruptLedger, InvalidCall, NotIncluded
-from chain.extrinsics import Extrinsic, parse_args, sign_extrinsic
+from chain.extrinsics import I64_MAX, Extrinsic, parse_args, sign_extrinsic
 from chain.keys import Keypair, is_address, signing_bytes
 from chain.runtime import Account, Runtime
 from chain.storage import (
@@ -40,7 +40,7 @@ from chain.storage import (
     begin,
     connect,
     create_schema,
-    ensure_history,
+    ensure_tables,
     read_meta,
 )
 
@@ -123,6 +123,17 @@ class Neuron:
     emission: int  # rao paid at the last epoch
 
 
+@dataclass(frozen=True)
+class ContributionCommitment:
+    """A miner's sha256 `digest` of its pseudo-gradient for training window `round`, as
+    included in ledger block `block` (compare with the window's deadline block)."""
+
+    hotkey: str
+    round: int
+    digest: str
+    block: int
+
+
 def _neuron(r: Sequence[Any]) -> Neuron:
     """A `Neuron` from a row in `chain.storage.NEURON_COLUMNS` order (u16 fields scaled)."""
     rank, trust, consensus, incentive, dividends, vtrust = (int(v) / U16_MAX for v in r[7:13])
@@ -142,6 +153,10 @@ def _neuron(r: Sequence[Any]) -> Neuron:
         validator_trust=vtrust,
         emission=int(r[13]),
     )
+
+
+def _contribution(r: Sequence[Any]) -> ContributionCommitment:
+    return ContributionCommitment(str(r[0]), int(r[1]), str(r[2]), int(r[3]))
 
 
 def _genesis_from_meta(meta: dict[str, str], path: Path) -> tuple[ChainConfig, str, str]:
@@ -169,7 +184,7 @@ class Ledger:
             self.conn.close()
             raise
         self.config, self.owner, self.genesis_hash = _genesis_from_meta(meta, self.path)
-        ensure_history(self.conn)
+        ensure_tables(self.conn)
 
     # ---- lifecycle ---------------------------------------------------------------
     @classmethod
@@ -334,6 +349,28 @@ class Ledger:
         except ValueError:
             return {}
         return body if isinstance(body, dict) else {}
+
+    def contribution_commitments(self, round: int) -> dict[str, ContributionCommitment]:
+        """hotkey -> its contribution commitment for training window `round`, hotkeys
+        that lost their UID since included."""
+        if not 0 <= round <= I64_MAX:
+            return {}
+        rows = self.conn.execute(
+            "SELECT hotkey, round, digest, block FROM contribution_commitments "
+            "WHERE round = ? ORDER BY hotkey",
+            (int(round),),
+        ).fetchall()
+        return {str(r[0]): _contribution(r) for r in rows}
+
+    def contribution_commitment(self, hotkey: str, round: int) -> ContributionCommitment | None:
+        if not 0 <= round <= I64_MAX:
+            return None
+        row = self.conn.execute(
+            "SELECT hotkey, round, digest, block FROM contribution_commitments "
+            "WHERE hotkey = ? AND round = ?",
+            (hotkey, int(round)),
+        ).fetchone()
+        return None if row is None else _contribution(row)
 
     def pool_size(self) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM pool").fetchone()[0])

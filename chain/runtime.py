@@ -22,6 +22,7 @@ from chain.config import ChainConfig
 from chain.consensus import weights_to_u16
 from chain.emission import TOTAL_SUPPLY_RAO, block_emission
 from chain.errors import (
+    AlreadyCommitted,
     AlreadyRegistered,
     BadNonce,
     InsufficientFunds,
@@ -34,6 +35,7 @@ from chain.errors import (
 from chain.extrinsics import (
     AmountArgs,
     CommitArgs,
+    ContributionArgs,
     Extrinsic,
     TransferArgs,
     WeightsArgs,
@@ -183,6 +185,9 @@ class Runtime:
                 "ON CONFLICT(hotkey) DO UPDATE SET data = excluded.data, block = excluded.block",
                 (signer, args.data, block),
             )
+        elif xt.call == "commit_contribution":
+            assert isinstance(args, ContributionArgs)
+            self._commit_contribution(signer, args, block)
         else:  # parse_args already refused unknown calls
             raise InvalidCall(f"unknown call {xt.call!r}")
 
@@ -210,10 +215,31 @@ class Runtime:
         self.conn.execute("DELETE FROM weights WHERE uid = ?", (uid,))
         self.conn.execute("DELETE FROM bonds WHERE uid = ?", (uid,))
         self.conn.execute("DELETE FROM commitments WHERE hotkey = ?", (old,))
+        # Its contribution_commitments stay: history of past windows.
         self.conn.execute("DELETE FROM neurons WHERE uid = ?", (uid,))
         self.conn.execute(
             "INSERT INTO neurons (uid, hotkey, registered_block, last_update) VALUES (?, ?, ?, ?)",
             (uid, hotkey, block, block),
+        )
+
+    def _commit_contribution(self, hotkey: str, args: ContributionArgs, block: int) -> None:
+        """Record `hotkey`'s digest for `args.round` at `block`, the block that includes it
+        (a time the miner cannot set). Once per round: a commitment cannot be changed."""
+        if self.uid_of(hotkey) is None:
+            raise NotRegistered(f"{hotkey} is not registered and cannot commit a contribution")
+        first = self.conn.execute(
+            "SELECT block FROM contribution_commitments WHERE hotkey = ? AND round = ?",
+            (hotkey, args.round),
+        ).fetchone()
+        if first is not None:
+            raise AlreadyCommitted(
+                f"{hotkey} already committed a contribution for round {args.round} "
+                f"in block {int(first[0])}; a hotkey commits once per round"
+            )
+        self.conn.execute(
+            "INSERT INTO contribution_commitments (hotkey, round, digest, block) "
+            "VALUES (?, ?, ?, ?)",
+            (hotkey, args.round, args.digest, block),
         )
 
     def _uid_to_prune(self, block: int) -> int:

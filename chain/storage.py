@@ -6,11 +6,13 @@ failing, and `BEGIN IMMEDIATE` around every change so each block (extrinsics, em
 epoch) commits whole or not at all, even under SIGKILL.
 
 State tables (what a replay must rebuild bit for bit): `state`, `accounts`, `neurons`,
-`weights`, `bonds`, `commitments`. History tables: `blocks`, `extrinsics`, and
-`epoch_neurons`, the metagraph as each of the last `EPOCH_HISTORY` epochs left it (so that
-peers reading at different moments can agree on "the weights as of block b", as
-`metagraph(block=b)` answers on the real chain). The `pool` holds submitted extrinsics
-that no block has taken yet.
+`weights`, `bonds`, `commitments`, and `contribution_commitments`: one row per (hotkey,
+round) a miner committed a pseudo-gradient digest for, kept for good, a replaced UID's
+rows too (validators still read them for past windows; the growth is one row per miner
+per window). History tables: `blocks`, `extrinsics`, and `epoch_neurons`, the metagraph
+as each of the last `EPOCH_HISTORY` epochs left it (so that peers reading at different
+moments can agree on "the weights as of block b", as `metagraph(block=b)` answers on the
+real chain). The `pool` holds submitted extrinsics that no block has taken yet.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ NEURON_COLUMNS = (
 NEURONS_FROM = "FROM neurons n LEFT JOIN accounts a ON a.address = n.hotkey"
 EPOCH_HISTORY = 64  # epochs kept in `epoch_neurons`
 
-# Added after version 1 without a version bump: `ensure_history` creates it in older files.
+# Added after version 1 without a version bump: `ensure_tables` creates it in older files.
 EPOCH_NEURONS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS epoch_neurons (
     block INTEGER NOT NULL,
@@ -56,6 +58,22 @@ CREATE TABLE IF NOT EXISTS epoch_neurons (
     PRIMARY KEY (block, uid)
 );
 """
+
+# Also added after version 1; a state table, but an empty one adds nothing to
+# `state_digest`, so files from before it keep their digest.
+CONTRIBUTION_COMMITMENTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS contribution_commitments (
+    hotkey TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    block INTEGER NOT NULL,
+    PRIMARY KEY (hotkey, round)
+);
+"""
+LATE_TABLES = {
+    "epoch_neurons": EPOCH_NEURONS_SCHEMA,
+    "contribution_commitments": CONTRIBUTION_COMMITMENTS_SCHEMA,
+}
 
 SCHEMA = (
     """
@@ -120,8 +138,10 @@ CREATE TABLE pool (
 CREATE INDEX pool_signer ON pool (signer, nonce);
 """
     + EPOCH_NEURONS_SCHEMA
+    + CONTRIBUTION_COMMITMENTS_SCHEMA
 )
 
+# table -> its primary key, the ORDER BY of `state_digest` (a total order on the rows)
 STATE_TABLES = {
     "state": "id",
     "accounts": "address",
@@ -129,6 +149,7 @@ STATE_TABLES = {
     "weights": "uid",
     "bonds": "uid",
     "commitments": "hotkey",
+    "contribution_commitments": "hotkey, round",
 }
 
 
@@ -147,13 +168,14 @@ def connect(path: Path | str, *, timeout: float = 30.0) -> sqlite3.Connection:
     return conn
 
 
-def ensure_history(conn: sqlite3.Connection) -> None:
-    """Create the history tables a ledger written by an older version lacks."""
-    row = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'epoch_neurons'"
-    ).fetchone()
-    if row is None:
-        conn.executescript(EPOCH_NEURONS_SCHEMA)
+def ensure_tables(conn: sqlite3.Connection) -> None:
+    """Create the tables (`LATE_TABLES`) that a ledger written by an older version lacks."""
+    for name, schema in LATE_TABLES.items():
+        row = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+        ).fetchone()
+        if row is None:
+            conn.executescript(schema)
 
 
 def record_epoch(conn: sqlite3.Connection, block: int) -> None:
@@ -193,7 +215,10 @@ def read_meta(conn: sqlite3.Connection, path: Path | str) -> dict[str, str]:
 
 
 def state_digest(conn: sqlite3.Connection) -> str:
-    """sha256 over every state table in key order: equal digests mean equal state."""
+    """sha256 over every state table in key order: equal digests mean equal state.
+
+    Rows are fed to the hash one by one, each tagged with its table, so an empty table
+    feeds nothing: adding a state table keeps the digests of ledgers that never use it."""
     h = hashlib.sha256()
     for table, key in STATE_TABLES.items():
         cursor = conn.execute(f"SELECT * FROM {table} ORDER BY {key}")

@@ -7,9 +7,11 @@
     # ... and miners fetch it (or `latest`)
     pulled = store.pull_checkpoint(Path("work/theta"), window=w + 1)
 
-    # a miner publishes its pseudo-gradient for (window, shard)
-    store.publish_contribution(delta, keypair=kp, uid=7, window=w, shard=s,
-                               compression=Compression(scheme="none"))
+    # a miner prepares its pseudo-gradient for (window, shard), commits prepared.digest
+    # to the ledger before the deadline, and reveals it after
+    prepared = store.prepare_contribution(delta, keypair=kp, uid=7, window=w, shard=s,
+                                          compression=Compression(scheme="none"))
+    store.reveal_contribution(prepared)
 
     # the validator lists and verifies every contribution of the window
     for ref in store.list_contributions(w, shard=s, sources=committed_locations):
@@ -53,13 +55,14 @@ from store.checkpoint import (
 )
 from store.config import REPO_ID, StoreConfig
 from store.errors import NotFound, Reason, Rejected, StoreConflict, StoreError
-from store.fsio import fsync_dir, sha256_file, write_atomic
+from store.fsio import fsync_dir, write_atomic
 from store.local import LocalBackend
 from store.manifest import (
     Compression,
     ContributionManifest,
     build_manifest,
     check_signature,
+    commitment_digest,
     manifest_bytes,
     parse_manifest,
 )
@@ -80,6 +83,19 @@ class PulledCheckpoint:
     ref: CheckpointRef
     provenance: Provenance
     path: Path
+
+
+@dataclass(frozen=True)
+class PreparedContribution:
+    """A signed contribution not yet in the store: its manifest and tensor file bytes."""
+
+    manifest: ContributionManifest
+    data: bytes
+
+    @property
+    def digest(self) -> str:
+        """What the miner commits to the ledger (`store.manifest.commitment_digest`)."""
+        return commitment_digest(self.manifest)
 
 
 @dataclass(frozen=True)
@@ -142,8 +158,10 @@ class Store:
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase | None,
         provenance: Provenance,
+        outer_state: Mapping[str, torch.Tensor] | None = None,
     ) -> CheckpointRef:
-        """Write `model` (+ `tokenizer`) as the revision of `provenance.window`.
+        """Write `model` (+ `tokenizer`, + the outer momentum) as the revision of
+        `provenance.window`.
 
         Windows are published in increasing order; `StoreConflict` otherwise. When
         `provenance.parent_revision` is None it is set to the latest revision, if any.
@@ -153,8 +171,9 @@ class Store:
             provenance = provenance.model_copy(update={"parent_revision": latest.revision})
         with self.backend.staging_dir() as folder:
             write_checkpoint_folder(
-                model, tokenizer, folder, provenance, max_shard_size=self.cfg.max_shard_size
-            )
+                model, tokenizer, folder, provenance, max_shard_size=self.cfg.max_shard_size,
+                outer_state=outer_state,
+            )  # fmt: skip
             return self.backend.commit_checkpoint(folder, provenance.window)
 
     def publish_folder(self, folder: Path) -> CheckpointRef:
@@ -237,6 +256,65 @@ class Store:
         return PulledCheckpoint(ref=ref, provenance=prov, path=dest)
 
     # ---- contributions -----------------------------------------------------------------
+    def prepare_contribution(
+        self,
+        tensors: Mapping[str, torch.Tensor],
+        *,
+        keypair: Keypair,
+        uid: int,
+        window: int,
+        shard: int,
+        compression: Compression | None = None,
+    ) -> PreparedContribution:
+        """Serialize `tensors` and sign their manifest, without storing anything yet.
+
+        The miner commits `commitment_digest(prepared.manifest)` to the ledger before the
+        deadline and reveals (`reveal_contribution`) after it, so that nobody can read its
+        Δ while they could still copy it."""
+        from safetensors.torch import save
+
+        if not tensors:
+            raise ValueError("a contribution needs at least one tensor")
+        cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        specs = {name: TensorSpec.of(t) for name, t in cpu.items()}
+        data = save(cpu)
+        if len(data) > self.cfg.max_contribution_bytes:
+            raise Rejected(
+                "too_large",
+                f"{len(data)} bytes, store.max_contribution_bytes is "
+                f"{self.cfg.max_contribution_bytes}",
+            )
+        sha256 = hashlib.sha256(data).hexdigest()
+        manifest = build_manifest(
+            keypair,
+            uid=uid,
+            window=window,
+            shard=shard,
+            file_name=layout.contribution_file_name(keypair.address, sha256),
+            size=len(data),
+            sha256=sha256,
+            compression=compression or Compression(),
+            tensors=specs,
+        )
+        return PreparedContribution(manifest=manifest, data=data)
+
+    def reveal_contribution(self, prepared: PreparedContribution) -> ContributionRef:
+        """Write a prepared contribution (its tensor file, then its manifest) to the store."""
+        manifest = prepared.manifest
+        with self.backend.staging_dir() as staging:
+            path = staging / "contribution.safetensors"
+            path.write_bytes(prepared.data)
+            ref = self.backend.put_contribution(
+                window=manifest.window,
+                shard=manifest.shard,
+                hotkey=manifest.hotkey,
+                tensor_file=path,
+                file_name=manifest.file,
+                manifest=manifest_bytes(manifest),
+            )
+        logger.info("published contribution %s (%d bytes)", ref.manifest_path, manifest.size)
+        return ref
+
     def publish_contribution(
         self,
         tensors: Mapping[str, torch.Tensor],
@@ -247,45 +325,12 @@ class Store:
         shard: int,
         compression: Compression | None = None,
     ) -> ContributionRef:
-        """Write `tensors` as one safetensors file plus a manifest signed by `keypair`."""
-        from safetensors.torch import save_file
-
-        if not tensors:
-            raise ValueError("a contribution needs at least one tensor")
-        cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-        specs = {name: TensorSpec.of(t) for name, t in cpu.items()}
-        with self.backend.staging_dir() as staging:
-            path = staging / "contribution.safetensors"
-            save_file(cpu, str(path))
-            sha256, size = sha256_file(path)
-            if size > self.cfg.max_contribution_bytes:
-                raise Rejected(
-                    "too_large",
-                    f"{size} bytes, store.max_contribution_bytes is "
-                    f"{self.cfg.max_contribution_bytes}",
-                )
-            file_name = layout.contribution_file_name(keypair.address, sha256)
-            manifest = build_manifest(
-                keypair,
-                uid=uid,
-                window=window,
-                shard=shard,
-                file_name=file_name,
-                size=size,
-                sha256=sha256,
-                compression=compression or Compression(),
-                tensors=specs,
-            )
-            ref = self.backend.put_contribution(
-                window=window,
-                shard=shard,
-                hotkey=keypair.address,
-                tensor_file=path,
-                file_name=file_name,
-                manifest=manifest_bytes(manifest),
-            )
-        logger.info("published contribution %s (%d bytes)", ref.manifest_path, size)
-        return ref
+        """Prepare and reveal at once: a contribution with no commitment to precede it
+        (validators refuse those; for tools and tests of the store itself)."""
+        prepared = self.prepare_contribution(
+            tensors, keypair=keypair, uid=uid, window=window, shard=shard, compression=compression
+        )
+        return self.reveal_contribution(prepared)
 
     def list_contributions(
         self,

@@ -21,9 +21,11 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from store.config import parse_size
@@ -38,6 +40,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PROVENANCE_FILE = "tensormine.json"
+# The outer optimizer's momentum that produced θ_{w+1}: part of the global state (θ_{w+2}
+# depends on it), so a miner or validator that adopts this checkpoint continues exactly.
+OUTER_STATE_FILE = "outer_state.safetensors"
 PROVENANCE_MAX_BYTES = 64 * 2**20
 FORMAT: Literal["tensormine-checkpoint/1"] = "tensormine-checkpoint/1"
 
@@ -53,6 +58,7 @@ class Contributor(_Frozen):
     hotkey: str
     score: float
     weight: float = Field(description="its weight in the aggregate")
+    shard: int | None = Field(default=None, ge=0, description="the shard its Δ went into")
 
 
 class FileDigest(_Frozen):
@@ -71,6 +77,12 @@ class Provenance(_Frozen):
     contributors: list[Contributor] = Field(default_factory=list)
     metrics: dict[str, float] = Field(default_factory=dict, description="e.g. {'loss': 3.2}")
     run_config: dict[str, Any] = Field(default_factory=dict)
+    fingerprint: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="`train.model.model_fingerprint` of the weights: every miner in step "
+        "holds a model with this fingerprint",
+    )
     created_at: str = ""
     files: dict[str, FileDigest] = Field(default_factory=dict)
 
@@ -142,14 +154,26 @@ def write_checkpoint_folder(
     provenance: Provenance,
     *,
     max_shard_size: int | str,
+    outer_state: Mapping[str, torch.Tensor] | None = None,
 ) -> Provenance:
     """Save `model` (+ `tokenizer`) as a HF folder with a model card and ``tensormine.json``.
 
-    Weights are safetensors, sharded above `max_shard_size`. Returns the provenance as
-    written, with `created_at` and the sha256 and size of every file filled in.
+    Weights are safetensors, sharded above `max_shard_size`; `outer_state` (the outer
+    optimizer's momentum, fp32) goes to ``outer_state.safetensors`` beside them. Returns
+    the provenance as written, with `created_at` and the sha256 and size of every file
+    filled in.
     """
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder, max_shard_size=parse_size(max_shard_size))
+    if outer_state:
+        from safetensors.torch import save_file
+
+        tensors = {
+            n: t.detach().to("cpu", torch.float32).contiguous() for n, t in outer_state.items()
+        }
+        save_file(
+            tensors, str(folder / OUTER_STATE_FILE), metadata={"format": "tensormine-outer-state/1"}
+        )
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     prov = provenance.model_copy(

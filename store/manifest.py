@@ -18,6 +18,7 @@ manifest names its tensor file by a plain file name in the same folder: no separ
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import re
 from typing import Any, Literal
@@ -109,6 +110,19 @@ def build_manifest(
     _check_fields(unsigned)
     signature = keypair.sign(signing_bytes(unsigned.unsigned_body())).hex()
     return unsigned.model_copy(update={"signature": signature})
+
+
+def commitment_digest(manifest: ContributionManifest) -> str:
+    """The sha256 a miner commits to the ledger before the deadline, revealing the manifest
+    (and its tensor file, whose sha256 the manifest holds) only after it.
+
+    It covers the canonical JSON of every field but the signature and `created_at` (the
+    miner's clock, informational): the hotkey, UID, window, shard, compression, tensor
+    list and the payload's sha256. A revealed manifest whose digest differs from the
+    commitment is not the contribution that was committed."""
+    body = manifest.unsigned_body()
+    body.pop("created_at")
+    return hashlib.sha256(signing_bytes(body)).hexdigest()
 
 
 def manifest_bytes(manifest: ContributionManifest) -> bytes:

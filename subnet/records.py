@@ -231,6 +231,66 @@ def list_checkpoint_windows(store_cfg: StoreConfig) -> list[int]:
         return []
 
 
+@dataclass(frozen=True)
+class OneModel:
+    """Per window whose round succeeded (some miner ended it in step): whether every
+    in-step miner's θ_{w+1} is the published checkpoint of w+1, fingerprint for fingerprint."""
+
+    matched: list[int]  # windows w whose checkpoint w+1 every in-step miner holds
+    differs: dict[int, list[str]]  # window -> miners in step whose θ_{w+1} is not it
+    unpublished: list[int]  # in-step windows with no checkpoint (or no fingerprint) yet
+
+    @property
+    def windows(self) -> int:
+        return len(self.matched) + len(self.differs)
+
+    def line(self) -> str:
+        text = f"one model: {len(self.matched)}/{self.windows} windows"
+        if self.differs:
+            text += "; differs in " + ", ".join(
+                f"window {w} ({', '.join(names)})" for w, names in sorted(self.differs.items())
+            )
+        if self.unpublished:
+            text += f"; not published yet: {', '.join(map(str, self.unpublished))}"
+        return text
+
+
+def one_model(miners: Mapping[str, list[dict[str, Any]]], published: Mapping[int, str]) -> OneModel:
+    """Compare each in-step miner's θ_{w+1} fingerprint (`windows.jsonl`) with the
+    fingerprint of the published checkpoint of w+1 (`published`: window -> fingerprint)."""
+    in_step: dict[int, dict[str, str]] = {}
+    for name, rows in miners.items():
+        for row in rows:
+            if row.get("synced") and isinstance(row.get("fingerprint"), str):
+                in_step.setdefault(int(row["window"]), {})[name] = row["fingerprint"]
+    matched, differs, unpublished = [], {}, []
+    for window, prints in sorted(in_step.items()):
+        theirs = published.get(window + 1)
+        if theirs is None:
+            unpublished.append(window)
+            continue
+        off = sorted(name for name, fp in prints.items() if fp != theirs)
+        if off:
+            differs[window] = off
+        else:
+            matched.append(window)
+    return OneModel(matched, differs, unpublished)
+
+
+def published_fingerprints(store_cfg: StoreConfig) -> dict[int, str]:
+    """window -> the fingerprint each published checkpoint's provenance names."""
+    out: dict[int, str] = {}
+    try:
+        store = open_store(store_cfg, create=False)
+        for ref in store.list_checkpoints():
+            fingerprint = store.read_provenance(ref).fingerprint
+            if fingerprint is not None:
+                out[ref.window] = fingerprint
+    except (StoreError, OSError) as exc:
+        logger.debug("store not readable yet: %s", exc)
+    return out
+
+
 def snapshot(
     ledger: Ledger,
     run_dir: Path,

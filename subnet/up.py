@@ -45,6 +45,8 @@ from subnet.records import (
     Snapshot,
     append_ledger_history,
     list_checkpoint_windows,
+    one_model,
+    published_fingerprints,
     read_jsonl,
     snapshot,
 )
@@ -442,6 +444,7 @@ def finish(
     console.print(
         f"canonical checkpoints: {', '.join(f'window {w}' for w in ckpts) if ckpts else 'none'}"
     )
+    console.print(one_model(snap.miners, published_fingerprints(cfg.store)).line())
     write_summary_json(paths.subnet / "summary.json", snap, subnet.members)
     for path in write_plots(snap, read_jsonl(paths.history), paths.plots):
         console.print(f"plot: {path}")

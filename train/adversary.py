@@ -15,6 +15,13 @@ Behaviours (DESIGN "Proof of learning"; the validator must give each of them not
   so size checks alone cannot tell it apart.
 - `copier`: publishes another miner's Δ, rescaled by `copy_scale` and with Gaussian noise
   of `copy_noise` × the rescaled copy's norm added, to defeat an exact-match check.
+- `mixer`: waits for the other miners' Δ of the window and publishes its own plus their
+  mean. Commitments close at the deadline and nothing is revealed before it, so it finds
+  nothing to mix in and publishes its own (`train.cheats` does the peeking).
+- `backdater`: waits past the deadline for another miner's revealed Δ, publishes an exact
+  copy (committed after the deadline, since it could not have it before), and sets its
+  store files' times back to the window's start: refused as late by the ledger's clock,
+  and the miner it copied keeps its score.
 - `wrong_data`: trains honestly, but on train pages outside its assignment (drawn with a
   public salt), e.g. data it had cached; its Δ helps on held-out data but not
   particularly on the pages it was assigned.
@@ -85,6 +92,13 @@ def training_rows(
     return mixed
 
 
+def mean_of(deltas: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The coordinate-wise mean of several Δ with the same names and shapes."""
+    if not deltas:
+        raise ValueError("mean_of needs at least one Δ")
+    return {n: torch.stack([d[n] for d in deltas]).mean(0) for n in deltas[0]}
+
+
 def _noise_like(t: torch.Tensor, norm: float, rng: torch.Generator) -> torch.Tensor:
     noise = torch.randn(t.shape, generator=rng, dtype=torch.float32)
     current = float(noise.norm())
@@ -102,7 +116,8 @@ def make_adversarial_delta(
     copy_noise: float = 0.3,
 ) -> dict[str, torch.Tensor]:
     """The Δ a miner of `behaviour` publishes, given the Δ it trained (`honest_delta`) and,
-    for `copier`, the Δ of the miner it copies (`other_delta`, same names and shapes).
+    for `copier` and `backdater`, the Δ of the miner it copies, for `mixer` the mean of
+    the others' (`other_delta`, same names and shapes; None: a mixer found nothing).
 
     `honest`, `wrong_data` and `heldout` publish what they trained (the difference is in
     `training_rows`). All results are new fp32 CPU tensors.
@@ -116,10 +131,16 @@ def make_adversarial_delta(
         return {n: t * tiny for n, t in own.items()}
     if behaviour == "noise":
         return {n: _noise_like(t, float(t.norm()), rng) for n, t in own.items()}
+    if behaviour == "mixer" and other_delta is None:
+        return {n: t.clone() for n, t in own.items()}  # nothing of others was readable
     if other_delta is None:
-        raise ValueError("a copier needs the Δ it copies (other_delta)")
+        raise ValueError(f"a {behaviour} needs the Δ it copies (other_delta)")
     if set(other_delta) != set(own):
         raise ValueError("other_delta must cover the same tensors as honest_delta")
+    if behaviour == "mixer":
+        return {n: own[n] + other_delta[n].detach().to("cpu", torch.float32) for n in own}
+    if behaviour == "backdater":
+        return {n: t.detach().to("cpu", torch.float32).clone() for n, t in other_delta.items()}
     out = {}
     for name, t in other_delta.items():
         scaled = t.detach().to("cpu", torch.float32) * copy_scale

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-Behaviour = Literal["honest", "free_rider", "noise", "copier", "wrong_data", "heldout"]
+Behaviour = Literal[
+    "honest", "free_rider", "noise", "copier", "wrong_data", "heldout", "mixer", "backdater"
+]
 BEHAVIOURS: tuple[str, ...] = get_args(Behaviour)
 
 

@@ -105,6 +105,12 @@ class WindowConfig(StrictModel):
     publish_margin: int = Field(
         default=2, ge=0, description="blocks before the window ends by which contributions are due"
     )
+    reveal_blocks: int = Field(
+        default=2,
+        ge=1,
+        description="blocks after the deadline within which a miner reveals the contribution "
+        "it committed to; validators list contributions once that block exists",
+    )
     canonical_wait: float = Field(
         default=0.5,
         ge=0.0,

@@ -36,6 +36,7 @@ others as integer tensors and the model as a broadcast of its weights.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -55,20 +56,22 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from averaging.compression import decode, encode
 from averaging.group import AverageResult, AveragingFailed
-from averaging.outer import load_outer_state, outer_step, save_outer_state
+from averaging.outer import OuterStateError, load_outer_state, outer_step, save_outer_state
 from averaging.participant import Participant
 from chain.errors import ChainError
 from chain.keys import KeyFileError, Keypair, default_keys_dir, load_key
 from chain.ledger import Ledger
 from store.api import Store, open_store
-from store.checkpoint import Provenance
+from store.checkpoint import OUTER_STATE_FILE, Provenance
 from store.errors import NotFound, StoreConflict, StoreError
 from store.manifest import Compression
 from store.sources import contributions_entry
 from tensormine.config import ConfigError, RunConfig, load_config
 from tensormine.tracking import Tracker
-from train.adversary import make_adversarial_delta, training_rows
+from train.adversary import make_adversarial_delta, mean_of, training_rows
 from train.behaviours import BEHAVIOURS, code_spelling
+from train.cheats import backdate, peek_contributions
+from train.contribution import commit_contribution
 from train.data import Pages, load_pages
 from train.inner import StepStats, inner_loop, mean_loss
 from train.model import build_model, model_fingerprint
@@ -76,7 +79,15 @@ from train.pages import heldout_sample
 from train.peer_state import PeerStateError, pack_state, unpack_state
 from train.shards import apply_to_shard, make_trainable, shard_for_miner, shard_map, shard_state
 from train.tokenizer import load_tokenizer
-from train.windows import block_time, deadline, start_block, wait_for_block, window_of
+from train.windows import (
+    block_time,
+    deadline,
+    meeting_block,
+    reveal_deadline,
+    start_block,
+    wait_for_block,
+    window_of,
+)
 
 logger = logging.getLogger("train.miner")
 
@@ -101,6 +112,8 @@ class WindowReport:
     published_bytes: int
     late: bool
     fingerprint: str = ""  # of θ_{w+1}: miners in step with their groups agree on it
+    committed_block: int = -1  # the ledger block that took our commitment (-1: none)
+    canonical: str = ""  # the published θ_w vs ours: match, differs, out-of-step, absent
     synced: bool = False  # every group of the window averaged (θ_{w+1} is the group's)
     members: list[str] = field(default_factory=list)  # hotkeys averaged in our shard's group
     dropped: list[str] = field(default_factory=list)
@@ -188,6 +201,7 @@ class Miner:
         # Averaging (main process only): `synced` means the model is the groups' θ_window.
         self.seat: Participant | None = None
         self.synced = False
+        self._start_fingerprint = ""  # of θ_w, the model the current window started from
         self._shared: tuple[dict[str, Any], list[torch.Tensor]] | None = None
         self._shared_lock = threading.Lock()
         if self.main and cfg.averaging.enabled:
@@ -334,12 +348,15 @@ class Miner:
         # for it as long as there is still time to train before the deadline.
         source = self._fetch_canonical(window, wait=self.seat is not None)
         if source >= 0:
-            weights = load_checkpoint_weights(self.dir / "checkpoints" / f"window-{source}")
+            folder = self.dir / "checkpoints" / f"window-{source}"
+            weights = load_checkpoint_weights(folder)
             if model_fingerprint(weights) != model_fingerprint(self.model.state_dict()):
                 logger.info(
                     "window %d: adopting the canonical checkpoint of window %d", window, source
                 )
                 self.model.load_state_dict(weights)
+                # θ_{w+1} depends on the momentum too: one model means both.
+                self.momentum = load_checkpoint_momentum(folder, self.model)
                 return True
         elif self.window != window:
             # No canonical θ_window yet: our own θ from the last outer step stands in.
@@ -451,7 +468,8 @@ class Miner:
             before = mean_loss(self.model, self.eval_pages, device=self.acc.device)
         start = shard_state(self.model, names)  # θ_w on the shard
         # Announced to the groups: peers that start from different models learn it.
-        base = model_fingerprint(self.model.state_dict())[:16] if self.seat is not None else ""
+        self._start_fingerprint = model_fingerprint(self.model.state_dict())
+        base = self._start_fingerprint[:16] if self.seat is not None else ""
         make_trainable(self.model, names)
         rows = training_rows(
             self.behaviour, self.keypair.address, window, cfg.run.seed,
@@ -547,32 +565,27 @@ class Miner:
         sent = decode(encoded.tensors, encoded.params, shapes)  # what validators will see
         if encoded.residual is not None:
             self.residual.update(encoded.residual)
+        prepared = self.store.prepare_contribution(
+            encoded.tensors, keypair=self.keypair, uid=self.uid, window=window, shard=shard,
+            compression=Compression(scheme=cfg.compression.scheme, params=encoded.params),
+        )  # fmt: skip
         due = deadline(window, cfg.window)
-        report.late = self.ledger.block_number() >= due
-        if report.late:
-            logger.warning("window %d: training ended after the deadline; not publishing", window)
-        else:
-            self.store.publish_contribution(
-                encoded.tensors,
-                keypair=self.keypair,
-                uid=self.uid,
-                window=window,
-                shard=shard,
-                compression=Compression(scheme=cfg.compression.scheme, params=encoded.params),
-            )
-            report.published_bytes = encoded.nbytes
-
-        # The groups meet at the deadline: every miner computes the same time from the
-        # ledger, so all declare the same expiry and agree on a leader. A late Δ is kept
-        # out of the groups as it is out of the store.
-        outcomes: dict[int, AverageResult | AveragingFailed] = {}
+        self._commit(window, prepared.digest, report)
+        # The groups meet at the deadline, when commitments have closed: every miner
+        # computes the same time from the ledger, so all declare the same expiry and agree
+        # on a leader. Matchmaking runs (in the background) while we reveal. A late Δ is
+        # kept out of the groups as it is out of the store.
+        round_: concurrent.futures.Future[dict[int, AverageResult | AveragingFailed]] | None = None
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="averaging")
         if self.seat is not None and not report.late:
-            start_at = block_time(self.ledger, due, anchor=start_block(window, cfg.window))
+            meet = meeting_block(window, cfg.window)
+            start_at = block_time(self.ledger, meet, anchor=start_block(window, cfg.window))
             # A group that has not formed by the window's end will not: give up then, so
             # that a failed round never makes the miner late for the next window.
             tail = cfg.window.publish_margin * cfg.chain.block_time_s
             timeout = max(start_at - time.time() + tail, cfg.averaging.min_matchmaking_time_s + 0.5)
-            outcomes = self.seat.average_window(
+            round_ = pool.submit(
+                self.seat.average_window,
                 window,
                 {shard: sent},
                 start_at=start_at,
@@ -583,6 +596,21 @@ class Miner:
                 # left them, however the reads fall around an epoch near the deadline.
                 weights_block=start_block(window, cfg.window),
             )
+        pool.shutdown(wait=False)
+        if report.late and self.behaviour != "backdater":
+            logger.warning(
+                "window %d: not committed before the deadline block %d; not revealing", window, due
+            )
+        else:
+            # Reveal only once the deadline block exists: until then nobody may read it.
+            wait_for_block(self.ledger, due)
+            ref = self.store.reveal_contribution(prepared)
+            report.published_bytes = encoded.nbytes
+            if self.behaviour == "backdater":
+                backdate(self.store, ref, self.ledger, start_block(window, cfg.window))
+        outcomes: dict[int, AverageResult | AveragingFailed] = {}
+        if round_ is not None:
+            outcomes = round_.result()
         synced = (
             self.seat is not None
             and all(isinstance(outcomes.get(s), AverageResult) for s in {shard, *active})
@@ -607,6 +635,7 @@ class Miner:
             new_params, new_momentum = outer_step(theta, average, momentum, cfg.outer)
             self.momentum.update(new_momentum)
             apply_to_shard(self.model, shard_names, new_params)
+        report.canonical = self._check_canonical(window)
         own = outcomes.get(shard)
         if isinstance(own, AverageResult):
             report.members, report.dropped = own.members, own.dropped
@@ -621,40 +650,79 @@ class Miner:
         report.fingerprint = model_fingerprint(self.model.state_dict())
         self._share(window + 1)
 
+    def _check_canonical(self, window: int) -> str:
+        """Whether the published checkpoint of `window` is the θ_window our last round
+        produced: "match", "differs" (we keep ours and say so: a miner never adopts a
+        checkpoint that disagrees with its own successful round), "out-of-step" (we did
+        not end the last round in step, so we had adopted it or a peer's) or "absent"."""
+        if not self.synced:
+            return "out-of-step"
+        try:
+            theirs = self.store.read_provenance(self.store.resolve(window=window)).fingerprint
+        except StoreError:
+            return "absent"
+        ours = self._start_fingerprint
+        if theirs is None:
+            return "absent"
+        if theirs != ours:
+            logger.warning(
+                "window %d: the published checkpoint (fingerprint %s…) is not the θ our round "
+                "produced (%s…); keeping ours. `tensormine verify --window %d` checks it",
+                window, theirs[:16], ours[:16], window - 1,
+            )  # fmt: skip
+            return "differs"
+        return "match"
+
+    def _commit(self, window: int, digest: str, report: WindowReport) -> None:
+        """Commit `digest` for `window` on the ledger; `report.late` when no block before
+        the deadline took it (or, for a backdater, on purpose after the deadline)."""
+        cfg = self.cfg
+        due = deadline(window, cfg.window)
+        if self.behaviour == "backdater":
+            wait_for_block(self.ledger, due)  # it commits what it copied, after the deadline
+        if self.ledger.block_number() >= due and self.behaviour != "backdater":
+            report.late = True
+            return
+        blocks = max(1, due - self.ledger.block_number()) + 2
+        try:
+            report.committed_block = commit_contribution(
+                self.ledger, self.keypair, window, digest,
+                timeout=blocks * cfg.chain.block_time_s + 10.0,
+            )  # fmt: skip
+        except ChainError as exc:
+            logger.warning("window %d: the ledger refused our commitment: %s", window, exc)
+            report.late = True
+            return
+        report.late = report.committed_block >= due
+
     def _misbehave(
         self, window: int, shard: int, delta: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """The Δ an adversarial miner publishes instead of its own (demos and tests: the
         validators must give it nothing; see `train.adversary`)."""
         rng = torch.Generator().manual_seed(self.uid * 1_000_003 + window)
-        other = self._copy_source(window, shard, delta) if self.behaviour == "copier" else None
-        if self.behaviour == "copier" and other is None:
-            logger.warning("window %d: nothing to copy yet; publishing noise instead", window)
-            return make_adversarial_delta("noise", delta, None, rng)
+        other = None
+        if self.behaviour in ("copier", "mixer", "backdater"):
+            # A copier or mixer must commit before the deadline, when nothing of this
+            # window is revealed; a backdater reads after it and commits late.
+            due = deadline(window, self.cfg.window)
+            until = reveal_deadline(window, self.cfg.window) if self.behaviour == "backdater" else (
+                due - max(2, self.cfg.window.publish_margin)
+            )  # fmt: skip
+            others = peek_contributions(
+                self.store, self.ledger, window, shard, delta, self.keypair.address,
+                until=until, poll_s=self.cfg.chain.block_time_s,
+            )  # fmt: skip
+            if others:
+                other = mean_of(others) if self.behaviour == "mixer" else others[0]
+                logger.info("window %d: read %d Δ of others to %s", window, len(others),
+                            self.behaviour)  # fmt: skip
+            elif self.behaviour == "mixer":
+                logger.info("window %d: nothing of others readable to mix in", window)
+            else:
+                logger.warning("window %d: nothing to copy; publishing noise instead", window)
+                return make_adversarial_delta("noise", delta, None, rng)
         return make_adversarial_delta(self.behaviour, delta, other, rng)
-
-    def _copy_source(
-        self, window: int, shard: int, like: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor] | None:
-        """Another miner's Δ of this window and shard, waiting for one until a few blocks
-        before the deadline (a copier publishes after its victim)."""
-        due = deadline(window, self.cfg.window) - max(2, self.cfg.window.publish_margin)
-        shapes = {n: tuple(t.shape) for n, t in like.items()}
-        while True:
-            for ref in self.store.list_contributions(window, shard):
-                if ref.hotkey == self.keypair.address:
-                    continue
-                try:
-                    manifest = self.store.read_manifest(ref)
-                    raw = self.store.load_contribution(
-                        ref, hotkey=ref.hotkey, uid=manifest.uid, window=window, shard=shard
-                    )
-                    return decode(raw.tensors, manifest.compression.params, shapes)
-                except (StoreError, ValueError, KeyError) as exc:
-                    logger.info("cannot copy %s: %s", ref.hotkey, exc)
-            if self.ledger.block_number() >= due:
-                return None
-            time.sleep(self.cfg.chain.block_time_s)
 
     def _share(self, window: int) -> None:
         """Offer θ_window and the momentum to late joiners while we are in step."""
@@ -789,6 +857,19 @@ def load_checkpoint_weights(folder: Path) -> dict[str, torch.Tensor]:
     for name in files:
         weights.update(load_file(str(folder / name)))
     return {k: v.float() for k, v in weights.items()}
+
+
+def load_checkpoint_momentum(folder: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The outer momentum published with a checkpoint (`store.checkpoint.OUTER_STATE_FILE`),
+    checked against `model`'s parameters; empty when the checkpoint has none."""
+    path = folder / OUTER_STATE_FILE
+    if not path.is_file():
+        return {}
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    try:
+        return load_outer_state(path, shapes)
+    except OuterStateError as exc:
+        raise MinerError(f"{path}: {exc}") from None
 
 
 def build_arg_parser() -> argparse.ArgumentParser:

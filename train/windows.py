@@ -1,10 +1,13 @@
 """Windows on the ledger: which window a block is in, and when its contributions are due.
 
-Window w spans blocks [w·B, (w+1)·B) with B = `window.blocks`. A contribution for window
-w must be in the store before block (w+1)·B − `publish_margin`, which leaves validators
-the margin to fetch everything before the next window begins.
+Window w spans blocks [w·B, (w+1)·B) with B = `window.blocks`. A miner commits to its
+contribution for window w on the ledger (a hash) in a block before the deadline
+(w+1)·B − `publish_margin`, and reveals it in the store from the deadline on, before
+`reveal_deadline` (`reveal_blocks` later), when validators list what was revealed. So no
+miner can read another's Δ of the window before its own commitment is final.
 
-    window_of(block, cfg)     deadline(w, cfg)     start_block(w, cfg)
+    window_of(block, cfg)     start_block(w, cfg)     deadline(w, cfg)
+    meeting_block(w, cfg)     reveal_deadline(w, cfg)
     block_time(ledger, deadline(w, cfg), anchor=start_block(w, cfg))   # unix time
 """
 
@@ -30,6 +33,18 @@ def start_block(window: int, cfg: WindowConfig) -> int:
 def deadline(window: int, cfg: WindowConfig) -> int:
     """The first block at which a contribution for `window` is late."""
     return (window + 1) * cfg.blocks - cfg.publish_margin
+
+
+def meeting_block(window: int, cfg: WindowConfig) -> int:
+    """When the averaging groups of `window` meet: at the deadline block, when no
+    commitment for the window can be made any more (matchmaking starts before it, and
+    miners reveal while it runs)."""
+    return deadline(window, cfg)
+
+
+def reveal_deadline(window: int, cfg: WindowConfig) -> int:
+    """The block at which validators list the revealed contributions of `window`."""
+    return deadline(window, cfg) + cfg.reveal_blocks
 
 
 def block_time(ledger: Ledger, block: int, *, anchor: int) -> float:

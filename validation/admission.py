@@ -1,8 +1,10 @@
 """Admission: turn a listed contribution into a verified, decoded Δ, or a named refusal.
 
     roster = Roster.from_neurons(ledger.neurons(), shards=cfg.model.shards, window=w)
+    commitments = ledger.contribution_commitments(w)   # hotkey -> ContributionCommitment
     outcome = admit(store, ref, roster=roster, window=w, shapes=shard_shapes,
-                    scheme=cfg.compression.scheme, deadline_time=ts)
+                    scheme=cfg.compression.scheme, commitment=commitments.get(ref.hotkey),
+                    deadline_block=deadline(w, cfg.window))
     if isinstance(outcome, Refused):
         record(outcome.uid, outcome.reason)          # score 0, the validator goes on
 
@@ -10,9 +12,11 @@ The checks, cheapest first, each with its reason code:
 
 1. the hotkey is a registered miner (`not_a_miner`: unknown hotkey or a validator);
 2. it is stored under the shard the miner owns this window (`wrong_shard`);
-3. it reached the store before the deadline block's timestamp (`late`); the validator
-   lists contributions once that block exists, so anything published later is either
-   absent from the listing or carries a later `received_at`;
+3. the miner committed to it on the ledger (`train.contribution`): a commitment for the
+   window exists (`uncommitted`), a block before the deadline block took it (`late`: the
+   ledger's clock, never a file time a miner can set), and the revealed manifest hashes
+   to it (`reveal_mismatch`). A miner that committed but revealed nothing readable by the
+   reveal deadline is `unrevealed` (the validator's own bookkeeping, `process_window`);
 4. the manifest's compression names the run's scheme, twice consistently
    (`compression_mismatch`), with parameters the codec accepts (`bad_compression`);
 5. everything `store.Store.load_contribution` checks, with the store's own reason
@@ -30,7 +34,6 @@ passed); nothing is ever unpickled.
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,10 +41,11 @@ from dataclasses import dataclass, field
 import torch
 
 from averaging.compression import CompressionError, decode, expected_specs
-from chain.ledger import Neuron
+from chain.ledger import ContributionCommitment, Neuron
 from store.api import Store
 from store.backend import ContributionRef
 from store.errors import Rejected
+from store.manifest import commitment_digest
 from store.safetensors_check import TORCH_DTYPES, TensorSpec
 from train.shards import shard_for_miner
 
@@ -49,6 +53,9 @@ logger = logging.getLogger(__name__)
 
 # Reasons of our own, next to the store's `store.errors.REASONS`.
 LATE = "late"
+UNCOMMITTED = "uncommitted"  # revealed without a commitment for the window
+REVEAL_MISMATCH = "reveal_mismatch"  # the revealed manifest is not what was committed
+UNREVEALED = "unrevealed"  # committed, but nothing that matches was revealed in time
 NOT_A_MINER = "not_a_miner"
 WRONG_SHARD = "wrong_shard"
 COMPRESSION_MISMATCH = "compression_mismatch"
@@ -87,7 +94,7 @@ class Admitted:
     hotkey: str
     shard: int
     delta: dict[str, torch.Tensor]
-    received_at: dt.datetime
+    committed_block: int  # the ledger block that took its commitment: its time
     nbytes: int
 
 
@@ -100,11 +107,6 @@ class Refused:
     shard: int | None
     reason: str
     detail: str
-
-
-def is_late(received_at: dt.datetime, deadline_time: float) -> bool:
-    """Whether the store received it after the deadline block was made (unix seconds)."""
-    return received_at.timestamp() > deadline_time
 
 
 def payload_specs(
@@ -123,7 +125,8 @@ def admit(
     window: int,
     shapes: Mapping[int, Mapping[str, Sequence[int]]],
     scheme: str,
-    deadline_time: float,
+    commitment: ContributionCommitment | None,
+    deadline_block: int,
 ) -> Admitted | Refused:
     """Run every admission check on `ref` (see the module docstring); never raises
     `Rejected` or `CompressionError`: those become a `Refused` with their reason.
@@ -140,11 +143,23 @@ def admit(
         return Refused(
             uid, ref.hotkey, shard, WRONG_SHARD, f"stored under shard {ref.shard}, owns {shard}"
         )
-    if is_late(ref.received_at, deadline_time):
-        late_by = ref.received_at.timestamp() - deadline_time
-        return Refused(uid, ref.hotkey, shard, LATE, f"received {late_by:.2f}s after the deadline")
+    if commitment is None:
+        return Refused(
+            uid, ref.hotkey, shard, UNCOMMITTED, f"no commitment on the ledger for window {window}"
+        )
+    if commitment.block >= deadline_block:
+        return Refused(
+            uid, ref.hotkey, shard, LATE,
+            f"committed in block {commitment.block}, the deadline block is {deadline_block}",
+        )  # fmt: skip
     try:
         manifest = store.read_manifest(ref)
+        digest = commitment_digest(manifest)
+        if digest != commitment.digest:
+            return Refused(
+                uid, ref.hotkey, shard, REVEAL_MISMATCH,
+                f"revealed manifest hashes to {digest[:16]}…, committed {commitment.digest[:16]}…",
+            )  # fmt: skip
         params = manifest.compression.params
         if manifest.compression.scheme != scheme or params.get("scheme") != scheme:
             return Refused(
@@ -180,6 +195,6 @@ def admit(
         hotkey=ref.hotkey,
         shard=shard,
         delta=delta,
-        received_at=ref.received_at,
+        committed_block=commitment.block,
         nbytes=manifest.size,
     )

@@ -3,11 +3,14 @@
     tensormine validator run --config configs/tiny.yaml --hotkey validator-0 --windows 5
     tensormine validator report --config configs/tiny.yaml --hotkey validator-0 --last 3
     tensormine validator report --config configs/tiny.yaml          # every validator of the run
+    tensormine verify --config configs/demo.yaml --window 3         # is checkpoint 4 θ_4?
 
 `run` takes the same options as ``python -m validation.validator``. `report` reads
 ``<run.dir>/validators/<name>/windows.jsonl`` and prints one row per miner and window:
 loss delta, own-data margin and t, copy verdict, admission reason, score, moving average
 and weight; then per window the hivemind group checks, and the windows it skipped.
+`verify` recomputes a published checkpoint from the store and the ledger
+(`validation.verify`) and exits 1 when it differs.
 """
 
 from __future__ import annotations
@@ -78,7 +81,27 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from validation.verify import IDENTICAL, WITHIN, VerifyError, verify_window
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        result = verify_window(cfg, args.window)
+    except VerifyError as exc:
+        raise CliError(str(exc)) from None
+    for line in result.lines():
+        print(line)
+    return 0 if result.verdict in (IDENTICAL, WITHIN) else 1
+
+
 def register(sub: Any) -> None:
+    ver = sub.add_parser(
+        "verify",
+        help="recompute θ_{W+1} from the store and the ledger; is the published one it?",
+    )
+    add_config_args(ver)
+    ver.add_argument("--window", type=int, required=True, help="W: checks the checkpoint of W+1")
+    ver.set_defaults(handler=_verify)
     p = sub.add_parser("validator", help="score contributions, set weights, publish checkpoints")
     vsub = p.add_subparsers(dest="validator_command", metavar="COMMAND", required=True)
     run = vsub.add_parser("run", help="run a validator (same as python -m validation.validator)")

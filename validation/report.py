@@ -71,6 +71,9 @@ class WindowReport:
     adopted: str | None = None  # revision adopted instead (another validator was first)
     next_heldout_loss: float | None = None  # L(θ_{w+1}; E)
     weights_set: bool = False
+    committed: int = 0  # commitments the ledger holds for the window
+    fingerprint: str = ""  # of θ_{w+1} as this validator computed it
+    sources: dict[str, str] = field(default_factory=dict)  # "shard<s>" -> "group" | "store"
     # "shard<s>" -> {"error": relative error, "ok": bool, "members": [UIDs],
     #               "bytes_sent": int, "bytes_received": int} per group
     group_checks: dict[str, dict[str, Any]] = field(default_factory=dict)

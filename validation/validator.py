@@ -57,7 +57,6 @@ from rich.console import Console
 from averaging.group import AverageResult, AveragingFailed, LedgerWeights
 from averaging.outer import outer_step
 from averaging.participant import Participant
-from averaging.robust import aggregate
 from chain.client import LedgerClient
 from chain.errors import ChainError
 from chain.keys import KeyFileError, Keypair, default_keys_dir, load_key
@@ -75,14 +74,25 @@ from train.inner import lr_at
 from train.miner import (
     align_special_tokens,
     join_averaging,
+    load_checkpoint_momentum,
     load_checkpoint_weights,
     load_tokenizer_from,
 )
 from train.model import build_model, model_fingerprint
+from train.peer_state import PeerStateError, unpack_state
 from train.shards import apply_to_shard, shard_map, shard_state
 from train.tokenizer import load_tokenizer
-from train.windows import block_time, deadline, start_block, wait_for_block, window_of
-from validation.admission import MISSING, Admitted, Refused, Roster, admit
+from train.windows import (
+    block_time,
+    deadline,
+    meeting_block,
+    reveal_deadline,
+    start_block,
+    wait_for_block,
+    window_of,
+)
+from validation.admission import MISSING, UNREVEALED, Admitted, Refused, Roster, admit
+from validation.next_model import aggregate_rows, shard_averages, unflatten
 from validation.probes import (
     generic_pages,
     heldout_sample,
@@ -125,8 +135,6 @@ from validation.scoring import (
 from validation.state import ValidatorState, load_state, save_state
 
 logger = logging.getLogger("validation.validator")
-
-AGGREGATE_CHUNK = 1 << 20  # coordinates per robust-aggregation slice (bounds fp64 memory)
 
 GroupResults = dict[int, AverageResult | AveragingFailed]
 # A window's group results, and each hotkey's weight in them (pinned to the window's start).
@@ -280,15 +288,19 @@ class Validator:
         return True
 
     # ---- θ_w -----------------------------------------------------------------------------
-    def _load_weights(self, folder: Path) -> None:
+    def _adopt_checkpoint(self, folder: Path) -> None:
+        """Take a pulled checkpoint's θ and the outer momentum that comes with it (none
+        for window 0), unless we hold that θ already."""
         weights = load_checkpoint_weights(folder)
         if model_fingerprint(weights) != model_fingerprint(self.model.state_dict()):
             self.model.load_state_dict(weights)
+            momentum = load_checkpoint_momentum(folder, self.model)
+            self.momentum = {n: t.to(self.device) for n, t in momentum.items()}
 
     def adopt(self, window: int) -> str:
         """Make the model θ_window; returns where it came from."""
         try:
-            self._load_weights(self._pull(window))
+            self._adopt_checkpoint(self._pull(window))
             source = f"store:window-{window}"
         except NotFound:
             if self.state.window == window:
@@ -296,7 +308,7 @@ class Validator:
             else:
                 earlier = [r.window for r in self.store.list_checkpoints() if r.window < window]
                 start = max(earlier, default=0)
-                self._load_weights(self._pull(start))
+                self._adopt_checkpoint(self._pull(start))
                 source = f"store:window-{start}"
         self._forget_pulls(window)
         return source
@@ -367,31 +379,40 @@ class Validator:
         cfg = self.cfg
         roster = roster or self.roster(window)
         due = deadline(window, cfg.window)
-        header = self.ledger.block(due)
-        if header is None:
-            raise ValidatorError(f"window {window}: its deadline block {due} is not made yet")
+        if self.ledger.block(reveal_deadline(window, cfg.window)) is None:
+            raise ValidatorError(
+                f"window {window}: its reveal deadline block "
+                f"{reveal_deadline(window, cfg.window)} is not made yet"
+            )
         source = self.adopt(window)
+        commitments = self.ledger.contribution_commitments(window)
         refs = self.list_contributions(window, roster)
         admitted: list[Admitted] = []
         refused: list[Refused] = []
         for ref in refs:
             outcome = admit(
                 self.store, ref, roster=roster, window=window, shapes=self.shapes,
-                scheme=cfg.compression.scheme, deadline_time=header.timestamp,
+                scheme=cfg.compression.scheme, commitment=commitments.get(ref.hotkey),
+                deadline_block=due,
             )  # fmt: skip
             if isinstance(outcome, Refused):
                 logger.info("window %d: refused %s: %s", window, ref.hotkey, outcome.reason)
                 refused.append(outcome)
             else:
                 admitted.append(outcome)
-        published = {a.uid for a in admitted} | {r.uid for r in refused if r.uid is not None}
+        listed = {a.uid for a in admitted} | {r.uid for r in refused if r.uid is not None}
         for hotkey, uid in sorted(roster.miners.items(), key=lambda kv: kv[1]):
-            if uid not in published:
-                refused.append(
-                    Refused(
-                        uid, hotkey, roster.shard_of(uid), MISSING, "nothing listed at deadline"
-                    )
+            if uid in listed:
+                continue
+            committed = commitments.get(hotkey)
+            if committed is None:
+                reason, detail = MISSING, "no commitment and nothing revealed"
+            else:
+                reason = UNREVEALED
+                detail = (
+                    f"committed in block {committed.block}, nothing revealed by the reveal deadline"
                 )
+            refused.append(Refused(uid, hotkey, roster.shard_of(uid), reason, detail))
         self.last_admitted = {a.uid: a for a in admitted}
         eval_started = time.perf_counter()
         base_loss, rows = self._evaluate(window, admitted)
@@ -406,15 +427,15 @@ class Validator:
             window=window, validator=self.name, block=self.ledger.block_number(),
             heldout_loss=base_loss, contributions=len(refs), admitted=len(admitted),
             seconds=0.0, eval_seconds=eval_seconds, miners=rows,
+            committed=len(commitments),
         )  # fmt: skip
-        scored = rows[: len(admitted)]  # _evaluate's rows, in the order of `admitted`
-        credited = [(a, row) for a, row in zip(admitted, scored, strict=True) if row.score > 0]
-        self._outer_step(window, credited, report)
+        group_round = self._group_round(window, groups)
+        self._next_model(window, admitted, rows, group_round, report)
         report.weights_set = self._maybe_set_weights(window)
         self.state.window = window + 1
         save_state(self.dir / "state", self.state, self.model.state_dict(), self.momentum)
-        if groups is not None:
-            report.group_checks = self._check_groups(window, roster, groups)
+        if group_round is not None:
+            report.group_checks = self._check_groups(window, roster, group_round)
         report.seconds = time.perf_counter() - started
         append_report(self.reports_path, report)
         self._log(report, source)
@@ -579,11 +600,12 @@ class Validator:
         return self.state.own_strikes.get(uid, 0)
 
     def _copy_check(self, admitted: list[Admitted], rows: list[MinerRow]) -> None:
-        """Mark later near-duplicates within each shard (arrival order, then hotkey)."""
+        """Mark later near-duplicates within each shard (by the ledger block of their
+        commitments, then hotkey)."""
         for shard in sorted({a.shard for a in admitted}):
             members = sorted(
                 (i for i, a in enumerate(admitted) if a.shard == shard),
-                key=lambda i: (admitted[i].received_at, admitted[i].hotkey),
+                key=lambda i: (admitted[i].committed_block, admitted[i].hotkey),
             )
             names = sorted(self.shards[shard])
             # The outer momentum (a running sum of past updates) helps name the direction
@@ -643,29 +665,53 @@ class Validator:
                 row.ema = self.state.ema.get(row.uid, 0.0)
                 row.weight = weights.get(row.uid, 0.0)
 
-    def _outer_step(
-        self, window: int, credited: list[tuple[Admitted, MinerRow]], report: WindowReport
+    def _next_model(
+        self,
+        window: int,
+        admitted: list[Admitted],
+        rows: list[MinerRow],
+        groups: GroupRound | None,
+        report: WindowReport,
     ) -> None:
-        """θ_{w+1}: per shard, the score-weighted robust aggregate of the credited Δ, then
-        the outer step; shards nobody earned credit on stay as they are."""
+        """θ_{w+1}: the outer step on each shard's average (`validation.next_model`), the
+        same one every miner in step takes; then publish it with its momentum, the
+        members and their weights, and its fingerprint."""
+        results, weights = groups if groups is not None else ({}, {})
+        if not weights:
+            weights = self.group_weights.table(start_block(window, self.cfg.window))
+        scores = {row.uid: row.score for row in rows if row.uid is not None}
+        updates = shard_averages(
+            self.shapes, admitted, results, weights, self.cfg.averaging.robust,
+            floor=self.cfg.averaging.weight_floor,
+            uid_of={row.hotkey: row.uid for row in rows if row.uid is not None},
+        )  # fmt: skip
         contributors: list[Contributor] = []
-        for shard, names in enumerate(self.shards):
-            members = [(a, row) for a, row in credited if a.shard == shard]
-            if not members:
-                continue
-            scores = torch.tensor([row.score for _, row in members], dtype=torch.float64)
-            stack = torch.stack([flatten(a.delta) for a, _ in members])
-            delta = self._unflatten(shard, self._aggregate(stack, scores))
+        theta_w = {n: t.detach().clone() for n, t in self.model.state_dict().items()}
+        for update in updates:
+            names = self.shards[update.shard]
             theta = shard_state(self.model, names)
+            average = {n: t.to(self.device) for n, t in update.average.items()}
             momentum = {n: self.momentum[n] for n in names if n in self.momentum}
-            new_params, new_momentum = outer_step(theta, delta, momentum, self.cfg.outer)
+            new_params, new_momentum = outer_step(theta, average, momentum, self.cfg.outer)
             apply_to_shard(self.model, names, new_params)
             self.momentum.update(new_momentum)
-            share = (scores / scores.sum()).tolist()
-            contributors += [
-                Contributor(uid=a.uid, hotkey=a.hotkey, score=row.score, weight=w)
-                for (a, row), w in zip(members, share, strict=True)
-            ]
+            report.sources[f"shard{update.shard}"] = update.source
+            for uid, hotkey, share in update.members:
+                if uid is None:  # a registered peer that is not a miner of this window
+                    logger.warning("window %d: %s is in the average but no miner", window, hotkey)
+                    continue
+                contributors.append(
+                    Contributor(
+                        uid=uid,
+                        hotkey=hotkey,
+                        shard=update.shard,
+                        score=scores.get(uid, 0.0),
+                        weight=share,
+                    )
+                )
+        if any(u.source == "store" for u in updates):
+            self._take_peers_model(window, theta_w, report)
+        report.fingerprint = model_fingerprint(self.model.state_dict())
         if contributors:
             held, _ = self.heldout_pages(window)
             losses = page_losses(self.model, held, batch=self.vcfg.eval_batch, device=self.device)
@@ -681,17 +727,67 @@ class Validator:
         prov = Provenance(
             run_id=self.cfg.run.name, window=window + 1, ledger_block=self.ledger.block_number(),
             contributors=contributors, metrics=metrics, run_config=self.cfg.to_json_dict(),
+            fingerprint=report.fingerprint,
         )  # fmt: skip
         try:
-            ref = self.store.publish_checkpoint(self.model, self.tokenizer, prov)
+            ref = self.store.publish_checkpoint(
+                self.model, self.tokenizer, prov, outer_state=self.momentum
+            )
             report.published = ref.revision
         except StoreConflict as exc:
             logger.info("window %d: %s; adopting the published one if any", window + 1, exc)
             try:
-                self._load_weights(self._pull(window + 1))
-                report.adopted = f"window-{window + 1}"
+                theirs = self.store.read_provenance(self.store.resolve(window=window + 1))
             except NotFound:
                 logger.warning("window %d: not published here, keeping our own θ", window + 1)
+                return
+            if theirs.fingerprint != report.fingerprint:
+                logger.warning(
+                    "window %d: the published checkpoint (fingerprint %s) is not the model we "
+                    "computed (%s); adopting it (`tensormine verify --window %d` says why)",
+                    window + 1, (theirs.fingerprint or "none")[:16], report.fingerprint[:16],
+                    window,
+                )  # fmt: skip
+                self._adopt_checkpoint(self._pull(window + 1))
+            report.adopted = f"window-{window + 1}"
+
+    def _take_peers_model(
+        self, window: int, theta_w: dict[str, torch.Tensor], report: WindowReport
+    ) -> None:
+        """This validator missed a group's average and rebuilt that shard from the store,
+        which differs from the group's result by the wire's rounding. If a miner in step
+        shares θ_{w+1} (with its momentum) and it is that model up to the wire's rounding,
+        take the miners' bits instead, so that the published checkpoint is their model."""
+        if self.seat is None:
+            return
+        own = self.model.state_dict()
+        budget = 3 * sum(t.numel() * 4 for t in own.values()) + (1 << 20)
+        try:
+            got = self.seat.load_state(timeout=self.cfg.averaging.state_timeout_s, max_bytes=budget)
+            if got is None:
+                return
+            weights, momentum = unpack_state(
+                got.metadata, got.tensors, expected=own, window=window + 1
+            )
+        except (AveragingFailed, PeerStateError) as exc:
+            logger.info("window %d: no usable peer state to compare with: %s", window, exc)
+            return
+        num = sum(float((weights[n] - own[n]).double().norm() ** 2) for n in own)
+        den = sum(float((own[n] - theta_w[n]).double().norm() ** 2) for n in own)
+        error = math.sqrt(num) / max(math.sqrt(den), 1e-30)
+        if error > self.vcfg.group_tolerance:
+            logger.warning(
+                "window %d: %s's θ_%d differs from the one rebuilt from the store by %.3g; "
+                "keeping ours", window, got.hotkey, window + 1, error,
+            )  # fmt: skip
+            return
+        self.model.load_state_dict(weights)
+        self.momentum = {n: t.to(self.device) for n, t in momentum.items()}
+        report.sources["peer"] = got.hotkey
+        logger.info(
+            "window %d: took θ_%d from %s, in step with its groups (%.3g from ours)",
+            window, window + 1, got.hotkey, error,
+        )  # fmt: skip
 
     def check_group_average(
         self,
@@ -721,7 +817,9 @@ class Validator:
             dtype=torch.float64,
         )
         stack = torch.stack([flatten(self.last_admitted[u].delta) for u in members])
-        admitted = self._unflatten(shard, self._aggregate(stack, per_member))
+        admitted = unflatten(
+            self.shapes[shard], aggregate_rows(stack, per_member, self.cfg.averaging.robust)
+        )
         error, ok = compare_group_average(
             group_average, admitted, tolerance=self.vcfg.group_tolerance
         )
@@ -740,28 +838,6 @@ class Validator:
         return ", ".join(
             f"UID {u} ({hotkeys[u][:8]}…)" if u in hotkeys else f"UID {u}" for u in sorted(members)
         )
-
-    def _unflatten(self, shard: int, vector: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The shard's tensors from one vector in `scoring.flatten`'s (sorted name) order."""
-        out, offset = {}, 0
-        for name in sorted(self.shards[shard]):
-            shape = self.shapes[shard][name]
-            numel = int(np.prod(shape))
-            out[name] = vector[offset : offset + numel].view(shape)
-            offset += numel
-        return out
-
-    def _aggregate(self, stack: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        robust = self.cfg.averaging.robust
-        if stack.shape[0] == 1:
-            return stack[0]
-        if robust.kind == "centered_clip":  # its clipping uses whole-row norms: no slicing
-            return aggregate(stack, scores, robust)
-        parts = [
-            aggregate(stack[:, i : i + AGGREGATE_CHUNK], scores, robust)
-            for i in range(0, stack.shape[1], AGGREGATE_CHUNK)
-        ]
-        return torch.cat(parts)
 
     def _maybe_set_weights(self, window: int) -> bool:
         """Submit the normalized moving averages as weights when they are due."""
@@ -859,7 +935,7 @@ class Validator:
                 roster = self.roster(next_window)
             roster = roster or self.roster(next_window)
             groups = self._join_groups(next_window)
-            wait_for_block(self.ledger, deadline(next_window, self.cfg.window))
+            wait_for_block(self.ledger, reveal_deadline(next_window, self.cfg.window))
             reports.append(self.process_window(next_window, roster, groups))
             next_window += 1
         return reports
@@ -878,16 +954,17 @@ class Validator:
 
     def _join_groups(self, window: int) -> concurrent.futures.Future[GroupRound] | None:
         """Join every shard's group of `window` as an auxiliary peer, in the background.
-        The groups meet at the deadline, so matchmaking must start a little before it."""
+        The groups meet at the deadline (`train.windows.meeting_block`), so matchmaking
+        must start a little before it."""
         if self.seat is None:
             return None
         cfg = self.cfg
-        due = deadline(window, cfg.window)
         lead = math.ceil((cfg.averaging.min_matchmaking_time_s + 1) / cfg.chain.block_time_s)
-        head = wait_for_block(self.ledger, max(start_block(window, cfg.window), due - lead))
-        if head >= due:
+        meet = meeting_block(window, cfg.window)
+        head = wait_for_block(self.ledger, max(start_block(window, cfg.window), meet - lead))
+        if head >= meet:
             return None  # too late to meet this window's groups
-        start_at = block_time(self.ledger, due, anchor=start_block(window, cfg.window))
+        start_at = block_time(self.ledger, meet, anchor=start_block(window, cfg.window))
         tail = cfg.window.publish_margin * cfg.chain.block_time_s
         timeout = max(start_at - time.time() + tail, cfg.averaging.min_matchmaking_time_s + 0.5)
         seat = self.seat
@@ -908,18 +985,27 @@ class Validator:
         pool.shutdown(wait=False)
         return future
 
+    def _group_round(
+        self, window: int, groups: concurrent.futures.Future[GroupRound] | None
+    ) -> GroupRound | None:
+        """The window's group results as this validator received them, and the pinned
+        weights the members used; None when it took no part or they never came."""
+        if groups is None:
+            return None
+        limit = self.cfg.averaging.allreduce_timeout_s + 30
+        try:
+            return groups.result(timeout=limit)
+        except TimeoutError:
+            logger.warning("window %d: no group average within %.0fs", window, limit)
+            return None
+
     def _check_groups(
-        self, window: int, roster: Roster, groups: concurrent.futures.Future[GroupRound]
+        self, window: int, roster: Roster, group_round: GroupRound
     ) -> dict[str, dict[str, Any]]:
         """Each group's average against the mean of its members' admitted Δ, as the
         window record's `group_checks`: "shard<s>" -> error, ok, members (UIDs) and the
         bytes this validator sent and received in the group as an auxiliary peer."""
-        limit = self.cfg.averaging.allreduce_timeout_s + 30
-        try:
-            results, weights = groups.result(timeout=limit)
-        except TimeoutError:
-            logger.warning("window %d: no group average within %.0fs", window, limit)
-            return {}
+        results, weights = group_round
         checks: dict[str, dict[str, Any]] = {}
         for shard, result in sorted(results.items()):
             if not isinstance(result, AverageResult):

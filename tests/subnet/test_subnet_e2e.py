@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -178,10 +179,21 @@ def test_subnet_up_interrupted_resumed_trains_scores_and_pays(tmp_path: Path) ->
     # found the group's average consistent with the contributions it admitted.
     assert "averaged with 3 (in step)" in (run / "logs" / "miner-0.log").read_text()
     assert "MISMATCH" not in (run / "logs" / "validator-0.log").read_text()
+    final = max(summary["checkpoints"])
+    # One model: every window the miners ended in step, the published checkpoint is
+    # their θ_{w+1}, fingerprint for fingerprint; and anyone can recompute it.
+    line = next(x for x in out.splitlines() if x.startswith("one model:"))
+    matched, total = map(int, re.match(r"one model: (\d+)/(\d+) windows", line).groups())  # type: ignore[union-attr]
+    assert matched == total >= 1, line
+    verify = subprocess.run(
+        [sys.executable, "-m", "tensormine.cli", "verify", "--config", "configs/demo.yaml",
+         *[a for s in overrides(run) for a in ("--set", s)], "--window", str(final - 1)],
+        env=env(), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert verify.returncode == 0, verify.stdout + verify.stderr
     # What the user is shown at the end: plots, the pulled checkpoint sampled, W&B runs.
     for plot in ("heldout_loss.png", "emission.png", "scores.png"):
         assert (run / "plots" / plot).stat().st_size > 1000, plot
-    final = max(summary["checkpoints"])
     assert (run / "final" / f"window-{final}" / "model.safetensors").is_file()
     assert "sample (transformers" in out and "untrained initial model" not in out
     for name in ("miner-0", "miner-1", "miner-2"):

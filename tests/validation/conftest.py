@@ -3,7 +3,9 @@
 `Subnet` registers one staked validator (UID 0) and miners with behaviours from
 `train.adversary`; `Subnet.mine(window)` trains and publishes each miner's contribution
 from the store's θ_window exactly as `train.miner` would (inner loop, Δ = θ_w − θ,
-compression, signed manifest); `Subnet.to_deadline(window)` produces blocks up to it.
+compression, signed manifest, a commitment on the ledger, then the reveal);
+`Subnet.to_deadline(window)` produces blocks up to the window's reveal deadline, when a
+validator may score it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from train.inner import inner_loop
 from train.miner import load_checkpoint_weights
 from train.model import build_model
 from train.shards import apply_to_shard, make_trainable, shard_map, shard_state
-from train.windows import deadline, start_block, wait_for_block
+from train.windows import reveal_deadline, start_block, wait_for_block
 from validation.validator import Validator
 
 TAO = RAO_PER_TAO
@@ -107,7 +109,37 @@ class Subnet:
             self.ledger.advance(block - head)
 
     def to_deadline(self, window: int) -> None:
-        self.to_block(deadline(window, self.cfg.window))
+        self.to_block(reveal_deadline(window, self.cfg.window))
+
+    def commit(self, kp: Keypair, window: int, digest: str) -> int:
+        """Commit `digest` for `window` on the ledger; returns the block that took it."""
+        xt = self.ledger.submit_call(kp, "commit_contribution", {"round": window, "digest": digest})
+        if self.producer:
+            receipt = self.ledger.wait(xt, timeout=30)
+        else:
+            self.ledger.produce_block()
+            got = self.ledger.receipt(xt)
+            assert got is not None
+            receipt = got
+        return receipt.raise_for_status().block
+
+    def publish_to(
+        self,
+        store: Store,
+        kp: Keypair,
+        uid: int,
+        window: int,
+        shard: int,
+        tensors: dict[str, torch.Tensor],
+        compression: Compression,
+    ) -> None:
+        """Prepare, commit and reveal a payload, as `train.miner` does (the reveal comes
+        at once here: no one in these tests peeks before the deadline)."""
+        prepared = store.prepare_contribution(
+            tensors, keypair=kp, uid=uid, window=window, shard=shard, compression=compression
+        )
+        self.commit(kp, window, prepared.digest)
+        store.reveal_contribution(prepared)
 
     def theta(self, window: int) -> dict[str, torch.Tensor]:
         """θ_window as a miner gets it: the store's canonical checkpoint, else window 0."""
@@ -164,10 +196,8 @@ class Subnet:
         self, kp: Keypair, uid: int, window: int, shard: int, delta: dict[str, torch.Tensor]
     ) -> None:
         encoded = encode(delta, self.cfg.compression, None)
-        self.store.publish_contribution(
-            encoded.tensors, keypair=kp, uid=uid, window=window, shard=shard,
-            compression=Compression(scheme=self.cfg.compression.scheme, params=encoded.params),
-        )  # fmt: skip
+        compression = Compression(scheme=self.cfg.compression.scheme, params=encoded.params)
+        self.publish_to(self.store, kp, uid, window, shard, dict(encoded.tensors), compression)
 
 
 def make_subnet(

@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import textwrap
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,20 +17,24 @@ from transformers import AutoModelForCausalLM
 
 from averaging.compression import encode
 from averaging.config import CompressionConfig
-from averaging.group import AverageResult
+from averaging.group import AverageResult, LedgerWeights
+from chain.errors import AlreadyCommitted
 from store import layout
 from store.api import Store, open_store
 from store.config import StoreConfig
-from store.manifest import Compression, build_manifest, manifest_bytes
+from store.manifest import Compression, build_manifest, commitment_digest, manifest_bytes
 from store.safetensors_check import TensorSpec
 from store.sources import contributions_entry
 from tensormine.cli import main as cli_main
 from tests.validation.conftest import Subnet
+from train.cheats import backdate
+from train.miner import load_checkpoint_weights
 from train.model import model_fingerprint
-from train.windows import start_block
+from train.windows import deadline, start_block
 from validation.report import read_reports, read_skips
 from validation.scoring import flatten
 from validation.validator import GroupRound
+from validation.verify import DIFFERS, IDENTICAL, verify_window
 
 Factory = Callable[..., Subnet]
 BEHAVIOURS = ["honest", "free_rider", "noise", "copier", "wrong_data"]
@@ -129,8 +132,17 @@ def test_honest_miner_takes_the_weight_and_a_restart_keeps_it(
         assert rep.published == f"window-{rep.window + 1}"
         assert rep.next_heldout_loss is not None
         prov = net.store.read_provenance(net.store.resolve(window=rep.window + 1))
-        credited = sorted(u for u, r in rows.items() if u is not None and r.score > 0)
-        assert sorted(c.uid for c in prov.contributors) == credited
+        # One model: every admitted Δ is in it, weighed by the ledger as the window began
+        # (scores move the ledger's weights for later windows, not this one's average).
+        admitted = sorted(u for u, r in rows.items() if u is not None and r.status == "scored")
+        assert sorted(c.uid for c in prov.contributors) == admitted
+        pinned = LedgerWeights(net.cfg.chain.db, avg.weights, avg.weight_floor).table(
+            start_block(rep.window, net.cfg.window)
+        )
+        total = sum(pinned[c.hotkey] for c in prov.contributors)
+        for c in prov.contributors:
+            assert c.weight == pytest.approx(pinned[c.hotkey] / total) and c.shard == 0
+        assert prov.fingerprint == rep.fingerprint and rep.sources == {"shard0": "store"}
         assert prov.metrics["heldout_loss"] == pytest.approx(rep.next_heldout_loss)
     assert own_ok["honest"] >= 2 and own_ok["wrong_data"] <= 1, own_ok
     final = {r.uid: r.weight for r in reports[-1].miners}
@@ -146,6 +158,7 @@ def test_honest_miner_takes_the_weight_and_a_restart_keeps_it(
     pulled = tmp_path / "theta4"
     net.store.pull_checkpoint(pulled, window=4, progress=False)
     AutoModelForCausalLM.from_pretrained(str(pulled))
+    assert model_fingerprint(load_checkpoint_weights(pulled)) == reports[-1].fingerprint
 
     # The weights reached the ledger, and Yuma pays the honest miner.
     net.ledger.produce_block()
@@ -177,6 +190,7 @@ def test_bad_contributions_score_zero_with_a_named_reason(
 ) -> None:
     names = [
         "honest", "nan", "huge", "shape", "badsig", "pickle", "late", "silent", "shard", "fp16",
+        "uncommitted", "swapped", "withheld",
     ]  # fmt: skip
     net = subnet_factory(names)
     uids = {name: net.uid(name) for name in names}
@@ -190,10 +204,7 @@ def test_bad_contributions_score_zero_with_a_named_reason(
     def publish(
         name: str, payload: dict[str, torch.Tensor], shard: int = 0, how: Compression = compression
     ) -> None:
-        net.store.publish_contribution(
-            payload, keypair=net.miners[name], uid=uids[name], window=window, shard=shard,
-            compression=how,
-        )  # fmt: skip
+        net.publish_to(net.store, net.miners[name], uids[name], window, shard, payload, how)
 
     publish("shard", tensors, shard=1)  # the run has one shard: 1 is not this miner's
     fp16 = encode(net.deltas["honest"], CompressionConfig(scheme="fp16"), None)
@@ -232,9 +243,34 @@ def test_bad_contributions_score_zero_with_a_named_reason(
         tensors={k: TensorSpec.of(v) for k, v in tensors.items()},
     )  # fmt: skip
     (folder / layout.contribution_manifest_name(kp.address)).write_bytes(manifest_bytes(manifest))
+    net.commit(kp, window, commitment_digest(manifest))
+    # Revealed without a commitment; revealed other than committed; committed, never revealed.
+    net.store.publish_contribution(
+        tensors, keypair=net.miners["uncommitted"], uid=uids["uncommitted"], window=window,
+        shard=0, compression=compression,
+    )  # fmt: skip
+    swapped = net.store.prepare_contribution(
+        tensors, keypair=net.miners["swapped"], uid=uids["swapped"], window=window, shard=0,
+        compression=compression,
+    )  # fmt: skip
+    net.commit(net.miners["swapped"], window, swapped.digest)
+    other = net.store.prepare_contribution(
+        tensors | {scale: tensors[scale] * 2}, keypair=net.miners["swapped"],
+        uid=uids["swapped"], window=window, shard=0, compression=compression,
+    )  # fmt: skip
+    net.store.reveal_contribution(other)
+    net.commit(net.miners["withheld"], window, "ab" * 32)
+    # A second commitment for the window is refused by the ledger itself.
+    with pytest.raises(AlreadyCommitted, match="block"):
+        net.commit(net.miners["withheld"], window, "cd" * 32)
+    net.to_block(deadline(window, net.cfg.window))
+    publish("late", tensors)  # committed in the deadline block or later
+    # Its files' times set back to the window's start change nothing: the ledger decides.
+    late_ref = next(
+        r for r in net.store.list_contributions(window) if r.hotkey == net.miners["late"].address
+    )
+    assert backdate(net.store, late_ref, net.ledger, start_block(window, net.cfg.window))
     net.to_deadline(window)
-    time.sleep(0.05)  # the store's clock moves past the deadline block's timestamp
-    publish("late", tensors)
 
     # This validator's seat in the hivemind group of shard 0: the honest miner averaged
     # alone, with the Δ it sent before int8 compression.
@@ -279,6 +315,9 @@ def test_bad_contributions_score_zero_with_a_named_reason(
         "pickle": "not_safetensors",
         "late": "late",
         "silent": "missing",
+        "uncommitted": "uncommitted",
+        "swapped": "reveal_mismatch",
+        "withheld": "unrevealed",
         "shard": "wrong_shard",
         "fp16": "compression_mismatch",
     }
@@ -302,10 +341,8 @@ def test_miners_publish_to_their_own_stores(subnet_factory: Factory, tmp_path: P
 
     def publish(store: Store, name: str, sign: float) -> None:
         encoded = encode({n: sign * d for n, d in delta.items()}, net.cfg.compression, None)
-        store.publish_contribution(
-            encoded.tensors, keypair=net.miners[name], uid=uids[name], window=window, shard=0,
-            compression=Compression(scheme=net.cfg.compression.scheme, params=encoded.params),
-        )  # fmt: skip
+        how = Compression(scheme=net.cfg.compression.scheme, params=encoded.params)
+        net.publish_to(store, net.miners[name], uids[name], window, 0, dict(encoded.tensors), how)
 
     def commit(name: str, body: dict[str, object]) -> None:
         xt = net.ledger.submit_call(net.miners[name], "commit", {"data": json.dumps(body)})
@@ -320,7 +357,11 @@ def test_miners_publish_to_their_own_stores(subnet_factory: Factory, tmp_path: P
     commit("own", contributions_entry(own_store.contributions_location))
     # Someone re-hosts a stale contribution of "own" in the validator's store; "thief"
     # points its commitment at own's store to be credited with what it finds there.
-    publish(net.store, "own", 1.0)
+    encoded = encode(delta, net.cfg.compression, None)
+    net.store.publish_contribution(
+        encoded.tensors, keypair=net.miners["own"], uid=uids["own"], window=window, shard=0,
+        compression=Compression(scheme=net.cfg.compression.scheme, params=encoded.params),
+    )  # fmt: skip
     commit("thief", contributions_entry(own_store.contributions_location))
     net.to_deadline(window)
     report = validator.process_window(window)
@@ -365,3 +406,38 @@ def test_private_heldout_files_replace_the_public_split(
     # L(θ_1; E) on the private pages; training on the public split could not pay here,
     # so the held-out-rival check has nothing to guard.
     assert row.loss_delta is not None and row.loss_delta > 0 and row.heldout_ok is None
+
+
+def test_verify_recomputes_the_published_checkpoint(
+    subnet_factory: Factory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tensormine verify` rebuilds θ_{w+1} from the store and the ledger: the validator's
+    checkpoint is it, bit for bit; one published by someone else, with the same provenance
+    but other weights, is named as different."""
+    net = subnet_factory(["honest", "noise"])
+    validator = net.validator()
+    net.mine(1)
+    net.to_deadline(1)
+    report = validator.process_window(1)
+    assert report.published == "window-2"
+    result = verify_window(net.cfg, 1)
+    assert result.verdict == IDENTICAL and not result.problems, result.lines()
+    assert result.published_fingerprint == report.fingerprint and result.contributors == 2
+    args = ["verify", "--config", "configs/tiny.yaml", *[a for s in net.sets for a in ("--set", s)]]
+    assert cli_main([*args, "--window", "1"]) == 0
+    assert "identical" in capsys.readouterr().out
+
+    # Window 2: a checkpoint of window 3 whose weights are not what its inputs make.
+    net.mine(2)
+    net.to_deadline(2)
+    model = validator.model
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    prov = net.store.read_provenance(net.store.resolve(window=2))
+    forged = prov.model_copy(update={"window": 3, "parent_revision": None, "fingerprint": None})
+    net.store.publish_checkpoint(model, validator.tokenizer, forged)
+    validator.close()
+    result = verify_window(net.cfg, 2)
+    assert result.verdict == DIFFERS and result.relative_error > 0.5, result.lines()
+    assert cli_main([*args, "--window", "2"]) == 1
+    assert "differs" in capsys.readouterr().out
