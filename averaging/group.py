@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import logging
 import math
 import re
@@ -115,10 +116,12 @@ from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.streaming import combine_from_streaming
 
 from averaging.dht import LedgerSource, check_run_name
+from averaging.parts import message_digest, part_layout, wire_parts
 from averaging.robust import aggregate
 from averaging.settings import AveragingConfig, RobustConfig
 from averaging.wire import TopKSparsifier, codec_for, decode_part
 from chain.config import RAO_PER_TAO
+from chain.keys import signing_bytes
 from chain.ledger import Ledger, Neuron
 
 logger = logging.getLogger(__name__)
@@ -143,6 +146,7 @@ class AveragingFailed(RuntimeError):
     seconds: float = 0.0
     attempts: int = 0
     delivered: float = 0.0
+    mismatched: dict[str, list[int]] = {}  # noqa: RUF012 - replaced per instance
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,32 @@ class AverageResult:
     seconds: float
     attempts: int  # groups this round went through (> 1 after a failed attempt)
     bases: dict[str, str] = field(default_factory=dict)  # hotkey -> announced θ_w fingerprint
+    # hotkey -> parts its reducers refused: not the bytes it committed to (bound rounds)
+    mismatched: dict[str, list[int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PreparedParts:
+    """A member's Δ of one window as the wire carries it (`ShardAverager.prepare`): the
+    serialized parts it commits to and publishes, and the fp32 values they decode to."""
+
+    blobs: list[bytes]
+    values: dict[str, torch.Tensor]
+    # What the parts were encoded from: the averager encodes these again, to the same
+    # bytes (the codecs are deterministic; 8-bit quantization is not idempotent, so
+    # re-encoding `values` would not give them).
+    raw: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Binding:
+    """What binds a bound round: `manifest`, the body of the contribution manifest this
+    member committed to (None for an auxiliary peer), and `commitments`, which returns
+    hotkey -> committed manifest digest of the window once the ledger is past its deadline
+    (None until then; polled while the round runs)."""
+
+    manifest: dict[str, Any] | None
+    commitments: Callable[[], Mapping[str, str] | None]
 
 
 # What a participant shares with late joiners: small JSON-able metadata and tensors, or
@@ -273,6 +303,8 @@ class _RoundLog:
     blocked: set[PeerID] = field(default_factory=set)  # failed us in an earlier attempt
     # Flat [start, stop) ranges of our vector in parts whose average counted us (any attempt).
     delivered: list[tuple[int, int]] = field(default_factory=list)
+    # hotkey -> parts (global index) whose row a reducer refused as not what it committed.
+    mismatched: dict[str, set[int]] = field(default_factory=dict)
 
     def counters(self) -> dict[str, Any]:
         return {
@@ -280,6 +312,7 @@ class _RoundLog:
             "bytes_received": self.bytes_received,
             "attempts": self.attempts,
             "delivered": _merge_spans(self.delivered),
+            "mismatched": {h: sorted(parts) for h, parts in self.mismatched.items()},
         }
 
 
@@ -298,6 +331,12 @@ class _Reduced:
     encoded: Any  # runtime_pb2.Tensor: the part of the average as every peer receives it
     value: torch.Tensor  # decode(encoded)
     contributors: bytes  # bitmap over sender indices
+    mismatched: bytes  # bitmap over sender indices: rows refused as not what was committed
+
+    @property
+    def bitmaps(self) -> bytes:
+        """What travels in the reply's (otherwise unused) `peer_id` field."""
+        return self.contributors + self.mismatched
 
 
 def _bitmap(indices: Sequence[int], size: int) -> bytes:
@@ -314,11 +353,28 @@ def _from_bitmap(bitmap: bytes, size: int) -> list[int]:
 _BASE = re.compile(r"^[0-9a-f]{8,64}$")
 
 
-def _parse_gather(blob: bytes) -> tuple[float | None, Role, str | None]:
-    """(bandwidth, role, base) from a peer's matchmaking metadata; ValueError if malformed.
+MAX_COMMITMENT_BODY = 1 << 20  # bytes of a gathered manifest body (msgpack)
+
+
+@dataclass(frozen=True)
+class Gathered:
+    """What a peer announced in matchmaking."""
+
+    bandwidth: float | None
+    role: Role
+    base: str | None
+    manifest: dict[str, Any] | None  # the committed manifest body of a member's Δ
+
+
+def _parse_gather(blob: bytes) -> Gathered:
+    """A peer's matchmaking metadata; ValueError if malformed.
 
     `base` is an optional fingerprint of the model the peer starts the window from, so
-    that every peer learns whether it is in step with the others."""
+    that every peer learns whether it is in step with the others; `manifest` the body of
+    the contribution manifest a member committed to on the ledger (`store.manifest.
+    commitment_body`), whose part digests bind what it sends (see `Binding`)."""
+    if len(blob) > MAX_COMMITMENT_BODY + 4096:
+        raise ValueError(f"gather data of {len(blob)} bytes")
     try:
         bandwidth, _mode, user = MSGPackSerializer.loads(blob)
         info = MSGPackSerializer.loads(user)
@@ -326,18 +382,57 @@ def _parse_gather(blob: bytes) -> tuple[float | None, Role, str | None]:
         raise ValueError(f"undecodable gather data: {exc}") from exc
     if (
         not isinstance(info, dict)
-        or not {"role"} <= set(info) <= {"role", "base"}
+        or not {"role"} <= set(info) <= {"role", "base", "manifest"}
         or info["role"] not in ("member", "aux")
     ):
-        raise ValueError(f"gather data must be {{'role': 'member'|'aux', 'base'?}}, got {info!r}")
+        raise ValueError(
+            f"gather data must be {{'role': 'member'|'aux', 'base'?, 'manifest'?}}, got {info!r}"
+        )
     base = info.get("base")
     if base is not None and not (isinstance(base, str) and _BASE.match(base)):
         raise ValueError(f"bad base fingerprint {base!r}")
+    manifest = info.get("manifest")
+    if manifest is not None and not isinstance(manifest, dict):
+        raise ValueError("a gathered manifest must be an object")
     if bandwidth is not None and not (
         isinstance(bandwidth, int | float) and math.isfinite(bandwidth) and bandwidth >= 0
     ):
         raise ValueError(f"bad bandwidth {bandwidth!r}")
-    return (None if bandwidth is None else float(bandwidth)), Role(info["role"]), base
+    return Gathered(
+        None if bandwidth is None else float(bandwidth), Role(info["role"]), base, manifest
+    )
+
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _commitment_problem(
+    body: dict[str, Any] | None, committed: str | None, hotkey: str, window: int, shard: int
+) -> str:
+    """Why a member's gathered manifest body does not bind its parts ('' when it does).
+
+    The body is what the member committed to on the ledger (`store.manifest.
+    commitment_body`): its sha256 over the canonical JSON must be the hotkey's commitment
+    for the window, and it must name this hotkey, window and shard and list one sha256
+    per part."""
+    if committed is None:
+        return "no commitment on the ledger for the window"
+    if body is None:
+        return "gathered no manifest"
+    try:
+        digest = hashlib.sha256(signing_bytes(body)).hexdigest()
+    except (TypeError, ValueError) as exc:
+        return f"its manifest is not canonical JSON: {exc}"
+    if digest != committed:
+        return "its gathered manifest is not the one it committed to"
+    if (body.get("hotkey"), body.get("window"), body.get("shard")) != (hotkey, window, shard):
+        return "its manifest is for another hotkey, window or shard"
+    compression = body.get("compression")
+    params = compression.get("params") if isinstance(compression, dict) else None
+    parts = params.get("parts") if isinstance(params, dict) else None
+    if not (isinstance(parts, list) and all(isinstance(d, str) and _HEX64.match(d) for d in parts)):
+        return "its manifest lists no part digests"
+    return ""
 
 
 class LedgerPartReducer(TensorPartReducer):  # type: ignore[misc]
@@ -355,10 +450,15 @@ class LedgerPartReducer(TensorPartReducer):  # type: ignore[misc]
         contributes: Sequence[bool],
         robust: RobustConfig,
         codec: Any,
+        order: Sequence[int] | None = None,
     ) -> None:
         self.weights, self.contributes = list(weights), list(contributes)
         self.robust, self.codec = robust, codec
+        # Rows are combined in this order (senders by hotkey): floating-point sums depend
+        # on it, and anyone recomputing the average must find the same bits.
+        self.order = list(range(num_senders)) if order is None else list(order)
         self._rows: dict[int, torch.Tensor] = {}
+        self._mismatched: set[int] = set()
         super().__init__(part_shapes, num_senders)
 
     def reset_accumulators(self) -> None:
@@ -372,6 +472,7 @@ class LedgerPartReducer(TensorPartReducer):  # type: ignore[misc]
             self.current_part_index < failed_after for failed_after in self.sender_failed_after
         )
         self._rows = {}
+        self._mismatched = set()
 
     async def accumulate_part(
         self,
@@ -379,16 +480,20 @@ class LedgerPartReducer(TensorPartReducer):  # type: ignore[misc]
         part_index: int,
         tensor_part: torch.Tensor | None,
         weight: float = 0.0,
+        *,
+        mismatched: bool = False,
     ) -> _Reduced:
         """Add one sender's part (None for an auxiliary peer); await the combined part.
 
         `weight` is what the sender announced and is ignored. A part of the wrong shape or
         with non-finite values is refused *before* it counts as received, so banning its
-        sender never leaves the part waiting for a row that will not come.
+        sender never leaves the part waiting for a row that will not come. A `mismatched`
+        part (not the bytes its sender committed to) counts as received and adds no row:
+        the average goes on without it, and every receiver learns whose it was.
         """
         if not 0 <= sender_index < self.num_senders or not 0 <= part_index < self.num_parts:
             raise AllreduceException(f"part {part_index} of sender {sender_index}: out of range")
-        if self.contributes[sender_index]:
+        if self.contributes[sender_index] and not mismatched:
             expected = self.part_shapes[part_index]
             if tensor_part is None or tuple(tensor_part.shape) != tuple(expected):
                 got = None if tensor_part is None else tuple(tensor_part.shape)
@@ -415,7 +520,9 @@ class LedgerPartReducer(TensorPartReducer):  # type: ignore[misc]
             raise AllreduceException(f"part {part_index} arrived twice")
 
         future = self.current_part_future
-        if self.contributes[sender_index] and tensor_part is not None:
+        if mismatched:
+            self._mismatched.add(sender_index)
+        elif self.contributes[sender_index] and tensor_part is not None:
             self._rows[sender_index] = tensor_part
         self.current_part_accumulated_from += 1
         self.check_current_part_finished()
@@ -445,14 +552,19 @@ class LedgerPartReducer(TensorPartReducer):  # type: ignore[misc]
         self.reset_accumulators()
 
     def _reduce(self) -> _Reduced:
-        rows = sorted(i for i in self._rows if self.weights[i] > 0)
+        rows = [i for i in self.order if i in self._rows and self.weights[i] > 0]
         if not rows:
             raise ValueError("no contribution with positive ledger weight")
         stack = torch.stack([self._rows[i].to(torch.float32) for i in rows])
         weights = torch.tensor([self.weights[i] for i in rows], dtype=torch.float64)
         value = aggregate(stack, weights, self.robust)
         encoded = self.codec.compress(value, CompressionInfo.from_tensor(value), False)
-        return _Reduced(encoded, decode_part(encoded), _bitmap(rows, self.num_senders))
+        return _Reduced(
+            encoded,
+            decode_part(encoded),
+            _bitmap(rows, self.num_senders),
+            _bitmap(sorted(self._mismatched), self.num_senders),
+        )
 
     def finalize(self) -> None:
         if not self.finished.is_set():
@@ -482,10 +594,14 @@ class LedgerAllReduceRunner(AllReduceRunner):  # type: ignore[misc]
         robust: RobustConfig,
         codec: Any,
         log: _RoundLog,
+        expected: Mapping[PeerID, Sequence[str] | None] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self._peers, self._admitted, self._log = peers, admitted, log
+        # Bound round: each member's committed part digests (None: it has no valid
+        # commitment, so none of its parts counts); None: parts are not checked.
+        self._expected = expected
         role_of = dict(zip(self.ordered_peer_ids, roles, strict=True))
         self.role = role_of[self.peer_id]
         self.sender_roles = [role_of[p] for p in self.sender_peer_ids]
@@ -505,6 +621,10 @@ class LedgerAllReduceRunner(AllReduceRunner):  # type: ignore[misc]
             contributes=[r is Role.MEMBER for r in self.sender_roles],
             robust=robust,
             codec=codec,
+            order=sorted(
+                range(len(self.sender_peer_ids)),
+                key=lambda i: peers[p].hotkey if (p := self.sender_peer_ids[i]) in peers else "",
+            ),
         )
         self._codec = codec
         self.contributors: dict[tuple[int, int], bytes] = {}
@@ -512,11 +632,15 @@ class LedgerAllReduceRunner(AllReduceRunner):  # type: ignore[misc]
         # hivemind cuts the flat vector into parts in order and hands them to reducers in
         # peer order, so (reducer, part) -> [start, stop) follows from the part sizes.
         self.part_spans: dict[tuple[int, int], tuple[int, int]] = {}
+        # (reducer, part) -> the part's index in the whole layout (`averaging.parts`).
+        self.part_numbers: dict[tuple[int, int], int] = {}
         offset = 0
         for peer_index, parts in enumerate(self.tensor_part_container._input_parts_by_peer):
             for part_index, (part, _info) in enumerate(parts):
                 self.part_spans[peer_index, part_index] = (offset, offset + part.numel())
+                self.part_numbers[peer_index, part_index] = len(self.part_numbers)
                 offset += part.numel()
+        self._my_index = self.ordered_peer_ids.index(self.peer_id)
 
     # -- as a sender ----------------------------------------------------------------
     async def _generate_input_for_peer(self, peer_index: int) -> AsyncIterator[Any]:
@@ -537,12 +661,23 @@ class LedgerAllReduceRunner(AllReduceRunner):  # type: ignore[misc]
         container = self.tensor_part_container
         if peer_id == self.peer_id:
             sender_index = self.sender_peer_ids.index(peer_id)
+            infos = [info for _part, info in container._input_parts_by_peer[peer_index]]
+            loop = asyncio.get_running_loop()
             try:
                 for part_index, part in enumerate(self.parts_for_local_averaging):
+                    # Our own row as every other reducer would see it: through the codec,
+                    # so that the average depends on the parts alone, not on who reduced.
+                    row, mismatched = None, False
+                    if self.role is Role.MEMBER:
+                        row, digest = await loop.run_in_executor(
+                            None, self._through_codec, part, infos[part_index]
+                        )
+                        mismatched = self._mismatched(peer_id, part_index, digest)
                     reduced = await self.tensor_part_reducer.accumulate_part(
-                        sender_index, part_index, part if self.role is Role.MEMBER else None
-                    )
-                    self.contributors[peer_index, part_index] = reduced.contributors
+                        sender_index, part_index, None if mismatched else row,
+                        mismatched=mismatched,
+                    )  # fmt: skip
+                    self._record(peer_index, part_index, reduced.bitmaps)
                     container.register_processed_part(peer_index, part_index, reduced.value)
             except BaseException:
                 # Fill our own share with local values so the outputs do not wait for it;
@@ -573,7 +708,7 @@ class LedgerAllReduceRunner(AllReduceRunner):  # type: ignore[misc]
                     raise AllreduceException(f"{peer_id} sent an average of the wrong shape")
                 if not bool(torch.isfinite(value).all()):
                     raise AllreduceException(f"{peer_id} sent a non-finite average")
-                self.contributors[peer_index, part_index] = bytes(msg.peer_id)
+                self._record(peer_index, part_index, bytes(msg.peer_id))
                 container.register_processed_part(peer_index, part_index, value)
                 part_index += 1
             if part_index != len(expected):
@@ -584,6 +719,37 @@ class LedgerAllReduceRunner(AllReduceRunner):  # type: ignore[misc]
             self.failed_reducers.add(peer_id)
             container.register_failed_reducer(peer_index)
             raise
+
+    def _through_codec(self, part: torch.Tensor, info: Any) -> tuple[torch.Tensor, str]:
+        message = self._codec.compress(part, info, False)
+        return decode_part(message), message_digest(message)
+
+    def _mismatched(self, sender: PeerID, part_index: int, digest: str) -> bool:
+        """Whether `sender`'s part `part_index` of ours is not what it committed to (always
+        False in an unbound round)."""
+        if self._expected is None:
+            return False
+        digests = self._expected.get(sender)
+        number = self.part_numbers[self._my_index, part_index]
+        if digests is not None and digest == digests[number]:
+            return False
+        name = self._peers[sender].hotkey if sender in self._peers else str(sender)
+        why = "" if digests is not None else " (no valid commitment)"
+        logger.warning("part %d from %s is not what it committed to%s; left out", number, name, why)
+        return True
+
+    def _record(self, peer_index: int, part_index: int, bitmaps: bytes) -> None:
+        """Keep a reply's contributor set, and whose rows its reducer refused."""
+        size = len(self.sender_peer_ids)
+        n = (size + 7) // 8
+        if len(bitmaps) != 2 * n:
+            raise AllreduceException(f"a reply's sender bitmaps are {len(bitmaps)} bytes")
+        self.contributors[peer_index, part_index] = bitmaps[:n]
+        number = self.part_numbers[peer_index, part_index]
+        for i in _from_bitmap(bitmaps[n:], size):
+            peer = self.sender_peer_ids[i]
+            if peer in self._peers:
+                self._log.mismatched.setdefault(self._peers[peer].hotkey, set()).add(number)
 
     # -- as a reducer -----------------------------------------------------------------
     async def rpc_aggregate_part(
@@ -608,27 +774,35 @@ class LedgerAllReduceRunner(AllReduceRunner):  # type: ignore[misc]
         self, stream: AsyncIterator[Any], sender_index: int
     ) -> AsyncIterator[Any]:
         contributes = self.tensor_part_reducer.contributes[sender_index]
+        sender = self.sender_peer_ids[sender_index]
+        bound = self._expected is not None and contributes
 
-        def decode(msg: Any) -> torch.Tensor | None:
-            return decode_part(msg.tensor_part) if contributes else None
+        def decode(msg: Any) -> tuple[torch.Tensor | None, str]:
+            if not contributes:
+                return None, ""
+            digest = message_digest(msg.tensor_part) if bound else ""
+            return decode_part(msg.tensor_part), digest
 
         part_index = 0
         try:
-            async for part in amap_in_executor(
+            async for part, digest in amap_in_executor(
                 decode, stream, max_prefetch=self.tensor_part_container.prefetch
             ):
+                mismatched = bound and self._mismatched(sender, part_index, digest)
                 try:
                     reduced = await self.tensor_part_reducer.accumulate_part(
-                        sender_index, part_index, part
-                    )
+                        sender_index, part_index, None if mismatched else part,
+                        mismatched=mismatched,
+                    )  # fmt: skip
                     part_index += 1
                 except BannedException:
                     break
-                # `peer_id` is unused in hivemind's replies; it carries who is in this part.
+                # `peer_id` is unused in hivemind's replies; it carries who is in this part
+                # and whose rows were refused.
                 yield averaging_pb2.AveragingData(
                     code=averaging_pb2.AVERAGED_PART,
                     tensor_part=reduced.encoded,
-                    peer_id=reduced.contributors,
+                    peer_id=reduced.bitmaps,
                 )
         finally:
             if part_index != self.tensor_part_reducer.num_parts:
@@ -733,6 +907,11 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
         self.tm_codec = codec_for(config.wire)
         self.tm_peers: dict[PeerID, PeerInfo] = {}
         self.tm_log = _RoundLog()
+        # Bound rounds: (window, shard) of the round, and hotkey -> committed manifest digest
+        # once the caller has read the ledger at the deadline.
+        self.tm_bound: tuple[int, int] | None = None
+        self.tm_commitments: dict[str, str] | None = None
+        self.tm_commitments_ready: asyncio.Event | None = None
         self.tm_state_provider: StateProvider | None = None
         super().__init__(
             averaged_tensors,
@@ -792,16 +971,33 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
 
     # -- called from the caller's process ---------------------------------------------
     def configure_round(
-        self, *, bits: str, peers: Mapping[str, PeerInfo], target_group_size: int | None
+        self,
+        *,
+        bits: str,
+        peers: Mapping[str, PeerInfo],
+        target_group_size: int | None,
+        bound: tuple[int, int] | None = None,
     ) -> None:
         future: Any = MPFuture()
         self._outer_pipe.send(
             (
                 "_configure_round",
                 [],
-                {"bits": bits, "peers": dict(peers), "target": target_group_size, "future": future},
+                {
+                    "bits": bits,
+                    "peers": dict(peers),
+                    "target": target_group_size,
+                    "bound": bound,
+                    "future": future,
+                },
             )
         )
+        future.result(timeout=30)
+
+    def set_commitments(self, table: Mapping[str, str]) -> None:
+        """Hand the round's reducers every hotkey's committed manifest digest."""
+        future: Any = MPFuture()
+        self._outer_pipe.send(("_set_commitments", [], {"table": dict(table), "future": future}))
         future.result(timeout=30)
 
     def round_counters(self, timeout: float = 5.0) -> dict[str, Any] | None:
@@ -944,8 +1140,20 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
     def _is_admitted(self, peer: PeerID) -> bool:
         return peer in self.tm_peers and peer not in self.tm_log.blocked
 
+    async def _set_commitments(self, *, table: dict[str, str], future: Any) -> None:
+        self.tm_commitments = {str(k): str(v) for k, v in table.items()}
+        if self.tm_commitments_ready is not None:
+            self.tm_commitments_ready.set()
+        future.set_result(None)
+
     async def _configure_round(
-        self, *, bits: str, peers: dict[str, PeerInfo], target: int | None, future: Any
+        self,
+        *,
+        bits: str,
+        peers: dict[str, PeerInfo],
+        target: int | None,
+        bound: tuple[int, int] | None,
+        future: Any,
     ) -> None:
         try:
             if not isinstance(self._matchmaking, LedgerMatchmaking):
@@ -961,6 +1169,8 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
             self._matchmaking.set_target_group_size(target)
             self.tm_peers = {PeerID.from_base58(k): v for k, v in peers.items()}
             self.tm_log = _RoundLog()
+            self.tm_bound, self.tm_commitments = bound, None
+            self.tm_commitments_ready = asyncio.Event()
             future.set_result(None)
         except (ValueError, TypeError, AttributeError) as exc:
             future.set_exception(exc)
@@ -977,7 +1187,7 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
         strangers = [p for p in group_info.peer_ids if not self._is_admitted(p)]
         if strangers:
             raise AllreduceException(f"group contains unadmitted peers {strangers}")
-        roles = [role for _bw, role, _base in gathered]
+        roles = [g.role for g in gathered]
         members = [p for p, r in zip(group_info.peer_ids, roles, strict=True) if r is Role.MEMBER]
         log.seen_members.update(members)
         if sum(self.tm_peers[p].weight for p in members) <= 0:
@@ -986,20 +1196,25 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
         # Equal shares for members, none for aux peers. hivemind would size shares by the
         # bandwidth each peer announces, which lets one peer claim to reduce everything.
         bandwidths = [0.0 if role is Role.AUX else None for role in roles]
+        expected = None
+        mine = dict(zip(group_info.peer_ids, roles, strict=True)).get(self.peer_id)
+        if self.tm_bound is not None and mine is Role.MEMBER:
+            expected = await self._committed_parts(group_info.peer_ids, gathered)
         loop = asyncio.get_running_loop()
         fractions = await loop.run_in_executor(
             None, load_balance_peers, self.total_size, bandwidths, min_vector_size
         )
         async with enter_asynchronously(self.get_tensors()) as local_tensors:
             runner = await self._run_allreduce_inplace_(
-                local_tensors, group_info, peer_fractions=fractions, roles=roles, **kwargs
-            )
+                local_tensors, group_info, peer_fractions=fractions, roles=roles,
+                expected=expected, **kwargs,
+            )  # fmt: skip
         # One set in strict mode; without it, everyone who is in some part.
         contributors: frozenset[PeerID] = frozenset().union(*runner.contributor_sets())
         by_role = dict(zip(group_info.peer_ids, roles, strict=True))
         bases = {
             self.tm_peers[p].hotkey: base
-            for p, (_bw, _role, base) in zip(group_info.peer_ids, gathered, strict=True)
+            for p, base in zip(group_info.peer_ids, (g.base for g in gathered), strict=True)
             if base is not None
             and p in contributors | {q for q, r in by_role.items() if r is Role.AUX}
         }
@@ -1010,6 +1225,37 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
             "aux": sorted(self.tm_peers[p].hotkey for p, r in by_role.items() if r is Role.AUX),
         }
 
+    async def _committed_parts(
+        self, peer_ids: Sequence[PeerID], gathered: Sequence[Gathered]
+    ) -> dict[PeerID, Sequence[str] | None]:
+        """Each member's committed part digests, from the manifest body it gathered once
+        that body hashes to its hotkey's commitment on the ledger (None: no valid one)."""
+        assert self.tm_bound is not None and self.tm_commitments_ready is not None
+        try:
+            await asyncio.wait_for(
+                self.tm_commitments_ready.wait(), self.tm_config.allreduce_timeout_s / 2
+            )
+        except TimeoutError:
+            raise AllreduceException("the ledger's commitments did not arrive") from None
+        table = self.tm_commitments or {}
+        window, shard = self.tm_bound
+        shapes = [tuple(t.shape) for t in self._averaged_tensors]
+        count = len(part_layout(shapes, self.tm_codec, self.tm_config.wire_part_size_bytes))
+        out: dict[PeerID, Sequence[str] | None] = {}
+        for peer, g in zip(peer_ids, gathered, strict=True):
+            if g.role is not Role.MEMBER:
+                continue
+            hotkey = self.tm_peers[peer].hotkey
+            problem = _commitment_problem(g.manifest, table.get(hotkey), hotkey, window, shard)
+            parts = None if problem else g.manifest["compression"]["params"]["parts"]  # type: ignore[index]
+            if parts is not None and len(parts) != count:
+                problem = f"commits {len(parts)} parts, the shard has {count}"
+                parts = None
+            if problem:
+                logger.warning("window %d shard %d: %s: %s", window, shard, hotkey, problem)
+            out[peer] = parts
+        return out
+
     async def _run_allreduce_inplace_(
         self,
         tensors: Sequence[torch.Tensor],
@@ -1017,6 +1263,7 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
         group_id: bytes | None = None,
         *,
         roles: Sequence[Role],
+        expected: Mapping[PeerID, Sequence[str] | None] | None = None,
         **kwargs: Any,
     ) -> LedgerAllReduceRunner:
         group_id = group_info.group_id if group_id is None else group_id
@@ -1033,6 +1280,7 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
             robust=self.tm_config.robust,
             codec=self.tm_codec,
             log=self.tm_log,
+            expected=expected,
             **kwargs,
         )
         self._running_groups[group_id].set_result(runner)
@@ -1174,8 +1422,15 @@ class ShardAverager:
         role: Role | None = None,
         base: str | None = None,
         weights: Mapping[str, float] | None = None,
+        prepared: PreparedParts | None = None,
+        binding: Binding | None = None,
     ) -> AverageResult:
         """All-reduce `delta` with this window's group; members pass Δ, aux peers None.
+
+        A member that committed to its Δ passes `prepared` (from `prepare`, in place of
+        `delta`) and `binding`: every reducer then checks each part it receives against
+        the sender's committed digests and leaves out, and names, the parts that differ
+        (`AverageResult.mismatched`).
 
         `role` overrides the averager's default role for this round (a miner is a member
         of its own shard's group and an auxiliary peer of the others, which change with
@@ -1201,9 +1456,14 @@ class ShardAverager:
         if start_at is not None and not start_at < time.time() + timeout:
             raise ValueError("start_at must fall within the timeout")
         role = self.role if role is None else role
-        values = self._check_delta(delta, role)
+        if prepared is not None:
+            if role is not Role.MEMBER:
+                raise ValueError("an auxiliary peer has no prepared parts")
+            values = self._check_delta(prepared.raw, role)
+        else:
+            values = self._check_delta(delta, role)
         peers = self._peer_table(weights)
-        if self._sparsifier is not None and role is Role.MEMBER:
+        if self._sparsifier is not None and role is Role.MEMBER and prepared is None:
             values = self._sparsifier.sparsify(values)
         with self._averager.get_tensors() as buffers:
             for buffer, name in zip(buffers, self._shapes, strict=True):
@@ -1213,27 +1473,42 @@ class ShardAverager:
                     buffer.zero_()
         if not self._averager.is_alive():
             raise AveragingFailed("the averager process is not running")
+        checked = binding is not None and role is Role.MEMBER
         self._averager.configure_round(
             bits=window_bits(window),
             peers=peers,
             target_group_size=expected_peers or self.config.target_group_size,
+            bound=(window, self.shard) if checked else None,
         )
+        gather: dict[str, Any] = {"role": role.value}
+        if base is not None:
+            gather["base"] = base
+        if checked and binding is not None and binding.manifest is not None:
+            gather["manifest"] = binding.manifest
         step = self._averager.step(
-            gather={"role": role.value} if base is None else {"role": role.value, "base": base},
+            gather=gather,
             scheduled_time=start_at,
             timeout=timeout,
             allow_retries=True,
             wait=False,
         )
+        pending = binding if checked else None
+
+        def push() -> bool:
+            table = pending.commitments() if pending is not None else None
+            if table is not None:
+                self._averager.set_commitments(table)
+            return pending is None or table is not None
+
         try:
-            report = self._wait(step, window, timeout + self.config.allreduce_timeout_s + 5.0)
+            report = self._wait(step, window, timeout + self.config.allreduce_timeout_s + 5.0, push)
         except _STEP_ERRORS as exc:
             failed = (
                 exc
                 if isinstance(exc, AveragingFailed)
                 else AveragingFailed(f"window {window}: {type(exc).__name__}: {exc}")
             )
-            self._after_failure(failed, role, window, time.monotonic() - start)
+            self._after_failure(failed, role, window, time.monotonic() - start, prepared is None)
             if failed is exc:
                 raise
             raise failed from exc
@@ -1242,8 +1517,13 @@ class ShardAverager:
                 name: buffer.detach().clone().to(self._dtypes[name])
                 for buffer, name in zip(buffers, self._shapes, strict=True)
             }
-        if self._sparsifier is not None and role is Role.MEMBER:
+        if self._sparsifier is not None and role is Role.MEMBER and prepared is None:
             self._sparsifier.commit()
+        if report["mismatched"]:
+            logger.warning(
+                "window %d shard %d: parts not as committed from %s",
+                window, self.shard, sorted(report["mismatched"]),
+            )  # fmt: skip
         if report["dropped"]:
             logger.warning("window %d shard %d: dropped %s", window, self.shard, report["dropped"])
         return AverageResult(
@@ -1256,16 +1536,24 @@ class ShardAverager:
             seconds=time.monotonic() - start,
             attempts=int(report["attempts"]),
             bases=dict(report["bases"]),
+            mismatched={str(h): list(p) for h, p in report["mismatched"].items()},
         )
 
-    def _wait(self, step: Any, window: int, limit: float) -> dict[str, Any]:
+    def _wait(
+        self, step: Any, window: int, limit: float, poll: Callable[[], bool] | None = None
+    ) -> dict[str, Any]:
         """The step's report; polls so that a dead averager process fails the round at once
-        (its result would never arrive) and the wait never outlasts `limit`."""
+        (its result would never arrive) and the wait never outlasts `limit`. `poll` is
+        called every second until it returns True (bound rounds hand over the ledger's
+        commitments that way once the deadline has passed)."""
         end = time.monotonic() + limit
+        polled = poll is None
         while True:
+            if not polled and poll is not None:
+                polled = poll()
             try:
                 report: dict[str, Any] = step.result(
-                    timeout=min(1.0, max(0.0, end - time.monotonic()))
+                    timeout=min(1.0 if polled else 0.1, max(0.0, end - time.monotonic()))
                 )
                 return report
             except TimeoutError as exc:
@@ -1280,6 +1568,20 @@ class ShardAverager:
                     raise AveragingFailed(
                         f"window {window}: no result within {limit:.0f}s"
                     ) from exc
+
+    def prepare(self, delta: Mapping[str, torch.Tensor]) -> PreparedParts:
+        """This member's Δ as the wire will carry it (`averaging.parts`): sparsified with the
+        error feedback (committed at once: the parts are final and public), cut into
+        hivemind's parts and serialized. Commit to `part_digest` of each blob, publish the
+        blobs, and pass the result to `average(prepared=...)`."""
+        values = self._check_delta(delta, Role.MEMBER)
+        if self._sparsifier is not None:
+            values = self._sparsifier.sparsify(values)
+            self._sparsifier.commit()
+        blobs, decoded = wire_parts(
+            {n: values[n] for n in self._shapes}, self.config.wire, self.config.wire_part_size_bytes
+        )
+        return PreparedParts(blobs, decoded, values)
 
     def _check_delta(
         self, delta: Mapping[str, torch.Tensor] | None, role: Role
@@ -1379,7 +1681,12 @@ class ShardAverager:
         return PeerState(hotkey, metadata, tensors, nbytes)
 
     def _after_failure(
-        self, failed: AveragingFailed, role: Role, window: int, seconds: float
+        self,
+        failed: AveragingFailed,
+        role: Role,
+        window: int,
+        seconds: float,
+        owe_residual: bool = True,
     ) -> None:
         """Put the round's counters on `failed`, and keep the error-feedback residual of
         what the group's average holds of our Δ even though the round failed here (a peer
@@ -1390,8 +1697,9 @@ class ShardAverager:
             failed.bytes_sent = int(counters["bytes_sent"])
             failed.bytes_received = int(counters["bytes_received"])
             failed.attempts = int(counters["attempts"])
+            failed.mismatched = {str(h): list(p) for h, p in counters["mismatched"].items()}
         spans = list(counters["delivered"]) if counters is not None else []
-        if role is not Role.MEMBER:
+        if role is not Role.MEMBER or not owe_residual:
             return
         masks = self._masks(spans)
         total = sum(m.numel() for m in masks.values())

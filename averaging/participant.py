@@ -27,8 +27,9 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from hivemind import DHT
@@ -37,8 +38,10 @@ from averaging.dht import PeerDirectory, commitment_for, join_ledger_peers, star
 from averaging.group import (
     AverageResult,
     AveragingFailed,
+    Binding,
     LedgerWeights,
     PeerState,
+    PreparedParts,
     Role,
     ShardAverager,
     StateProvider,
@@ -144,6 +147,8 @@ class Participant:
         receive: Iterable[int] | None = None,
         base: str | None = None,
         weights_block: int | None = None,
+        prepared: Mapping[int, tuple[PreparedParts, dict[str, Any]]] | None = None,
+        commitments: Callable[[], Mapping[str, str] | None] | None = None,
     ) -> dict[int, AverageResult | AveragingFailed]:
         """Average this window in every group at once: a member of each shard in `deltas`
         (with that Δ), an auxiliary peer of each other shard in `receive` (default: all).
@@ -152,9 +157,18 @@ class Participant:
         epoch at or before it (`LedgerWeights.table`, read once for every group); every
         peer passes the same one.
 
+        `prepared` (shard -> the parts from `prepare` and the body of the manifest
+        committed for them) makes a bound round of that shard: reducers check every part
+        against the commitments that `commitments` returns once the ledger is past the
+        deadline (hotkey -> digest; None before), and leave out and name what differs.
+
         A group that fails gives its `AveragingFailed` in place of a result; a bad Δ
         (wrong names or shapes, non-finite) raises `ValueError` before anything is sent.
         """
+        prepared = dict(prepared or {})
+        if prepared and commitments is None:
+            raise ValueError("a bound round needs the ledger's commitments")
+        deltas = {**deltas, **{s: p.values for s, (p, _body) in prepared.items()}}
         unknown = set(deltas) - set(self.averagers)
         if unknown:
             raise ValueError(f"no averager for shard(s) {sorted(unknown)}")
@@ -171,15 +185,22 @@ class Participant:
 
         def one(shard: int) -> AverageResult | AveragingFailed:
             delta = deltas.get(shard)
+            bound = prepared.get(shard)
             try:
                 return self.averagers[shard].average(
                     window,
-                    delta,
+                    None if bound is not None else delta,
                     timeout=timeout,
                     start_at=start_at,
                     role=Role.AUX if delta is None else Role.MEMBER,
                     base=base,
                     weights=pinned,
+                    prepared=None if bound is None else bound[0],
+                    binding=(
+                        None
+                        if bound is None or commitments is None
+                        else Binding(bound[1], commitments)
+                    ),
                 )
             except AveragingFailed as exc:
                 logger.warning("window %d shard %d: %s", window, shard, exc)
@@ -188,6 +209,12 @@ class Participant:
         with concurrent.futures.ThreadPoolExecutor(len(shards)) as pool:
             futures = {shard: pool.submit(one, shard) for shard in shards}
             return {shard: future.result() for shard, future in futures.items()}
+
+    def prepare(self, shard: int, delta: Mapping[str, torch.Tensor]) -> PreparedParts:
+        """`delta` of `shard` as its group's wire carries it (`ShardAverager.prepare`)."""
+        if shard not in self.averagers:
+            raise ValueError(f"no averager for shard {shard}")
+        return self.averagers[shard].prepare(delta)
 
     @staticmethod
     def in_step(results: Mapping[int, AverageResult | AveragingFailed], hotkey: str) -> bool:

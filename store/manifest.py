@@ -112,17 +112,23 @@ def build_manifest(
     return unsigned.model_copy(update={"signature": signature})
 
 
-def commitment_digest(manifest: ContributionManifest) -> str:
-    """The sha256 a miner commits to the ledger before the deadline, revealing the manifest
-    (and its tensor file, whose sha256 the manifest holds) only after it.
-
-    It covers the canonical JSON of every field but the signature and `created_at` (the
-    miner's clock, informational): the hotkey, UID, window, shard, compression, tensor
-    list and the payload's sha256. A revealed manifest whose digest differs from the
-    commitment is not the contribution that was committed."""
+def commitment_body(manifest: ContributionManifest) -> dict[str, Any]:
+    """What a miner commits to: every field of the manifest but the signature and
+    `created_at` (the miner's clock, informational): the hotkey, UID, window, shard,
+    compression (with the digest of every wire part), tensor list and the payload's
+    sha256. It travels in the averaging groups' matchmaking, where reducers check it
+    against the ledger (`averaging.group`)."""
     body = manifest.unsigned_body()
     body.pop("created_at")
-    return hashlib.sha256(signing_bytes(body)).hexdigest()
+    return body
+
+
+def commitment_digest(manifest: ContributionManifest) -> str:
+    """The sha256 a miner commits to the ledger before the deadline, revealing the manifest
+    (and its tensor file, whose sha256 the manifest holds) only after it: of the canonical
+    JSON of `commitment_body`. A revealed manifest whose digest differs from the
+    commitment is not the contribution that was committed."""
+    return hashlib.sha256(signing_bytes(commitment_body(manifest))).hexdigest()
 
 
 def manifest_bytes(manifest: ContributionManifest) -> bytes:

@@ -22,6 +22,9 @@ Behaviours (DESIGN "Proof of learning"; the validator must give each of them not
   copy (committed after the deadline, since it could not have it before), and sets its
   store files' times back to the window's start: refused as late by the ledger's clock,
   and the miner it copied keeps its score.
+- `poisoner`: publishes (commits to) its honest Δ but sends −10·Δ into its group's
+  all-reduce (`train.miner` does the sending): every reducer checks each part against the
+  commitment and leaves its parts out, and the validators name it and pay it nothing.
 - `wrong_data`: trains honestly, but on train pages outside its assignment (drawn with a
   public salt), e.g. data it had cached; its Δ helps on held-out data but not
   particularly on the pages it was assigned.
@@ -119,13 +122,14 @@ def make_adversarial_delta(
     for `copier` and `backdater`, the Δ of the miner it copies, for `mixer` the mean of
     the others' (`other_delta`, same names and shapes; None: a mixer found nothing).
 
-    `honest`, `wrong_data` and `heldout` publish what they trained (the difference is in
-    `training_rows`). All results are new fp32 CPU tensors.
+    `honest`, `wrong_data`, `heldout` and `poisoner` publish what they trained (the
+    difference is in `training_rows`, or in what a poisoner sends). All results are new
+    fp32 CPU tensors.
     """
     if behaviour not in BEHAVIOURS:
         raise ValueError(f"unknown behaviour {behaviour!r}; one of {', '.join(BEHAVIOURS)}")
     own = {n: t.detach().to("cpu", torch.float32) for n, t in honest_delta.items()}
-    if behaviour in ("honest", "wrong_data", "heldout"):
+    if behaviour in ("honest", "wrong_data", "heldout", "poisoner"):
         return {n: t.clone() for n, t in own.items()}
     if behaviour == "free_rider":
         return {n: t * tiny for n, t in own.items()}

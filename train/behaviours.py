@@ -15,7 +15,15 @@ from __future__ import annotations
 from typing import Literal, get_args
 
 Behaviour = Literal[
-    "honest", "free_rider", "noise", "copier", "wrong_data", "heldout", "mixer", "backdater"
+    "honest",
+    "free_rider",
+    "noise",
+    "copier",
+    "wrong_data",
+    "heldout",
+    "mixer",
+    "backdater",
+    "poisoner",
 ]
 BEHAVIOURS: tuple[str, ...] = get_args(Behaviour)
 

@@ -21,6 +21,8 @@ nothing and stay out of θ_{w+1} (`validation.admission`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from chain.keys import Keypair
 from chain.ledger import Ledger
@@ -44,3 +46,24 @@ def commit_contribution(
     receipt.raise_for_status()
     logger.info("window %d: committed %s… in block %d", window, digest[:16], receipt.block)
     return receipt.block
+
+
+def committed_digests(
+    ledger_path: Path, window: int, deadline_block: int
+) -> Callable[[], Mapping[str, str] | None]:
+    """For a bound averaging round (`averaging.participant`): a function that returns
+    hotkey -> the manifest digest committed for `window` in a block before the deadline,
+    once the ledger has made the deadline block (None before: more could still come).
+    It opens its own connection, so another thread may call it."""
+
+    def read() -> Mapping[str, str] | None:
+        with Ledger(ledger_path) as ledger:
+            if ledger.block_number() < deadline_block:
+                return None
+            return {
+                hotkey: c.digest
+                for hotkey, c in ledger.contribution_commitments(window).items()
+                if c.block < deadline_block
+            }
+
+    return read

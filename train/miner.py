@@ -55,23 +55,24 @@ from accelerate.utils import broadcast
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from averaging.compression import decode, encode
-from averaging.group import AverageResult, AveragingFailed
+from averaging.group import AverageResult, AveragingFailed, PreparedParts
 from averaging.outer import OuterStateError, load_outer_state, outer_step, save_outer_state
 from averaging.participant import Participant
+from averaging.parts import payload_params, payload_tensors
 from chain.errors import ChainError
 from chain.keys import KeyFileError, Keypair, default_keys_dir, load_key
 from chain.ledger import Ledger
 from store.api import Store, open_store
 from store.checkpoint import OUTER_STATE_FILE, Provenance
 from store.errors import NotFound, StoreConflict, StoreError
-from store.manifest import Compression
+from store.manifest import Compression, commitment_body
 from store.sources import contributions_entry
 from tensormine.config import ConfigError, RunConfig, load_config
 from tensormine.tracking import Tracker
 from train.adversary import make_adversarial_delta, mean_of, training_rows
 from train.behaviours import BEHAVIOURS, code_spelling
 from train.cheats import backdate, peek_contributions
-from train.contribution import commit_contribution
+from train.contribution import commit_contribution, committed_digests
 from train.data import Pages, load_pages
 from train.inner import StepStats, inner_loop, mean_loss
 from train.model import build_model, model_fingerprint
@@ -559,15 +560,28 @@ class Miner:
         delta = {n: start[n] - trained[n] for n in names}  # pseudo-gradient Δ = θ_w − θ
         if self.behaviour != "honest":
             delta = self._misbehave(window, shard, delta)
-        residual = {n: self.residual[n] for n in names if n in self.residual} or None
-        encoded = encode(delta, cfg.compression, residual)
-        shapes = {n: tuple(delta[n].shape) for n in names}
-        sent = decode(encoded.tensors, encoded.params, shapes)  # what validators will see
-        if encoded.residual is not None:
-            self.residual.update(encoded.residual)
+        parts = None
+        if self.seat is not None:
+            # With averaging, the contribution *is* the wire's parts: what we send into the
+            # group's average is what we commit to, publish and are paid for.
+            parts = self.seat.prepare(shard, delta)
+            sent = parts.values
+            payload = payload_tensors(parts.blobs)
+            params = payload_params(
+                parts.blobs, names, cfg.averaging.wire, cfg.averaging.wire_part_size_bytes
+            )
+            nbytes = sum(len(b) for b in parts.blobs)
+        else:
+            residual = {n: self.residual[n] for n in names if n in self.residual} or None
+            encoded = encode(delta, cfg.compression, residual)
+            shapes = {n: tuple(delta[n].shape) for n in names}
+            sent = decode(encoded.tensors, encoded.params, shapes)  # what validators will see
+            if encoded.residual is not None:
+                self.residual.update(encoded.residual)
+            payload, params, nbytes = dict(encoded.tensors), dict(encoded.params), encoded.nbytes
         prepared = self.store.prepare_contribution(
-            encoded.tensors, keypair=self.keypair, uid=self.uid, window=window, shard=shard,
-            compression=Compression(scheme=cfg.compression.scheme, params=encoded.params),
+            payload, keypair=self.keypair, uid=self.uid, window=window, shard=shard,
+            compression=Compression(scheme=str(params["scheme"]), params=params),
         )  # fmt: skip
         due = deadline(window, cfg.window)
         self._commit(window, prepared.digest, report)
@@ -584,10 +598,16 @@ class Miner:
             # that a failed round never makes the miner late for the next window.
             tail = cfg.window.publish_margin * cfg.chain.block_time_s
             timeout = max(start_at - time.time() + tail, cfg.averaging.min_matchmaking_time_s + 0.5)
+            assert parts is not None
+            if self.behaviour == "poisoner":  # its commitment stands; what it sends does not
+                poison = {n: -10 * t for n, t in parts.raw.items()}
+                parts = PreparedParts(parts.blobs, parts.values, poison)
             round_ = pool.submit(
                 self.seat.average_window,
                 window,
-                {shard: sent},
+                {},
+                prepared={shard: (parts, commitment_body(prepared.manifest))},
+                commitments=committed_digests(self.ledger.path, window, due),
                 start_at=start_at,
                 timeout=timeout,
                 receive=active,
@@ -605,7 +625,7 @@ class Miner:
             # Reveal only once the deadline block exists: until then nobody may read it.
             wait_for_block(self.ledger, due)
             ref = self.store.reveal_contribution(prepared)
-            report.published_bytes = encoded.nbytes
+            report.published_bytes = nbytes
             if self.behaviour == "backdater":
                 backdate(self.store, ref, self.ledger, start_block(window, cfg.window))
         outcomes: dict[int, AverageResult | AveragingFailed] = {}

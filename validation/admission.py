@@ -41,12 +41,14 @@ from dataclasses import dataclass, field
 import torch
 
 from averaging.compression import CompressionError, decode, expected_specs
+from averaging.parts import WIRE_SCHEME, PartError, decode_payload
 from chain.ledger import ContributionCommitment, Neuron
 from store.api import Store
 from store.backend import ContributionRef
 from store.errors import Rejected
 from store.manifest import commitment_digest
 from store.safetensors_check import TORCH_DTYPES, TensorSpec
+from tensormine.config import RunConfig
 from train.shards import shard_for_miner
 
 logger = logging.getLogger(__name__)
@@ -109,6 +111,14 @@ class Refused:
     detail: str
 
 
+def run_scheme(cfg: RunConfig) -> tuple[str, tuple[str, int] | None]:
+    """(the scheme every contribution of the run must use, (wire codec, part size) when
+    that is ``wire``): with averaging on, a contribution is its wire parts."""
+    if cfg.averaging.enabled:
+        return WIRE_SCHEME, (cfg.averaging.wire, cfg.averaging.wire_part_size_bytes)
+    return cfg.compression.scheme, None
+
+
 def payload_specs(
     shapes: Mapping[str, Sequence[int]], params: Mapping[str, object]
 ) -> dict[str, TensorSpec]:
@@ -127,12 +137,16 @@ def admit(
     scheme: str,
     commitment: ContributionCommitment | None,
     deadline_block: int,
+    wire: tuple[str, int] | None = None,
 ) -> Admitted | Refused:
     """Run every admission check on `ref` (see the module docstring); never raises
     `Rejected` or `CompressionError`: those become a `Refused` with their reason.
 
     `shapes[s]` maps each parameter name of shard s to its shape (from the validator's own
-    model).
+    model), in the shard's order. With averaging on, `scheme` is ``wire`` and `wire` the
+    run's (codec, part size): the payload is the parts the miner sent into its group's
+    average (`averaging.parts`), each checked against its digest in the signed manifest
+    and decoded as every reducer decoded it.
     """
     uid = roster.miners.get(ref.hotkey)
     if uid is None:
@@ -167,10 +181,12 @@ def admit(
                 f"scheme {manifest.compression.scheme!r} / params {params.get('scheme')!r}, "
                 f"the run uses {scheme!r}",
             )  # fmt: skip
-        try:
-            expected = payload_specs(shapes[shard], params)
-        except CompressionError as exc:
-            return Refused(uid, ref.hotkey, shard, BAD_COMPRESSION, str(exc))
+        expected = None
+        if scheme != WIRE_SCHEME:
+            try:
+                expected = payload_specs(shapes[shard], params)
+            except CompressionError as exc:
+                return Refused(uid, ref.hotkey, shard, BAD_COMPRESSION, str(exc))
         # Verified again from here on: the signature covers the compression params read above.
         verified = store.load_contribution(
             ref, hotkey=ref.hotkey, uid=uid, window=window, shard=shard, expected=expected
@@ -179,10 +195,17 @@ def admit(
             return Refused(
                 uid, ref.hotkey, shard, COMPRESSION_MISMATCH, "manifest changed while read"
             )
-        delta = decode(verified.tensors, params, shapes[shard])
+        if scheme == WIRE_SCHEME:
+            if wire is None:
+                raise ValueError("the wire scheme needs the run's wire codec and part size")
+            delta = decode_payload(
+                verified.tensors, params, shapes[shard], wire=wire[0], part_size_bytes=wire[1]
+            )
+        else:
+            delta = decode(verified.tensors, params, shapes[shard])
     except Rejected as exc:
         return Refused(uid, ref.hotkey, shard, exc.reason, exc.detail)
-    except CompressionError as exc:
+    except (CompressionError, PartError) as exc:
         return Refused(uid, ref.hotkey, shard, BAD_COMPRESSION, str(exc))
     for name, tensor in delta.items():
         if not bool(torch.isfinite(tensor).all()):

@@ -15,10 +15,11 @@ fingerprint for fingerprint. Scores do not enter it: they move the ledger's weig
 (Yuma), which weigh later windows' averages.
 
 A shard whose group this validator did not receive (no group formed, or its own seat
-failed) gets the same reduction of the contributions it admitted, with the same pinned
-weights (`source == "store"`); the miners of that shard were out of step anyway and
-adopt the published checkpoint at the next window. It differs from a group's average only
-by the wire's rounding.
+failed) gets what a group of every contribution it admitted would have sent back
+(`source == "store"`): the contributions are the parts their miners committed to and
+sent, and `averaging.parts.reduce_parts` combines them per part exactly as reducers do,
+bit for bit. The miners of that shard were out of step anyway and adopt the published
+checkpoint at the next window.
 """
 
 from __future__ import annotations
@@ -31,12 +32,9 @@ import numpy as np
 import torch
 
 from averaging.group import AverageResult, AveragingFailed
-from averaging.robust import aggregate
-from averaging.settings import RobustConfig
+from averaging.parts import reduce_parts
+from averaging.settings import AveragingConfig
 from validation.admission import Admitted
-from validation.scoring import flatten
-
-AGGREGATE_CHUNK = 1 << 20  # coordinates per robust-aggregation slice (bounds fp64 memory)
 
 
 @dataclass(frozen=True)
@@ -57,22 +55,6 @@ def unflatten(shapes: Mapping[str, Sequence[int]], vector: torch.Tensor) -> dict
     return out
 
 
-def aggregate_rows(
-    stack: torch.Tensor, weights: torch.Tensor, robust: RobustConfig
-) -> torch.Tensor:
-    """`averaging.robust.aggregate` over whole flattened Δ, in slices of the columns for
-    the coordinate-wise rules (CenteredClip's norms need whole rows)."""
-    if stack.shape[0] == 1:
-        return stack[0]
-    if robust.kind == "centered_clip":
-        return aggregate(stack, weights, robust)
-    parts = [
-        aggregate(stack[:, i : i + AGGREGATE_CHUNK], weights, robust)
-        for i in range(0, stack.shape[1], AGGREGATE_CHUNK)
-    ]
-    return torch.cat(parts)
-
-
 def _shares(hotkeys: Sequence[str], weights: Mapping[str, float], floor: float) -> list[float]:
     raw = [weights.get(h, floor) for h in hotkeys]
     total = sum(raw)
@@ -84,14 +66,15 @@ def shard_averages(
     admitted: Sequence[Admitted],
     results: Mapping[int, AverageResult | AveragingFailed],
     weights: Mapping[str, float],
-    robust: RobustConfig,
+    averaging: AveragingConfig,
     *,
-    floor: float,
     uid_of: Mapping[str, int],
 ) -> list[ShardAverage]:
     """Per shard, in shard order: the group's average when this validator received it,
-    else the robust reduction of the admitted Δ with the pinned ledger `weights` (hotkey
-    -> weight; `floor` for a hotkey it lacks); shards with neither are left out."""
+    else what a group of every admitted Δ would have sent back (`averaging.parts.
+    reduce_parts`: the same parts, pinned ledger `weights` (hotkey -> weight; the floor
+    for a hotkey it lacks), robust rule and codec); shards with neither are left out."""
+    floor = averaging.weight_floor
     out = []
     for shard in sorted(shapes):
         result = results.get(shard)
@@ -104,9 +87,10 @@ def shard_averages(
         if not rows:
             continue
         hotkeys = [a.hotkey for a in rows]
-        w = torch.tensor([weights.get(h, floor) for h in hotkeys], dtype=torch.float64)
-        stack = torch.stack([flatten(a.delta) for a in rows])
-        average = unflatten(shapes[shard], aggregate_rows(stack, w, robust))
+        average = reduce_parts(
+            [a.delta for a in rows], [weights.get(h, floor) for h in hotkeys], shapes[shard],
+            averaging.wire, averaging.wire_part_size_bytes, averaging.robust,
+        )  # fmt: skip
         shares = _shares(hotkeys, weights, floor)
         members = [(a.uid, a.hotkey, s) for a, s in zip(rows, shares, strict=True)]
         out.append(ShardAverage(shard, "store", average, members))

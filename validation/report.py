@@ -52,6 +52,9 @@ class MinerRow:
     heldout_ok: bool | None = None
     heldout_outcome: str | None = None  # pass | grace | fail (`scoring.heldout_outcome`)
     verdict: str | None = None  # ok, copy, own_data, heldout_trained, no_gain, or the reason
+    committed_block: int | None = None  # the ledger block that took its commitment
+    revealed: bool | None = None  # its contribution was listed by the reveal deadline
+    averaged: str | None = None  # in | mismatch: parts … | dropped | absent (its group's word)
     score: float = 0.0
     ema: float = 0.0
     weight: float = 0.0

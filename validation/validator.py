@@ -57,6 +57,7 @@ from rich.console import Console
 from averaging.group import AverageResult, AveragingFailed, LedgerWeights
 from averaging.outer import outer_step
 from averaging.participant import Participant
+from averaging.parts import reduce_parts
 from chain.client import LedgerClient
 from chain.errors import ChainError
 from chain.keys import KeyFileError, Keypair, default_keys_dir, load_key
@@ -91,8 +92,16 @@ from train.windows import (
     wait_for_block,
     window_of,
 )
-from validation.admission import MISSING, UNREVEALED, Admitted, Refused, Roster, admit
-from validation.next_model import aggregate_rows, shard_averages, unflatten
+from validation.admission import (
+    MISSING,
+    UNREVEALED,
+    Admitted,
+    Refused,
+    Roster,
+    admit,
+    run_scheme,
+)
+from validation.next_model import shard_averages
 from validation.probes import (
     generic_pages,
     heldout_sample,
@@ -389,11 +398,12 @@ class Validator:
         refs = self.list_contributions(window, roster)
         admitted: list[Admitted] = []
         refused: list[Refused] = []
+        scheme, wire = run_scheme(cfg)
         for ref in refs:
             outcome = admit(
                 self.store, ref, roster=roster, window=window, shapes=self.shapes,
-                scheme=cfg.compression.scheme, commitment=commitments.get(ref.hotkey),
-                deadline_block=due,
+                scheme=scheme, commitment=commitments.get(ref.hotkey), deadline_block=due,
+                wire=wire,
             )  # fmt: skip
             if isinstance(outcome, Refused):
                 logger.info("window %d: refused %s: %s", window, ref.hotkey, outcome.reason)
@@ -422,6 +432,14 @@ class Validator:
                      reason=r.reason, detail=r.detail, verdict=r.reason)
             for r in refused
         ]  # fmt: skip
+        committed_at = {h: c.block for h, c in commitments.items()}
+        revealed = {r.hotkey for r in refs}
+        for row in rows:
+            row.committed_block = committed_at.get(row.hotkey)
+            row.revealed = row.hotkey in revealed
+        group_round = self._group_round(window, groups)
+        if group_round is not None:
+            self._mark_averaged(rows, group_round[0])
         self._update_scores(roster, rows)
         report = WindowReport(
             window=window, validator=self.name, block=self.ledger.block_number(),
@@ -429,7 +447,6 @@ class Validator:
             seconds=0.0, eval_seconds=eval_seconds, miners=rows,
             committed=len(commitments),
         )  # fmt: skip
-        group_round = self._group_round(window, groups)
         self._next_model(window, admitted, rows, group_round, report)
         report.weights_set = self._maybe_set_weights(window)
         self.state.window = window + 1
@@ -681,8 +698,7 @@ class Validator:
             weights = self.group_weights.table(start_block(window, self.cfg.window))
         scores = {row.uid: row.score for row in rows if row.uid is not None}
         updates = shard_averages(
-            self.shapes, admitted, results, weights, self.cfg.averaging.robust,
-            floor=self.cfg.averaging.weight_floor,
+            self.shapes, admitted, results, weights, self.cfg.averaging,
             uid_of={row.hotkey: row.uid for row in rows if row.uid is not None},
         )  # fmt: skip
         contributors: list[Contributor] = []
@@ -798,9 +814,10 @@ class Validator:
     ) -> tuple[float, bool]:
         """Compare the average a hivemind group of `members` (UIDs) reached on `shard` in
         the last scored window with the average of those members' admitted Δ that the
-        groups should have reached — weighted by the ledger field `averaging.weights` and
-        reduced by `averaging.robust`, as every group member does — and log a mismatch
-        naming the group. Members without an admitted Δ make it a mismatch. `weights`
+        groups should have reached — their parts weighted by the ledger field
+        `averaging.weights`, reduced by `averaging.robust` and encoded as every reducer does
+        (`averaging.parts.reduce_parts`: the same bits when the group is honest) — and log
+        a mismatch naming the group. Members without an admitted Δ make it a mismatch. `weights`
         (hotkey -> weight) are the ones the round used (`LedgerWeights.table` pinned to
         the window's first block); without them, the ledger's current ones."""
         missing = [u for u in members if u not in self.last_admitted]
@@ -810,16 +827,15 @@ class Validator:
                 shard, missing, self._name_members(members),
             )  # fmt: skip
             return math.inf, False
-        hotkeys = [self.last_admitted[u].hotkey for u in members]
+        ordered = sorted(members, key=lambda u: self.last_admitted[u].hotkey)
         known = weights or {}
-        per_member = torch.tensor(
-            [known[h] if h in known else self.group_weights(h) for h in hotkeys],
-            dtype=torch.float64,
-        )
-        stack = torch.stack([flatten(self.last_admitted[u].delta) for u in members])
-        admitted = unflatten(
-            self.shapes[shard], aggregate_rows(stack, per_member, self.cfg.averaging.robust)
-        )
+        avg = self.cfg.averaging
+        admitted = reduce_parts(
+            [self.last_admitted[u].delta for u in ordered],
+            [known.get(h, self.group_weights(h)) for h in
+             (self.last_admitted[u].hotkey for u in ordered)],
+            self.shapes[shard], avg.wire, avg.wire_part_size_bytes, avg.robust,
+        )  # fmt: skip
         error, ok = compare_group_average(
             group_average, admitted, tolerance=self.vcfg.group_tolerance
         )
@@ -960,11 +976,11 @@ class Validator:
             return None
         cfg = self.cfg
         lead = math.ceil((cfg.averaging.min_matchmaking_time_s + 1) / cfg.chain.block_time_s)
-        meet = meeting_block(window, cfg.window)
-        head = wait_for_block(self.ledger, max(start_block(window, cfg.window), meet - lead))
-        if head >= meet:
+        meeting = meeting_block(window, cfg.window)
+        head = wait_for_block(self.ledger, max(start_block(window, cfg.window), meeting - lead))
+        if head >= meeting:
             return None  # too late to meet this window's groups
-        start_at = block_time(self.ledger, meet, anchor=start_block(window, cfg.window))
+        start_at = block_time(self.ledger, meeting, anchor=start_block(window, cfg.window))
         tail = cfg.window.publish_margin * cfg.chain.block_time_s
         timeout = max(start_at - time.time() + tail, cfg.averaging.min_matchmaking_time_s + 0.5)
         seat = self.seat
@@ -984,6 +1000,33 @@ class Validator:
         future = pool.submit(meet)
         pool.shutdown(wait=False)
         return future
+
+    def _mark_averaged(self, rows: list[MinerRow], results: GroupResults) -> None:
+        """What each miner's group says of what it sent: `averaged` is "in" (its parts are
+        in the average), "mismatch" (a reducer refused parts that were not what it
+        committed to: no score this window, and a strike), "dropped" or "absent"."""
+        members: dict[str, str] = {}
+        for result in results.values():
+            if isinstance(result, AverageResult):
+                for hotkey in result.dropped:
+                    members[hotkey] = "dropped"
+                for hotkey in result.members:
+                    members[hotkey] = "in"
+            for hotkey, parts in (result.mismatched or {}).items():
+                members[hotkey] = f"mismatch: parts {_spans(parts)}"
+        got = any(isinstance(r, AverageResult) for r in results.values())
+        for row in rows:
+            if row.uid is None:
+                continue
+            row.averaged = members.get(row.hotkey, "absent" if got else None)
+            if row.averaged is not None and row.averaged.startswith("mismatch"):
+                logger.warning(
+                    "UID %d (%s…) sent parts into its group that are not what it committed "
+                    "to (%s): no score this window", row.uid, row.hotkey[:8], row.averaged,
+                )  # fmt: skip
+                row.score = 0.0
+                row.verdict = "mismatch"
+                row.own_outcome = OWN_FAIL  # counts as a strike, as the other checks do
 
     def _group_round(
         self, window: int, groups: concurrent.futures.Future[GroupRound] | None
@@ -1027,6 +1070,17 @@ class Validator:
             self.seat.close()
         self.tracker.finish()
         self.ledger.close()
+
+
+def _spans(parts: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out: list[str] = []
+    for p in sorted(parts):
+        if out and int(out[-1].split("-")[-1]) == p - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{p}"
+        else:
+            out.append(str(p))
+    return ", ".join(out)
 
 
 def _verdict(row: MinerRow) -> str:

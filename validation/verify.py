@@ -17,12 +17,13 @@ checkpoint of W+1:
 - each shard's recomputed average goes through the outer step from θ_W with the
   published momentum; the result is compared tensor by tensor with the checkpoint.
 
-"identical" means the same fingerprint. The miners' groups average what each member put
-on the wire (`averaging.wire`: fp16, 8-bit or top-k rounding of each part) and send the
-reducers' answer encoded once more, so a checkpoint made from a group's average can
-differ from this recomputation by the wire's rounding: "within the wire's rounding" when
-its update differs from the recomputed update by at most `validation.group_tolerance`
-(relative L2 error), else "differs" with the shards and tensors that do.
+"identical" means the same fingerprint. A contribution is the wire parts its miner sent
+into its group (`averaging.parts`), and `reduce_parts` combines them per part as every
+reducer does, so an honest group's average, and the checkpoint built on it, come out the
+same bit for bit. "within the wire's rounding" is left for a group that dropped a member
+after its parts reached some reducers (the relative error of the update at most
+`validation.group_tolerance`); anything else "differs", with the shards and the problems
+named.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 
 from averaging.group import LedgerWeights
 from averaging.outer import outer_step
+from averaging.parts import reduce_parts
 from chain.ledger import Ledger
 from store.api import Store, open_store
 from store.checkpoint import Provenance
@@ -47,9 +49,7 @@ from train.miner import load_checkpoint_momentum, load_checkpoint_weights
 from train.model import build_model, model_fingerprint
 from train.shards import shard_map
 from train.windows import deadline, start_block
-from validation.admission import Admitted, Refused, Roster, admit
-from validation.next_model import aggregate_rows, unflatten
-from validation.scoring import flatten
+from validation.admission import Admitted, Refused, Roster, admit, run_scheme
 
 logger = logging.getLogger(__name__)
 
@@ -111,11 +111,11 @@ def _contribution(
     ]
     if not refs:
         return Refused(uid, hotkey, shard, "unrevealed", f"nothing revealed at {source}")
+    scheme, wire = run_scheme(cfg)
     return admit(
-        store, refs[0], roster=roster, window=window, shapes=shapes,
-        scheme=cfg.compression.scheme,
+        store, refs[0], roster=roster, window=window, shapes=shapes, scheme=scheme,
         commitment=ledger.contribution_commitment(hotkey, window),
-        deadline_block=deadline(window, cfg.window),
+        deadline_block=deadline(window, cfg.window), wire=wire,
     )  # fmt: skip
 
 
@@ -170,9 +170,11 @@ def verify_window(cfg: RunConfig, window: int, *, workdir: Path | None = None) -
                         f"UID {a.uid}: weight {listed:.6g} in the checkpoint, the ledger's "
                         f"pinned share is {lw / total:.6g}"
                     )
-            stack = torch.stack([flatten(a.delta) for a, _ in members])
-            w64 = torch.tensor(ledger_w, dtype=torch.float64)
-            average = unflatten(shapes[shard], aggregate_rows(stack, w64, cfg.averaging.robust))
+            avg = cfg.averaging
+            average = reduce_parts(
+                [a.delta for a, _ in members], ledger_w, shapes[shard],
+                avg.wire, avg.wire_part_size_bytes, avg.robust,
+            )  # fmt: skip
             names = shards[shard]
             mom = {n: momentum[n] for n in names if n in momentum}
             new, _ = outer_step({n: theta[n] for n in names}, average, mom, cfg.outer)

@@ -7,10 +7,16 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForCausalLM
 
+from averaging.compression import encode
+from store.manifest import Compression
 from tensormine.cli import main as cli_main
 from tests.validation.conftest import Subnet
+from train.adversary import make_adversarial_delta
+from train.cheats import backdate, peek_contributions
+from train.windows import deadline, start_block
 from validation.report import MinerRow
 from validation.scoring import find_copies, flatten
 
@@ -117,3 +123,47 @@ def test_colluders_free_riders_and_heldout_trainers_earn_nothing(
     assert "pulled window 4" in capsys.readouterr().out
     model = AutoModelForCausalLM.from_pretrained(str(target))
     assert model.config.num_hidden_layers == net.cfg.model.num_layers
+
+
+def test_mixers_find_nothing_and_backdaters_are_late(subnet_factory: Factory) -> None:
+    """Commit before reveal: while commitments are open no Δ of the window is readable
+    (a mixer has nothing to mix in), and a copy taken once one is revealed can only be
+    committed late, whatever its files' times say; the miner it copied keeps its score."""
+    net = subnet_factory(["honest", "mixer", "backdater"])
+    validator = net.validator()
+    window = 1
+    net.to_block(start_block(window, net.cfg.window))
+    honest = net.miners["honest"]
+    g = torch.Generator().manual_seed(1)
+    delta = {n: 1e-3 * torch.randn(s, generator=g) for n, s in validator.shapes[0].items()}
+    encoded = encode(delta, net.cfg.compression, None)
+    how = Compression(scheme=net.cfg.compression.scheme, params=encoded.params)
+    prepared = net.store.prepare_contribution(
+        encoded.tensors, keypair=honest, uid=net.uid("honest"), window=window, shard=0,
+        compression=how,
+    )  # fmt: skip
+    net.commit(honest, window, prepared.digest)
+    head = net.ledger.block_number()
+    mixer, backdater = net.miners["mixer"].address, net.miners["backdater"].address
+    assert (
+        peek_contributions(net.store, net.ledger, window, 0, delta, mixer, until=head, poll_s=0.01)
+        == []
+    )
+    assert make_adversarial_delta("mixer", delta, None, g).keys() == delta.keys()
+    net.to_block(deadline(window, net.cfg.window))
+    net.store.reveal_contribution(prepared)
+    found = peek_contributions(
+        net.store, net.ledger, window, 0, delta, backdater, until=head, poll_s=0.01
+    )
+    assert len(found) == 1  # readable only now, after the deadline
+    copy = make_adversarial_delta("backdater", delta, found[0], g)
+    net.publish(net.miners["backdater"], net.uid("backdater"), window, 0, copy)
+    ref = next(r for r in net.store.list_contributions(window) if r.hotkey == backdater)
+    assert backdate(net.store, ref, net.ledger, start_block(window, net.cfg.window))
+    net.to_deadline(window)
+    report = validator.process_window(window)
+    validator.close()
+    rows = {r.uid: r for r in report.miners}
+    assert rows[net.uid("backdater")].reason == "late"
+    assert rows[net.uid("mixer")].reason == "missing"
+    assert rows[net.uid("honest")].status == "scored" and rows[net.uid("honest")].copy_of is None

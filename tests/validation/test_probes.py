@@ -128,7 +128,18 @@ def test_adversarial_deltas() -> None:
         make_adversarial_delta("copier", honest, None, rng)
     with pytest.raises(ValueError, match="unknown behaviour"):
         make_adversarial_delta("lazy", honest, None, rng)
-    assert set(BEHAVIOURS) == {"honest", "free_rider", "noise", "copier", "wrong_data", "heldout"}
+    assert set(BEHAVIOURS) == {
+        "honest", "free_rider", "noise", "copier", "wrong_data", "heldout", "mixer", "backdater",
+        "poisoner",
+    }  # fmt: skip
+    # A mixer adds the others' mean to its own (its own alone when it could read none);
+    # a backdater publishes an exact copy.
+    mixed = make_adversarial_delta("mixer", honest, other, rng)
+    assert all(torch.equal(mixed[n], honest[n] + other[n]) for n in honest)
+    alone = make_adversarial_delta("mixer", honest, None, rng)
+    assert all(torch.equal(alone[n], honest[n]) for n in honest)
+    copied = make_adversarial_delta("backdater", honest, other, rng)
+    assert all(torch.equal(copied[n], other[n]) for n in honest)
     wrong = training_pages("wrong_data", "5Key", 2, 0, 500, 32)
     assert len(wrong) == 32
     assert not set(wrong.tolist()) & set(assigned_pages("5Key", 2, 0, 500, 32).tolist())

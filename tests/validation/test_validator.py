@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM
 from averaging.compression import encode
 from averaging.config import CompressionConfig
 from averaging.group import AverageResult, LedgerWeights
+from averaging.parts import payload_params, payload_tensors, wire_parts
 from chain.errors import AlreadyCommitted
 from store import layout
 from store.api import Store, open_store
@@ -31,6 +32,7 @@ from train.cheats import backdate
 from train.miner import load_checkpoint_weights
 from train.model import model_fingerprint
 from train.windows import deadline, start_block
+from validation.admission import Admitted, Refused, admit
 from validation.report import read_reports, read_skips
 from validation.scoring import flatten
 from validation.validator import GroupRound
@@ -441,3 +443,48 @@ def test_verify_recomputes_the_published_checkpoint(
     assert result.verdict == DIFFERS and result.relative_error > 0.5, result.lines()
     assert cli_main([*args, "--window", "2"]) == 1
     assert "differs" in capsys.readouterr().out
+
+
+def test_wire_part_contributions_are_checked_part_by_part(subnet_factory: Factory) -> None:
+    """With averaging on, a contribution is the parts its miner sent into the group: each
+    must be the part its signed digest names, cut and encoded as the run's wire says."""
+    net = subnet_factory(["good", "forged", "codec"])
+    validator = net.validator()
+    window = 1
+    net.to_block(start_block(window, net.cfg.window))
+    shapes = validator.shapes[0]
+    g = torch.Generator().manual_seed(3)
+    delta = {n: 1e-3 * torch.randn(s, generator=g) for n, s in shapes.items()}
+    wire, size = "int8", 1 << 16
+    blobs, decoded = wire_parts(delta, wire, size)
+    params = payload_params(blobs, list(shapes), wire, size)
+    forged = dict(params, parts=[params["parts"][1], *params["parts"][1:]])
+    fp16_blobs, _ = wire_parts(delta, "fp16", size)
+    for name, b, p in (
+        ("good", blobs, params),
+        ("forged", blobs, forged),
+        ("codec", fp16_blobs, payload_params(fp16_blobs, list(shapes), "fp16", size)),
+    ):
+        how = Compression(scheme="wire", params=p)
+        net.publish_to(
+            net.store, net.miners[name], net.uid(name), window, 0, payload_tensors(b), how
+        )
+    net.to_deadline(window)
+    roster = validator.roster(window)
+    commitments = net.ledger.contribution_commitments(window)
+    outcomes = {}
+    for ref in validator.list_contributions(window, roster):
+        outcomes[ref.hotkey] = admit(
+            net.store, ref, roster=roster, window=window, shapes=validator.shapes,
+            scheme="wire", commitment=commitments.get(ref.hotkey),
+            deadline_block=deadline(window, net.cfg.window), wire=(wire, size),
+        )  # fmt: skip
+    validator.close()
+    good = outcomes[net.miners["good"].address]
+    assert isinstance(good, Admitted)
+    assert all(torch.equal(good.delta[n], decoded[n]) for n in shapes)
+    forged_out = outcomes[net.miners["forged"].address]
+    assert isinstance(forged_out, Refused) and forged_out.reason == "bad_compression"
+    assert "is not the part its digest names" in forged_out.detail
+    codec_out = outcomes[net.miners["codec"].address]
+    assert isinstance(codec_out, Refused) and "the run uses 'int8'" in codec_out.detail
