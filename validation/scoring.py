@@ -81,6 +81,27 @@ def probe_step(outer_lr: float, contributions: int, override: float | None = Non
     return float(outer_lr) / contributions
 
 
+def reference_norm(norms: Sequence[float], weights: Sequence[float]) -> float:
+    """The clip's reference for a shard: the median of its Δ norms weighted by each miner's
+    ledger weight (the pinned `averaging.weights` the groups use: trust, at least the
+    floor). Fresh or zero-trust hotkeys carry only the floor, so a crowd of sybils
+    publishing huge Δ cannot lift it once honest miners have trust (before the first epoch
+    everyone weighs the same and it is the plain median). The lower weighted median: the
+    smallest norm at which the cumulative weight reaches half."""
+    if len(norms) != len(weights) or not norms:
+        raise ValueError("need one weight per norm, and at least one norm")
+    pairs = sorted(zip(norms, weights, strict=True))
+    total = sum(w for _, w in pairs)
+    if not total > 0:
+        raise ValueError("weights must sum to a positive number")
+    running = 0.0
+    for norm, weight in pairs:
+        running += weight
+        if running >= total / 2:
+            return float(norm)
+    return float(pairs[-1][0])
+
+
 def clip_factor(norm: float, median_norm: float, clip: float) -> float:
     """The factor (≤ 1) that brings a Δ of `norm` down to `clip` × the shard's median norm;
     1 when `clip` is 0 (off), the norm is within bounds, or there is nothing to compare."""

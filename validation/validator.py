@@ -138,6 +138,7 @@ from validation.scoring import (
     own_data_outcome,
     own_data_verdict,
     probe_step,
+    reference_norm,
     update_ema,
     window_score,
 )
@@ -497,7 +498,7 @@ class Validator:
         rival_rows: list[MinerRow] = []
         head_gains: list[torch.Tensor] = []  # per page of E and the generic pages
         own_gains: list[torch.Tensor] = []  # per sampled assigned page
-        steps = self._probe_steps(admitted)
+        steps = self._probe_steps(window, admitted)
         checks = vcfg.own_data_pairs > 0
         for i, a in enumerate(admitted):
             names = self.shards[a.shard]
@@ -556,16 +557,22 @@ class Validator:
             logger.debug("window %d uid %d: %s", window, a.uid, row)
         return base_e, rows
 
-    def _probe_steps(self, admitted: list[Admitted]) -> list[float]:
+    def _probe_steps(self, window: int, admitted: list[Admitted]) -> list[float]:
         """The step along each admitted Δ at which it is measured: its share of its shard's
-        aggregate step, shortened for a Δ longer than `norm_clip` × its shard's median."""
+        aggregate step, shortened for a Δ longer than `norm_clip` × its shard's reference
+        norm (`scoring.reference_norm`: the median weighted by the ledger weights pinned to
+        the window's start, which sybils with no trust cannot move)."""
+        pinned = self.group_weights.table(start_block(window, self.cfg.window))
+        floor = self.cfg.averaging.weight_floor
         norms = [delta_norm(a.delta) for a in admitted]
         steps = []
         for a, norm in zip(admitted, norms, strict=True):
-            peers = [n for b, n in zip(admitted, norms, strict=True) if b.shard == a.shard]
-            median = float(np.median(peers))
+            peers = [(b, n) for b, n in zip(admitted, norms, strict=True) if b.shard == a.shard]
+            reference = reference_norm(
+                [n for _, n in peers], [pinned.get(b.hotkey, floor) for b, _ in peers]
+            )
             step = probe_step(self.cfg.outer.lr, len(peers), self.vcfg.probe_lr)
-            steps.append(step * clip_factor(norm, median, self.vcfg.norm_clip))
+            steps.append(step * clip_factor(norm, reference, self.vcfg.norm_clip))
         return steps
 
     def _heldout_check(

@@ -23,6 +23,7 @@ from validation.scoring import (
     own_data_outcome,
     own_data_verdict,
     probe_step,
+    reference_norm,
     residual_cosines,
     update_ema,
     window_score,
@@ -35,6 +36,26 @@ def test_probe_step_is_the_share_of_the_aggregate_step() -> None:
     assert probe_step(1.0, 4, override=0.5) == 0.5  # a fixed step when configured
     with pytest.raises(ValueError, match="nothing to measure"):
         probe_step(1.0, 0)
+
+
+def test_reference_norm_is_a_median_sybils_cannot_move() -> None:
+    honest = [1.0, 1.2, 0.9]
+    sybils = [100.0] * 4
+    # Before any trust: every hotkey has the floor, and it is the plain (lower) median.
+    assert reference_norm(honest + sybils, [1e-3] * 7) == 100.0
+    # Once honest miners hold trust, four (or forty) fresh hotkeys do not lift it.
+    trusted = [0.3, 0.3, 0.3]
+    assert reference_norm(honest + sybils, trusted + [1e-3] * 4) == 1.0
+    assert reference_norm(honest + [100.0] * 40, trusted + [1e-3] * 40) == 1.0
+    # An honest Δ × 3 is then measured at the honest scale.
+    assert clip_factor(3.0, reference_norm(honest + sybils, trusted + [1e-3] * 4), 1.0) == (
+        pytest.approx(1 / 3)
+    )
+    assert reference_norm([2.0, 1.0], [1.0, 1.0]) == 1.0  # lower median of two
+    with pytest.raises(ValueError):
+        reference_norm([1.0], [0.0])
+    with pytest.raises(ValueError):
+        reference_norm([], [])
 
 
 def test_clip_factor_brings_long_deltas_to_the_median() -> None:
