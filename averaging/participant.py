@@ -35,18 +35,18 @@ import torch
 from hivemind import DHT
 
 from averaging.dht import PeerDirectory, commitment_for, join_ledger_peers, start_dht
-from averaging.group import (
+from averaging.group import ShardAverager
+from averaging.round import (
     AverageResult,
     AveragingFailed,
     Binding,
-    LedgerWeights,
     PeerState,
     PreparedParts,
     Role,
-    ShardAverager,
     StateProvider,
 )
 from averaging.settings import AveragingConfig
+from averaging.weights import LedgerWeights
 from chain.keys import Keypair
 from chain.ledger import Ledger
 

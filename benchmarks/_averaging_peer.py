@@ -29,8 +29,9 @@ import torch
 from safetensors.torch import load_file
 
 from averaging.dht import StaticDirectory, start_dht, visible_maddrs
-from averaging.group import AveragingFailed, ShardAverager
+from averaging.group import ShardAverager
 from averaging.outer import mean_delta
+from averaging.round import AveragingFailed
 from averaging.settings import AveragingConfig, DHTConfig
 
 

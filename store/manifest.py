@@ -117,7 +117,7 @@ def commitment_body(manifest: ContributionManifest) -> dict[str, Any]:
     `created_at` (the miner's clock, informational): the hotkey, UID, window, shard,
     compression (with the digest of every wire part), tensor list and the payload's
     sha256. It travels in the averaging groups' matchmaking, where reducers check it
-    against the ledger (`averaging.group`)."""
+    against the ledger (`averaging.gather`)."""
     body = manifest.unsigned_body()
     body.pop("created_at")
     return body

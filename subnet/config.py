@@ -16,7 +16,7 @@ runs before anything starts, so a bad mix fails in a second instead of after min
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator, model_validator
 
@@ -28,8 +28,8 @@ from train.behaviours import flag_spelling
 if TYPE_CHECKING:
     from tensormine.config import RunConfig
 
-# The miner behaviours the validator tests use; "honest" is every miner not listed.
-Behaviour = Literal["honest", "free-rider", "noise", "copier", "wrong-data"]
+# The miner behaviours of `train.behaviours`, spelled as flags; "honest" is every miner
+# not listed.
 BEHAVIOURS: tuple[str, ...] = tuple(flag_spelling(b) for b in behaviours.BEHAVIOURS)
 
 
@@ -46,7 +46,7 @@ class SubnetConfig(StrictModel):
     processes_per_miner: int = Field(
         default=1, ge=1, le=16, description="accelerate processes (DDP) per miner"
     )
-    adversaries: list[Behaviour] = Field(
+    adversaries: list[str] = Field(
         default_factory=list,
         description="behaviours of the last len(adversaries) miners; the others are honest",
     )
@@ -81,7 +81,11 @@ class SubnetConfig(StrictModel):
     def _spelling(cls, value: object) -> object:
         # train.adversary spells them free_rider / wrong_data; accept both.
         if isinstance(value, list):
-            return [flag_spelling(v) if isinstance(v, str) else v for v in value]
+            spelled = [flag_spelling(v) if isinstance(v, str) else v for v in value]
+            unknown = [v for v in spelled if v not in BEHAVIOURS]
+            if unknown:
+                raise ValueError(f"unknown behaviours {unknown}; one of {', '.join(BEHAVIOURS)}")
+            return spelled
         return value
 
     @model_validator(mode="after")

@@ -5,28 +5,28 @@
     tensormine miner --config configs/tiny.yaml --hotkey alice        # one process
 
 Every window w (ledger blocks [w·B, (w+1)·B)) the miner
-1. enters with θ_w. With hivemind averaging (`averaging.enabled`, the default) a miner
-   whose last round succeeded keeps its own θ_w, which every miner in step shares; one
-   that joins late or missed a round downloads θ_w and the outer momentum from a
-   registered peer in step, else falls back to the store. The store's θ_w is the
-   canonical checkpoint of window w (the validators publish it), else the latest one
+1. enters with θ_w (`train.window_start`): its own when its last round left it in step
+   with its groups, else a registered peer's in step (θ_w and the outer momentum), else
+   the store's canonical checkpoint of w (waiting for it a while), else the latest one
    before it, else the run's deterministic window-0 checkpoint (which the first miner to
-   start writes). Without averaging the canonical checkpoint always wins when present;
+   start writes: `train.startup`). Without averaging the canonical checkpoint always wins
+   when present;
 2. trains its shard (a deterministic, balanced function of the miner UIDs and w) for H
    AdamW steps on its assigned pages (a function of its hotkey, w and the run seed);
-3. forms Δ = θ_w − θ on the shard, compresses it, and publishes it with a manifest signed
-   by its hotkey before the window's deadline block (a late Δ is not published);
+3. forms Δ = θ_w − θ on the shard, encodes it (the wire's parts with averaging on),
+   commits to it on the ledger before the window's deadline block and reveals it in its
+   store, with a manifest signed by its hotkey, once the deadline block exists
+   (`train.contribution`; a late Δ is not revealed);
 4. at the deadline, all-reduces that Δ with the other miners of its shard over hivemind
    (a member of its shard's group, an auxiliary peer of the other shards' groups, all at
    once) and applies the outer step (Nesterov SGD, DiLoCo) to every shard's average,
-   giving θ_{w+1}, identical on every miner in step. A group that fails leaves the
-   miner with its own Δ on its shard (and θ_w on the shards it missed), out of step until
-   it loads a peer's state or the store's checkpoint at the next window;
-5. saves its state atomically (weights, outer momentum, the publication's and the wire's
-   top-k residuals; a killed miner restarts into the current window), appends
-   a line to ``<run dir>/miners/<name>/windows.jsonl``, and logs loss, learning rate, grad
-   norm, tokens/s, step time, bytes published, window, shard and held-out loss to W&B
-   (offline unless an API key is set).
+   giving θ_{w+1}, identical on every miner in step (`train.group_round`);
+5. saves its state atomically (`train.miner_state`: a killed miner restarts into the
+   current window), appends a line to ``<run dir>/miners/<name>/windows.jsonl``, and logs
+   loss, learning rate, grad norm, tokens/s, step time, bytes published, window, shard
+   and held-out loss to W&B (offline unless an API key is set).
+
+`--behaviour` makes an adversarial miner for demos and tests (`train.misbehaviour`).
 
 Several accelerate processes form one miner (DDP inside the inner loop); the main
 process alone talks to the ledger, the store and the DHT, and hands decisions to the
@@ -40,60 +40,60 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
-import shutil
 import sys
-import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from averaging.compression import decode, encode
-from averaging.group import AverageResult, AveragingFailed, PreparedParts
-from averaging.outer import OuterStateError, load_outer_state, outer_step, save_outer_state
+from averaging.outer import load_outer_state
 from averaging.participant import Participant
-from averaging.parts import payload_params, payload_tensors
+from averaging.round import AverageResult, AveragingFailed
 from chain.errors import ChainError
 from chain.keys import KeyFileError, Keypair, default_keys_dir, load_key
-from chain.ledger import Ledger
 from store.api import Store, open_store
-from store.checkpoint import OUTER_STATE_FILE, Provenance
-from store.errors import NotFound, StoreConflict, StoreError
+from store.errors import StoreError
 from store.manifest import Compression, commitment_body
-from store.sources import contributions_entry
 from tensormine.config import ConfigError, RunConfig, load_config
 from tensormine.tracking import Tracker
-from train.adversary import make_adversarial_delta, mean_of, training_rows
+from train.adversary import training_rows
 from train.behaviours import BEHAVIOURS, code_spelling
-from train.cheats import backdate, peek_contributions
+from train.cheats import backdate
 from train.contribution import commit_contribution, committed_digests
 from train.data import Pages, load_pages
+from train.group_round import Outcomes, contribution_payload, in_step, outer_steps, start_round
 from train.inner import StepStats, inner_loop, mean_loss
+from train.miner_state import StateMismatch, load_state, save_state
+from train.misbehaviour import misbehave, poisoned
 from train.model import build_model, model_fingerprint
 from train.pages import heldout_sample
-from train.peer_state import PeerStateError, pack_state, unpack_state
-from train.shards import apply_to_shard, make_trainable, shard_for_miner, shard_map, shard_state
-from train.tokenizer import load_tokenizer
-from train.windows import (
-    block_time,
-    deadline,
-    meeting_block,
-    reveal_deadline,
-    start_block,
-    wait_for_block,
-    window_of,
+from train.shards import make_trainable, shard_for_miner, shard_map, shard_state
+from train.startup import (
+    StartupError,
+    adopt_checkpoint,
+    align_special_tokens,
+    commit_contributions_location,
+    data_cache,
+    ensure_window_zero,
+    join_averaging,
+    load_tokenizer_from,
+    open_ledger,
+    resolve_mixed_precision,
 )
+from train.window_start import (
+    StateOffer,
+    check_canonical,
+    fetch_canonical,
+    load_from_peers,
+    pull,
+)
+from train.windows import deadline, start_block, wait_for_block, window_of
 
 logger = logging.getLogger("train.miner")
 
-STATE_POINTER = "CURRENT"
-WIRE_RESIDUAL = "wire_residual.safetensors"  # top-k error feedback owed to the groups
 EVAL_SAMPLE_KEY = b"tensormine/miner-eval"
 
 
@@ -123,31 +123,6 @@ class WindowReport:
     averaging_seconds: float = 0.0
     averaging_attempts: int = 0  # groups the rounds went through (> 1 after a retry)
     averaging_delivered: float = 0.0  # of a failed round: share of our Δ in some average
-
-
-def resolve_mixed_precision(setting: str) -> str:
-    """`auto`: bf16 on a GPU that has it, else full precision (CPU bf16 is slower)."""
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
-
-
-def open_ledger(cfg: RunConfig, attempts: int = 3) -> Ledger:
-    """The run's ledger, with a few retries (1.5 s in all) while another process is
-    creating it; a missing ledger is otherwise reported at once, not after a long wait."""
-    for attempt in range(attempts):
-        try:
-            return Ledger(cfg.chain.db)
-        except FileNotFoundError:
-            if attempt == attempts - 1:
-                raise MinerError(
-                    f"no ledger at {cfg.chain.db}; start one with `tensormine chain init` "
-                    "and `tensormine chain run` (or point chain.db at it)"
-                ) from None
-            time.sleep(0.5 * 2.0**attempt)
-    raise AssertionError("unreachable")
 
 
 class Miner:
@@ -203,20 +178,20 @@ class Miner:
         self.seat: Participant | None = None
         self.synced = False
         self._start_fingerprint = ""  # of θ_w, the model the current window started from
-        self._shared: tuple[dict[str, Any], list[torch.Tensor]] | None = None
-        self._shared_lock = threading.Lock()
+        self.offer: StateOffer | None = None  # our θ for late joiners, while in step
         if self.main and cfg.averaging.enabled:
             self.seat = join_averaging(cfg, self.ledger, keypair, self.dir, self.model, self.shards)
+            self.offer = StateOffer(self.seat)
         if self.main:
             commit_contributions_location(self.ledger, keypair, self.store.contributions_location)
 
     # ---- start-up ------------------------------------------------------------------------
     def _prepare_genesis_and_data(self) -> None:
         """Window 0 in the store (deterministic, first miner writes it), tokenizer, pages."""
-        genesis = self.dir / "checkpoints" / "window-0"
+        genesis = self.pulls / "window-0"
         if self.main:
-            self._ensure_window_zero()
-            self._pull(0)
+            ensure_window_zero(self.store, self.ledger, self.cfg, self.model)
+            pull(self.store, self.pulls, 0)
         self.acc.wait_for_everyone()
         self.tokenizer = load_tokenizer_from(genesis)
         align_special_tokens(self.model, self.tokenizer)
@@ -224,7 +199,7 @@ class Miner:
             self.pages: Pages = load_pages(
                 self.cfg.data,
                 self.tokenizer,
-                self.data_cache,
+                data_cache(self.cfg),
                 min_train_pages=self.cfg.train.batch_size,
             )
         needed = self.cfg.train.pages_per_window
@@ -240,30 +215,10 @@ class Miner:
         )
         self.eval_pages = torch.from_numpy(self.pages.heldout[spread])
 
-    def _ensure_window_zero(self) -> None:
-        try:
-            self.store.resolve(window=0)
-            return
-        except NotFound:
-            pass
-        tokenizer = load_tokenizer(self.cfg.data, self.cfg.model.vocab_size, self.data_cache)
-        align_special_tokens(self.model, tokenizer)
-        prov = Provenance(
-            run_id=self.cfg.run.name,
-            window=0,
-            ledger_block=self.ledger.block_number(),
-            run_config=self.cfg.to_json_dict(),
-            metrics={},
-        )
-        try:
-            self.store.publish_checkpoint(self.model, tokenizer, prov)
-            logger.info("wrote the run's window-0 checkpoint to %s", self.store.location)
-        except StoreConflict:
-            logger.info("another miner wrote window 0 first")
-
     @property
-    def data_cache(self) -> Path:
-        return self.cfg.data.cache_dir or self.cfg.run.dir / "data"
+    def pulls(self) -> Path:
+        """Where pulled checkpoints are kept."""
+        return self.dir / "checkpoints"
 
     # ---- state ---------------------------------------------------------------------------
     @property
@@ -271,57 +226,35 @@ class Miner:
         return self.dir / "state"
 
     def save_state(self) -> None:
-        """Weights, outer momentum, residuals and window, atomically (main process)."""
-        from safetensors.torch import save_file
-
+        """Weights, outer momentum, residuals and window, atomically (main process;
+        `train.miner_state`)."""
         if not self.main:
             return
-        root = self.state_dir
-        folder = root / f"window-{self.window}"
-        tmp = root / f".window-{self.window}.partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"))
-        save_outer_state(tmp / "outer.safetensors", self.momentum)
-        save_outer_state(tmp / "residual.safetensors", self.residual)
-        if self.seat is not None:
-            save_outer_state(tmp / WIRE_RESIDUAL, self.seat.wire_residuals())
-        meta = {"window": self.window, "fingerprint": model_fingerprint(state), "uid": self.uid}
-        (tmp / "state.json").write_text(json.dumps(meta))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
-        pointer = root / f".{STATE_POINTER}.tmp"
-        pointer.write_text(folder.name)
-        pointer.replace(root / STATE_POINTER)  # the switch to the new state is one rename
-        for old in root.glob("window-*"):
-            if old != folder:
-                shutil.rmtree(old, ignore_errors=True)
+        save_state(
+            self.state_dir, window=self.window, uid=self.uid, weights=self.model.state_dict(),
+            momentum=self.momentum, residual=self.residual,
+            wire_residual=self.seat.wire_residuals() if self.seat is not None else None,
+        )  # fmt: skip
 
     def load_state(self) -> bool:
         """Resume from the saved state, if any; returns whether there was one."""
-        from safetensors.torch import load_file
-
-        pointer = self.state_dir / STATE_POINTER
-        if not pointer.is_file():
-            return False
-        folder = self.state_dir / pointer.read_text().strip()
-        meta = json.loads((folder / "state.json").read_text())
         shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
-        weights = load_file(str(folder / "model.safetensors"))
-        if {k: tuple(v.shape) for k, v in weights.items()} != shapes:
-            raise MinerError(f"{folder}: saved weights do not fit model {self.cfg.model}")
-        self.model.load_state_dict(weights)
+        try:
+            saved = load_state(self.state_dir, shapes)
+        except StateMismatch as exc:
+            raise MinerError(f"{exc} {self.cfg.model}") from None
+        if saved is None:
+            return False
+        self.model.load_state_dict(saved.weights)
         self._heldout = None
-        self.momentum = load_outer_state(folder / "outer.safetensors", shapes)
-        self.residual = load_outer_state(folder / "residual.safetensors", shapes)
-        if self.seat is not None and (folder / WIRE_RESIDUAL).is_file():
+        self.momentum, self.residual = saved.momentum, saved.residual
+        if self.seat is not None and saved.wire_residual is not None:
             try:
-                self.seat.restore_wire_residuals(load_outer_state(folder / WIRE_RESIDUAL, shapes))
+                self.seat.restore_wire_residuals(load_outer_state(saved.wire_residual, shapes))
             except ValueError as exc:  # OuterStateError is one too
-                raise MinerError(f"{folder / WIRE_RESIDUAL}: {exc}") from None
-        self.window = int(meta["window"])
-        logger.info("resumed %s at window %d from %s", self.name, self.window, folder)
+                raise MinerError(f"{saved.wire_residual}: {exc}") from None
+        self.window = saved.window
+        logger.info("resumed %s at window %d from %s", self.name, self.window, saved.folder)
         return True
 
     # ---- one window ----------------------------------------------------------------------
@@ -337,27 +270,31 @@ class Miner:
         self.window = window
 
     def _choose_start(self, window: int) -> bool:
-        """Main process: load θ_window into the model; returns whether the weights changed."""
+        """Main process: load θ_window into the model (`train.window_start`); returns
+        whether the weights changed."""
         if self.seat is not None:
             if self.synced and self.window == window:
                 return False  # the groups' θ_window, which every miner in step has
-            if self._load_from_peers(window):
+            timeout = self.cfg.averaging.state_timeout_s
+            momentum = load_from_peers(self.seat, self.model, window, timeout=timeout)
+            if momentum is not None:
+                self.momentum, self.synced = momentum, True
                 return True
             self.synced = False
         # Out of step with no peer to copy (say, a group that could not form): the
         # validators' canonical θ_window puts every such miner back on one model, so wait
         # for it as long as there is still time to train before the deadline.
-        source = self._fetch_canonical(window, wait=self.seat is not None)
+        source = fetch_canonical(
+            self.store, self.ledger, self.cfg, self.pulls, window,
+            have_own=self.window >= 0, wait=self.seat is not None,
+        )  # fmt: skip
         if source >= 0:
-            folder = self.dir / "checkpoints" / f"window-{source}"
-            weights = load_checkpoint_weights(folder)
-            if model_fingerprint(weights) != model_fingerprint(self.model.state_dict()):
+            momentum = adopt_checkpoint(self.model, self.pulls / f"window-{source}")
+            if momentum is not None:
                 logger.info(
-                    "window %d: adopting the canonical checkpoint of window %d", window, source
+                    "window %d: adopted the canonical checkpoint of window %d", window, source
                 )
-                self.model.load_state_dict(weights)
-                # θ_{w+1} depends on the momentum too: one model means both.
-                self.momentum = load_checkpoint_momentum(folder, self.model)
+                self.momentum = momentum
                 return True
         elif self.window != window:
             # No canonical θ_window yet: our own θ from the last outer step stands in.
@@ -368,76 +305,11 @@ class Miner:
             )
         return False
 
-    def _load_from_peers(self, window: int) -> bool:
-        """Main process: take θ_window and the outer momentum from a registered peer in step."""
-        assert self.seat is not None
-        own = self.model.state_dict()
-        budget = 3 * sum(t.numel() * 4 for t in own.values()) + (1 << 20)  # θ + b + framing
-        try:
-            got = self.seat.load_state(timeout=self.cfg.averaging.state_timeout_s, max_bytes=budget)
-        except AveragingFailed as exc:
-            logger.warning("window %d: cannot ask peers for their state: %s", window, exc)
-            return False
-        if got is None:
-            logger.info("window %d: no peer shares its state", window)
-            return False
-        try:
-            weights, momentum = unpack_state(got.metadata, got.tensors, expected=own, window=window)
-        except PeerStateError as exc:
-            logger.warning("window %d: refused the state of %s: %s", window, got.hotkey, exc)
-            return False
-        self.model.load_state_dict(weights)
-        self.momentum = momentum
-        self.synced = True
-        logger.info(
-            "window %d: loaded θ and outer momentum from %s (%d bytes)",
-            window, got.hotkey, got.nbytes,
-        )  # fmt: skip
-        return True
-
     def _sync_ranks(self) -> None:
         """Copy the main process's weights to the other processes of this miner."""
         if self.acc.num_processes > 1:
             for tensor in self.model.state_dict().values():
                 torch.distributed.broadcast(tensor, src=0)
-
-    def _fetch_canonical(self, window: int, *, wait: bool = False) -> int:
-        """Pull the checkpoint to start `window` from and return its window, or -1 to keep
-        our own θ: the canonical θ_window if published (with `wait`, polled for until
-        `window.canonical_wait` of the window has passed); a miner without state of its
-        own takes the latest published one before it instead (window 0 at worst)."""
-        until = start_block(window, self.cfg.window) + int(
-            self.cfg.window.canonical_wait * self.cfg.window.blocks
-        )
-        waited = False
-        while True:
-            try:
-                self._pull(window)
-                if waited:
-                    logger.info("window %d: the canonical checkpoint appeared", window)
-                return window
-            except NotFound:
-                pass
-            if not wait or self.ledger.block_number() >= until:
-                break
-            if not waited:
-                logger.info(
-                    "window %d: waiting for the canonical checkpoint until block %d", window, until
-                )
-                waited = True
-            time.sleep(self.cfg.chain.block_time_s)
-        if self.window >= 0:
-            return -1
-        earlier = [ref.window for ref in self.store.list_checkpoints() if ref.window < window]
-        if not earlier:
-            return -1
-        self._pull(max(earlier))
-        return max(earlier)
-
-    def _pull(self, window: int) -> None:
-        target = self.dir / "checkpoints" / f"window-{window}"
-        if not target.exists():
-            self.store.pull_checkpoint(target, window=window)
 
     def _decide(self, window: int) -> tuple[int, list[int]]:
         """(our shard, the shards some miner trains) for `window`, decided by the main
@@ -553,70 +425,38 @@ class Miner:
         report: WindowReport,
         base: str,
     ) -> None:
-        """Main process: Δ → store, Δ → the groups, outer step on every averaged shard."""
+        """Main process: Δ → store, Δ → the groups, outer step on every averaged shard
+        (`train.group_round`)."""
         cfg = self.cfg
         names = self.shards[shard]
         trained = shard_state(self.model, names)
         delta = {n: start[n] - trained[n] for n in names}  # pseudo-gradient Δ = θ_w − θ
         if self.behaviour != "honest":
-            delta = self._misbehave(window, shard, delta)
-        parts = None
-        if self.seat is not None:
-            # With averaging, the contribution *is* the wire's parts: what we send into the
-            # group's average is what we commit to, publish and are paid for.
-            parts = self.seat.prepare(shard, delta)
-            sent = parts.values
-            payload = payload_tensors(parts.blobs)
-            params = payload_params(
-                parts.blobs, names, cfg.averaging.wire, cfg.averaging.wire_part_size_bytes
-            )
-            nbytes = sum(len(b) for b in parts.blobs)
-        else:
-            residual = {n: self.residual[n] for n in names if n in self.residual} or None
-            encoded = encode(delta, cfg.compression, residual)
-            shapes = {n: tuple(delta[n].shape) for n in names}
-            sent = decode(encoded.tensors, encoded.params, shapes)  # what validators will see
-            if encoded.residual is not None:
-                self.residual.update(encoded.residual)
-            payload, params, nbytes = dict(encoded.tensors), dict(encoded.params), encoded.nbytes
+            delta = misbehave(
+                self.behaviour, delta, store=self.store, ledger=self.ledger, cfg=cfg,
+                uid=self.uid, hotkey=self.keypair.address, window=window, shard=shard,
+            )  # fmt: skip
+        residual = {n: self.residual[n] for n in names if n in self.residual} or None
+        payload = contribution_payload(self.seat, shard, names, delta, cfg, residual)
+        if payload.residual is not None:
+            self.residual.update(payload.residual)
         prepared = self.store.prepare_contribution(
-            payload, keypair=self.keypair, uid=self.uid, window=window, shard=shard,
-            compression=Compression(scheme=str(params["scheme"]), params=params),
+            payload.tensors, keypair=self.keypair, uid=self.uid, window=window, shard=shard,
+            compression=Compression(scheme=str(payload.params["scheme"]), params=payload.params),
         )  # fmt: skip
         due = deadline(window, cfg.window)
         self._commit(window, prepared.digest, report)
-        # The groups meet at the deadline, when commitments have closed: every miner
-        # computes the same time from the ledger, so all declare the same expiry and agree
-        # on a leader. Matchmaking runs (in the background) while we reveal. A late Δ is
-        # kept out of the groups as it is out of the store.
-        round_: concurrent.futures.Future[dict[int, AverageResult | AveragingFailed]] | None = None
-        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="averaging")
+        # A late Δ is kept out of the groups as it is out of the store.
+        round_: concurrent.futures.Future[Outcomes] | None = None
         if self.seat is not None and not report.late:
-            meet = meeting_block(window, cfg.window)
-            start_at = block_time(self.ledger, meet, anchor=start_block(window, cfg.window))
-            # A group that has not formed by the window's end will not: give up then, so
-            # that a failed round never makes the miner late for the next window.
-            tail = cfg.window.publish_margin * cfg.chain.block_time_s
-            timeout = max(start_at - time.time() + tail, cfg.averaging.min_matchmaking_time_s + 0.5)
-            assert parts is not None
-            if self.behaviour == "poisoner":  # its commitment stands; what it sends does not
-                poison = {n: -10 * t for n, t in parts.raw.items()}
-                parts = PreparedParts(parts.blobs, parts.values, poison)
-            round_ = pool.submit(
-                self.seat.average_window,
-                window,
-                {},
-                prepared={shard: (parts, commitment_body(prepared.manifest))},
+            assert payload.parts is not None
+            parts = poisoned(payload.parts) if self.behaviour == "poisoner" else payload.parts
+            round_ = start_round(
+                self.seat, self.ledger, cfg, window, shard, parts,
+                commitment_body(prepared.manifest),
                 commitments=committed_digests(self.ledger.path, window, due),
-                start_at=start_at,
-                timeout=timeout,
-                receive=active,
-                base=base,
-                # Every peer weighs the members as the last epoch before the window began
-                # left them, however the reads fall around an epoch near the deadline.
-                weights_block=start_block(window, cfg.window),
-            )
-        pool.shutdown(wait=False)
+                receive=active, base=base,
+            )  # fmt: skip
         if report.late and self.behaviour != "backdater":
             logger.warning(
                 "window %d: not committed before the deadline block %d; not revealing", window, due
@@ -625,36 +465,21 @@ class Miner:
             # Reveal only once the deadline block exists: until then nobody may read it.
             wait_for_block(self.ledger, due)
             ref = self.store.reveal_contribution(prepared)
-            report.published_bytes = nbytes
+            report.published_bytes = payload.nbytes
             if self.behaviour == "backdater":
                 backdate(self.store, ref, self.ledger, start_block(window, cfg.window))
-        outcomes: dict[int, AverageResult | AveragingFailed] = {}
-        if round_ is not None:
-            outcomes = round_.result()
-        synced = (
-            self.seat is not None
-            and all(isinstance(outcomes.get(s), AverageResult) for s in {shard, *active})
-            and Participant.in_step(outcomes, self.keypair.address)
-        )
+        outcomes: Outcomes = round_.result() if round_ is not None else {}
+        synced = self.seat is not None and in_step(outcomes, {shard, *active}, self.keypair.address)
         if outcomes and not synced:
             logger.warning(
                 "window %d: out of step with the groups (a group failed, or our θ_w differs "
                 "from most peers'); loading a peer's state next window",
                 window,
             )
-        for s, shard_names in enumerate(self.shards):
-            outcome = outcomes.get(s)
-            if isinstance(outcome, AverageResult):
-                average = outcome.tensors
-            elif s == shard:
-                average = sent  # on our own: our Δ alone
-            else:
-                continue  # this shard stays θ_w here
-            theta = start if s == shard else shard_state(self.model, shard_names)
-            momentum = {n: self.momentum[n] for n in shard_names if n in self.momentum}
-            new_params, new_momentum = outer_step(theta, average, momentum, cfg.outer)
-            self.momentum.update(new_momentum)
-            apply_to_shard(self.model, shard_names, new_params)
+        outer_steps(
+            self.model, self.shards, self.momentum, outcomes,
+            shard=shard, sent=payload.sent, start=start, outer=cfg.outer,
+        )  # fmt: skip
         report.canonical = self._check_canonical(window)
         own = outcomes.get(shard)
         if isinstance(own, AverageResult):
@@ -668,30 +493,13 @@ class Miner:
             report.averaging_delivered = own.delivered
         report.synced = self.synced = synced
         report.fingerprint = model_fingerprint(self.model.state_dict())
-        self._share(window + 1)
+        if self.offer is not None:
+            self.offer.update(self.model, self.momentum, window=window + 1, synced=synced)
 
     def _check_canonical(self, window: int) -> str:
-        """Whether the published checkpoint of `window` is the θ_window our last round
-        produced: "match", "differs" (we keep ours and say so: a miner never adopts a
-        checkpoint that disagrees with its own successful round), "out-of-step" (we did
-        not end the last round in step, so we had adopted it or a peer's) or "absent"."""
-        if not self.synced:
-            return "out-of-step"
-        try:
-            theirs = self.store.read_provenance(self.store.resolve(window=window)).fingerprint
-        except StoreError:
-            return "absent"
-        ours = self._start_fingerprint
-        if theirs is None:
-            return "absent"
-        if theirs != ours:
-            logger.warning(
-                "window %d: the published checkpoint (fingerprint %s…) is not the θ our round "
-                "produced (%s…); keeping ours. `tensormine verify --window %d` checks it",
-                window, theirs[:16], ours[:16], window - 1,
-            )  # fmt: skip
-            return "differs"
-        return "match"
+        """The published θ_window against the one our last round produced
+        (`train.window_start.check_canonical`): we never adopt one that disagrees."""
+        return check_canonical(self.store, window, ours=self._start_fingerprint, synced=self.synced)
 
     def _commit(self, window: int, digest: str, report: WindowReport) -> None:
         """Commit `digest` for `window` on the ledger; `report.late` when no block before
@@ -714,52 +522,6 @@ class Miner:
             report.late = True
             return
         report.late = report.committed_block >= due
-
-    def _misbehave(
-        self, window: int, shard: int, delta: dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
-        """The Δ an adversarial miner publishes instead of its own (demos and tests: the
-        validators must give it nothing; see `train.adversary`)."""
-        rng = torch.Generator().manual_seed(self.uid * 1_000_003 + window)
-        other = None
-        if self.behaviour in ("copier", "mixer", "backdater"):
-            # A copier or mixer must commit before the deadline, when nothing of this
-            # window is revealed; a backdater reads after it and commits late.
-            due = deadline(window, self.cfg.window)
-            until = reveal_deadline(window, self.cfg.window) if self.behaviour == "backdater" else (
-                due - max(2, self.cfg.window.publish_margin)
-            )  # fmt: skip
-            others = peek_contributions(
-                self.store, self.ledger, window, shard, delta, self.keypair.address,
-                until=until, poll_s=self.cfg.chain.block_time_s,
-            )  # fmt: skip
-            if others:
-                other = mean_of(others) if self.behaviour == "mixer" else others[0]
-                logger.info("window %d: read %d Δ of others to %s", window, len(others),
-                            self.behaviour)  # fmt: skip
-            elif self.behaviour == "mixer":
-                logger.info("window %d: nothing of others readable to mix in", window)
-            else:
-                logger.warning("window %d: nothing to copy; publishing noise instead", window)
-                return make_adversarial_delta("noise", delta, None, rng)
-        return make_adversarial_delta(self.behaviour, delta, other, rng)
-
-    def _share(self, window: int) -> None:
-        """Offer θ_window and the momentum to late joiners while we are in step."""
-        if self.seat is None:
-            return
-        if not self.synced:
-            self.seat.stop_sharing_state()
-            return
-        state = pack_state(self.model.state_dict(), self.momentum, window=window)
-        with self._shared_lock:
-            self._shared = state
-        self.seat.share_state(self._shared_state, priority=window)
-
-    def _shared_state(self) -> tuple[dict[str, Any], list[torch.Tensor]] | None:
-        # Called from hivemind's thread when a peer downloads our state.
-        with self._shared_lock:
-            return self._shared
 
     # ---- the loop ------------------------------------------------------------------------
     def current_window(self) -> int:
@@ -806,92 +568,6 @@ class Miner:
             torch.distributed.destroy_process_group()
 
 
-def commit_contributions_location(ledger: Ledger, keypair: Keypair, location: str) -> bool:
-    """Tell validators where this hotkey's contributions are (the ``"contributions"`` key
-    of its ledger commitment; the other keys, such as the DHT address, are kept). Returns
-    whether an extrinsic was submitted; nothing is sent when the commitment already says
-    so. It is not waited for: validators need it only once the first window is scored."""
-    body = ledger.commitment_fields(keypair.address)
-    entry = contributions_entry(location)
-    if all(body.get(k) == v for k, v in entry.items()):
-        return False
-    text = json.dumps({**body, **entry}, sort_keys=True, separators=(",", ":"))
-    ledger.submit_call(keypair, "commit", {"data": text})
-    logger.info("committing contributions location %s", location)
-    return True
-
-
-def averaging_run_name(run: str) -> str:
-    """The run's name as hivemind keys allow it (run names may contain dots)."""
-    return run.replace(".", "-")
-
-
-def join_averaging(
-    cfg: RunConfig,
-    ledger: Ledger,
-    keypair: Keypair,
-    folder: Path,
-    model: PreTrainedModel,
-    shards: list[list[str]],
-) -> Participant:
-    """A participant's seat in every shard's group (its DHT identity kept in `folder`)."""
-    return Participant.join(
-        cfg.averaging,
-        run=averaging_run_name(cfg.run.name),
-        ledger=ledger,
-        keypair=keypair,
-        identity_path=folder / "dht.key",
-        templates={i: shard_state(model, names) for i, names in enumerate(shards)},
-        commit_timeout=max(30.0, 10 * cfg.chain.block_time_s),
-    )
-
-
-def load_tokenizer_from(folder: Path) -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
-
-    tokenizer: PreTrainedTokenizerBase = AutoTokenizer.from_pretrained(str(folder))
-    return tokenizer
-
-
-def align_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Give the model's config and generation config the tokenizer's special ids, so a
-    published checkpoint generates (and stops) correctly with `transformers` alone."""
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        value = getattr(tokenizer, key, None)
-        setattr(model.config, key, value)
-        if model.generation_config is not None:
-            setattr(model.generation_config, key, value)
-
-
-def load_checkpoint_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """A pulled (already verified) checkpoint's weights, from safetensors only."""
-    from safetensors.torch import load_file
-
-    index = folder / "model.safetensors.index.json"
-    files = (
-        sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        if index.is_file()
-        else ["model.safetensors"]
-    )
-    weights: dict[str, torch.Tensor] = {}
-    for name in files:
-        weights.update(load_file(str(folder / name)))
-    return {k: v.float() for k, v in weights.items()}
-
-
-def load_checkpoint_momentum(folder: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The outer momentum published with a checkpoint (`store.checkpoint.OUTER_STATE_FILE`),
-    checked against `model`'s parameters; empty when the checkpoint has none."""
-    path = folder / OUTER_STATE_FILE
-    if not path.is_file():
-        return {}
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    try:
-        return load_outer_state(path, shapes)
-    except OuterStateError as exc:
-        raise MinerError(f"{path}: {exc}") from None
-
-
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="train.miner", description=__doc__.splitlines()[0])
     parser.add_argument("--config", "-c", help="run config YAML")
@@ -927,7 +603,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         miner = Miner(cfg, keypair, args.hotkey, accelerator, behaviour=args.behaviour)
         miner.run(args.windows)
-    except (MinerError, ConfigError, ChainError, KeyFileError, StoreError, TimeoutError) as exc:
+    except (
+        MinerError,
+        StartupError,
+        ConfigError,
+        ChainError,
+        KeyFileError,
+        StoreError,
+        TimeoutError,
+    ) as exc:
         logger.error("%s", exc if str(exc) else repr(exc), exc_info=not str(exc))
         return 2
     except torch.OutOfMemoryError as exc:

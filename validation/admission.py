@@ -8,6 +8,9 @@
     if isinstance(outcome, Refused):
         record(outcome.uid, outcome.reason)          # score 0, the validator goes on
 
+    admitted, refused = admit_window(store, refs, roster=roster, window=w, shapes=shapes,
+                                     commitments=commitments, deadline_block=due, cfg=cfg)
+
 The checks, cheapest first, each with its reason code:
 
 1. the hotkey is a registered miner (`not_a_miner`: unknown hotkey or a validator);
@@ -16,7 +19,7 @@ The checks, cheapest first, each with its reason code:
    window exists (`uncommitted`), a block before the deadline block took it (`late`: the
    ledger's clock, never a file time a miner can set), and the revealed manifest hashes
    to it (`reveal_mismatch`). A miner that committed but revealed nothing readable by the
-   reveal deadline is `unrevealed` (the validator's own bookkeeping, `process_window`);
+   reveal deadline is `unrevealed` (`admit_window`);
 4. the manifest's compression names the run's scheme, twice consistently
    (`compression_mismatch`), with parameters the codec accepts (`bad_compression`);
 5. everything `store.Store.load_contribution` checks, with the store's own reason
@@ -27,6 +30,9 @@ The checks, cheapest first, each with its reason code:
    decoded Δ is finite everywhere (`decoded_not_finite`): finite int8 values times a
    finite but huge scale (e.g. 3e38) overflow to inf, which would spoil the copy check's
    cosines and the aggregate for everyone else.
+
+`admit_window` admits every listed contribution of a window and adds a refusal for each
+miner of the roster that has none: `unrevealed` when it committed, `missing` when not.
 
 Only `load_contribution` reads tensor bytes (safetensors, after the signed manifest
 passed); nothing is ever unpickled.
@@ -221,3 +227,46 @@ def admit(
         committed_block=commitment.block,
         nbytes=manifest.size,
     )
+
+
+def admit_window(
+    store: Store,
+    refs: Sequence[ContributionRef],
+    *,
+    roster: Roster,
+    window: int,
+    shapes: Mapping[int, Mapping[str, Sequence[int]]],
+    commitments: Mapping[str, ContributionCommitment],
+    deadline_block: int,
+    cfg: RunConfig,
+) -> tuple[list[Admitted], list[Refused]]:
+    """`admit` each of `refs` (the window's listed contributions, `validation.listing`)
+    under the run's scheme; then refuse each miner of `roster` with no listed contribution:
+    `unrevealed` when it committed, `missing` when it did not."""
+    admitted: list[Admitted] = []
+    refused: list[Refused] = []
+    scheme, wire = run_scheme(cfg)
+    for ref in refs:
+        outcome = admit(
+            store, ref, roster=roster, window=window, shapes=shapes, scheme=scheme,
+            commitment=commitments.get(ref.hotkey), deadline_block=deadline_block, wire=wire,
+        )  # fmt: skip
+        if isinstance(outcome, Refused):
+            logger.info("window %d: refused %s: %s", window, ref.hotkey, outcome.reason)
+            refused.append(outcome)
+        else:
+            admitted.append(outcome)
+    listed = {a.uid for a in admitted} | {r.uid for r in refused if r.uid is not None}
+    for hotkey, uid in sorted(roster.miners.items(), key=lambda kv: kv[1]):
+        if uid in listed:
+            continue
+        committed = commitments.get(hotkey)
+        if committed is None:
+            reason, detail = MISSING, "no commitment and nothing revealed"
+        else:
+            reason = UNREVEALED
+            detail = (
+                f"committed in block {committed.block}, nothing revealed by the reveal deadline"
+            )
+        refused.append(Refused(uid, hotkey, roster.shard_of(uid), reason, detail))
+    return admitted, refused

@@ -1,6 +1,7 @@
 """θ_{w+1}: which average each shard's outer step applies, and who is in it.
 
-    updates = shard_averages(shards, shapes, admitted, results, weights, robust)
+    updates = shard_averages(shapes, admitted, results, pinned_weights, cfg.averaging,
+                             uid_of=uid_by_hotkey)
     for u in updates:                      # one per shard that has an average
         theta = outer_step(theta_of(u.shard), u.average, momentum, cfg.outer)
         u.source, u.members                # "group" | "store", [(uid, hotkey, weight)]
@@ -31,8 +32,8 @@ from typing import Literal
 import numpy as np
 import torch
 
-from averaging.group import AverageResult, AveragingFailed
 from averaging.parts import reduce_parts
+from averaging.round import AverageResult, AveragingFailed
 from averaging.settings import AveragingConfig
 from validation.admission import Admitted
 

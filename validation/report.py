@@ -4,6 +4,7 @@
     reports = read_reports(path, last=5)
     console.print(window_table(reports))
     append_report(path, SkipRecord(validator="v0", block=b, windows=[5, 6]))
+    tracker.log(window_metrics(report), step=report.window)      # W&B, one step a window
 
 One `WindowReport` per scored window: the held-out loss of θ_w, and for every miner of the
 window (and every refused hotkey) its shard, status, admission reason, loss delta,
@@ -12,6 +13,9 @@ score, moving average and weight; the hivemind group checks; counts, seconds spe
 what was published. A validator that fell behind writes a `SkipRecord` line naming the
 windows it did not score (it has no ``window`` key, so readers of window lines pass over
 it). `tensormine validator report` prints both.
+
+`window_metrics` is the same window as W&B charts it: numbers only, one key per UID and
+figure, and each UID's verdict in one word as a key of its own (``uid/3/verdict/late``).
 """
 
 from __future__ import annotations
@@ -92,6 +96,67 @@ class WindowReport:
         return cls(**{**body, "miners": rows})
 
 
+def verdict(row: MinerRow) -> str:
+    """A scored contribution's verdict in one word (the reason it earned nothing, or ok)."""
+    if row.copy_of is not None:
+        return "copy"
+    if row.own_ok is False:
+        return "own_data"
+    if row.heldout_ok is False:
+        return "heldout_trained"
+    if row.score <= 0:
+        return "no_gain"
+    return "ok"
+
+
+def window_metrics(report: WindowReport) -> dict[str, float | int]:
+    """The window's W&B metrics: held-out losses, counts and seconds, each group check,
+    and per UID its score, moving average, weight, verdict and check numbers."""
+    metrics: dict[str, float | int] = {
+        "eval/heldout_loss": report.heldout_loss,
+        "window/seconds": report.seconds,
+        "window/eval_seconds": report.eval_seconds,
+        "window/contributions": report.contributions,
+        "window/admitted": report.admitted,
+        "window/refused": sum(1 for r in report.miners if r.status == REFUSED),
+        "window/weights_set": int(report.weights_set),
+    }
+    if report.next_heldout_loss is not None:
+        metrics["eval/next_heldout_loss"] = report.next_heldout_loss
+    for name, check in report.group_checks.items():
+        metrics[f"averaging/{name}_group_error"] = float(check["error"])
+        metrics[f"averaging/{name}_group_ok"] = int(bool(check["ok"]))
+        for key in ("bytes_sent", "bytes_received"):  # as an auxiliary peer
+            if key in check:
+                metrics[f"averaging/{name}_{key}"] = int(check[key])
+    for row in report.miners:
+        if row.uid is None:
+            continue
+        prefix = f"uid/{row.uid}"
+        metrics[f"{prefix}/score"] = row.score
+        metrics[f"{prefix}/ema"] = row.ema
+        metrics[f"{prefix}/weight"] = row.weight
+        metrics[f"{prefix}/admitted"] = int(row.status == SCORED)
+        # The verdict in one word as its own key (W&B charts numbers, not strings):
+        # uid/3/verdict/late = 1, uid/5/verdict/copy = 1, uid/2/verdict/ok = 1, ...
+        metrics[f"{prefix}/verdict/{row.verdict or row.reason or 'ok'}"] = 1
+        for key in ("loss_delta", "own_margin", "own_t", "heldout_excess", "copy_cosine"):
+            value = getattr(row, key)
+            if value is not None and math.isfinite(value):
+                metrics[f"{prefix}/{key}"] = value
+        if row.own_ok is not None:
+            metrics[f"{prefix}/own_ok"] = int(row.own_ok)
+        if row.copy_of is not None:
+            metrics[f"{prefix}/copy_of"] = row.copy_of
+        # Commit, reveal, and what its group said of the parts it sent.
+        metrics[f"{prefix}/committed"] = int(row.committed_block is not None)
+        if row.revealed is not None:
+            metrics[f"{prefix}/revealed"] = int(row.revealed)
+        if row.averaged is not None:
+            metrics[f"{prefix}/averaged/{row.averaged.split(':')[0]}"] = 1
+    return metrics
+
+
 def _finite(value: Any) -> Any:
     """JSON has no inf/NaN: write them as strings that say so."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -165,8 +230,8 @@ def _num(value: float | str | None, fmt: str = "{:+.4f}") -> str:
 def window_table(reports: Sequence[WindowReport]) -> Table:
     """One row per (window, miner): what was measured and what it earned."""
     table = Table(title="validator windows", show_lines=False)
-    for name in ("window", "L(θ_w;E)", "uid", "shard", "status", "ΔL", "own margin", "own t",
-                 "copy of", "score", "EMA", "weight"):  # fmt: skip
+    for name in ("window", "L(θ_w;E)", "uid", "shard", "committed", "averaged", "status", "ΔL",
+                 "own margin", "own t", "copy of", "score", "EMA", "weight"):  # fmt: skip
         table.add_column(name, justify="left" if name == "status" else "right")
     for rep in reports:
         first = True
@@ -180,11 +245,16 @@ def window_table(reports: Sequence[WindowReport]) -> Table:
                 status = "copy"
             if row.own_outcome == "grace" and status == "ok":
                 status = "ok (grace)"
+            if row.verdict == "mismatch":
+                status = "mismatch"
+            committed = "-" if row.committed_block is None else f"block {row.committed_block}"
             table.add_row(
                 str(rep.window) if first else "",
                 f"{rep.heldout_loss:.4f}" if first else "",
                 "-" if row.uid is None else str(row.uid),
                 "-" if row.shard is None else str(row.shard),
+                committed + ("" if row.revealed is not False else ", unrevealed"),
+                row.averaged or "-",
                 status or "-",
                 _num(row.loss_delta),
                 _num(row.own_margin),

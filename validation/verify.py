@@ -36,20 +36,20 @@ from pathlib import Path
 
 import torch
 
-from averaging.group import LedgerWeights
 from averaging.outer import outer_step
 from averaging.parts import reduce_parts
+from averaging.weights import LedgerWeights
 from chain.ledger import Ledger
 from store.api import Store, open_store
 from store.checkpoint import Provenance
 from store.errors import NotFound
-from store.sources import parse_contributions_location
 from tensormine.config import RunConfig
-from train.miner import load_checkpoint_momentum, load_checkpoint_weights
 from train.model import build_model, model_fingerprint
 from train.shards import shard_map
+from train.startup import load_checkpoint_momentum, load_checkpoint_weights
 from train.windows import deadline, start_block
 from validation.admission import Admitted, Refused, Roster, admit, run_scheme
+from validation.listing import committed_location
 
 logger = logging.getLogger(__name__)
 
@@ -101,11 +101,10 @@ def _contribution(
     if uid is None:
         return Refused(None, hotkey, None, "not_a_miner", "not a miner of the window")
     shard = roster.shard_of(uid)
-    entry = ledger.commitments().get(hotkey)
-    location = parse_contributions_location(entry[0], backend=cfg.store.backend) if entry else None
-    if location is not None and cfg.store.backend == "local":
-        location = str(Path(location).resolve())
-    source = location or store.contributions_location
+    source = committed_location(
+        ledger.commitments().get(hotkey), own=store.contributions_location,
+        backend=cfg.store.backend,
+    )  # fmt: skip
     refs = [
         r for r in store.list_contributions(window, shard, sources=[source]) if r.hotkey == hotkey
     ]

@@ -28,8 +28,10 @@ import torch
 from hivemind import DHT
 
 from averaging.dht import PeerDirectory, commitment_for, start_dht
-from averaging.group import AverageResult, AveragingFailed, LedgerWeights, Role, ShardAverager
+from averaging.group import ShardAverager
+from averaging.round import AverageResult, AveragingFailed, Role
 from averaging.settings import AveragingConfig, DHTConfig
+from averaging.weights import LedgerWeights
 from chain.config import RAO_PER_TAO
 from chain.keys import Keypair
 from chain.ledger import Ledger

@@ -9,15 +9,9 @@ from typing import Any
 
 import torch
 
-from averaging.group import (
-    AverageResult,
-    AveragingFailed,
-    Binding,
-    PreparedParts,
-    Role,
-    ShardAverager,
-)
+from averaging.group import ShardAverager
 from averaging.parts import part_digest, reduce_parts
+from averaging.round import AverageResult, AveragingFailed, Binding, PreparedParts, Role
 from chain.keys import signing_bytes
 from tests.averaging.conftest import (
     FAST,

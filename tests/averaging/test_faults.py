@@ -35,15 +35,12 @@ from hivemind.compression import CompressionInfo
 from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
 
+from averaging.allreduce import LedgerAllReduceRunner
+from averaging.averager import LedgerAverager
 from averaging.config import TopKConfig
 from averaging.dht import StaticDirectory, ensure_identity, start_dht, visible_maddrs
-from averaging.group import (
-    AverageResult,
-    AveragingFailed,
-    LedgerAllReduceRunner,
-    LedgerAverager,
-    ShardAverager,
-)
+from averaging.group import ShardAverager
+from averaging.round import AverageResult, AveragingFailed
 from averaging.settings import DHTConfig
 from averaging.wire import TopKSparsifier
 from tests.averaging.conftest import (

@@ -13,19 +13,14 @@ from hivemind.averaging.partition import TensorPartContainer
 from hivemind.compression import CompressionInfo, Float16Compression
 from pydantic import ValidationError
 
+from averaging.allreduce import LedgerAllReduceRunner
+from averaging.averager import LedgerAverager
 from averaging.config import CompressionConfig, TopKConfig
 from averaging.dht import StaticDirectory, start_dht, visible_maddrs
-from averaging.group import (
-    AveragingFailed,
-    LedgerAllReduceRunner,
-    LedgerAverager,
-    LedgerWeights,
-    Role,
-    ShardAverager,
-    group_prefix,
-    window_bits,
-)
+from averaging.group import ShardAverager
+from averaging.round import AveragingFailed, Role, group_prefix, window_bits
 from averaging.settings import AveragingConfig, DHTConfig, RobustConfig
+from averaging.weights import LedgerWeights
 from averaging.wire import (
     SparseCodec,
     TopKSparsifier,

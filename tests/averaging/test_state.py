@@ -10,17 +10,11 @@ import torch
 from hivemind.averaging.partition import AllreduceException
 
 from averaging.dht import StaticDirectory, start_dht, visible_maddrs
-from averaging.group import (
-    STATE_COUNT,
-    STATE_METADATA,
-    AveragingFailed,
-    Role,
-    ShardAverager,
-    StateTruncated,
-    unwrap_state,
-)
+from averaging.group import ShardAverager
 from averaging.participant import commit_address
+from averaging.round import AveragingFailed, Role
 from averaging.settings import DHTConfig
+from averaging.state import STATE_COUNT, STATE_METADATA, StateTruncated, unwrap_state
 from tests.averaging.conftest import (
     FAST,
     RUN,

@@ -1,16 +1,19 @@
 """The whole subnet through its real entry point, `tensormine subnet up`: interrupted with
 Ctrl+C, then resumed with the same command.
 
-One validator and three miners (the last a free-rider) train the shrunk tiny preset for
-three windows against a real ledger and store, with real `accelerate launch` children,
-hivemind peers and W&B offline runs. The first `up` gets SIGINT (what Ctrl+C sends it: its
-children sit in their own sessions) once the validator has scored a window; it must stop
-every process group it started within seconds. The second `up` resumes: nobody is funded,
+One validator and three miners (the last a poisoner: it commits to and publishes its
+honest Δ but sends −10·Δ into the all-reduce) train the shrunk tiny preset for three
+windows against a real ledger and store, with real `accelerate launch` children, hivemind
+peers and W&B offline runs. The first `up` gets SIGINT (what Ctrl+C sends it: its children
+sit in their own sessions) once the validator has scored a window; it must stop every
+process group it started within seconds. The second `up` resumes: nobody is funded,
 registered or staked again, the miners train only the windows left, and the validator goes
 on from its saved moving averages. At the end: every trained window has its canonical
-checkpoint, held-out loss fell, both honest miners were paid and the free-rider was not,
-issuance equals every balance and stake plus what is pending, the plots and W&B runs exist,
-the final checkpoint was pulled and sampled with transformers, and no process is left.
+checkpoint, held-out loss fell, both honest miners were paid and the poisoner was not (its
+parts were left out of every average and it is named), the published checkpoints are the
+miners' θ_{w+1} bit for bit and `tensormine verify` recomputes one, issuance equals every
+balance and stake plus what is pending, the plots and W&B runs exist, the final checkpoint
+was pulled and sampled with transformers, and no process is left.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def argv(run: Path) -> list[str]:
     return [
         sys.executable, "-m", "tensormine.cli", "subnet", "up", "--config", "configs/demo.yaml",
         "--miners", "3", "--validators", "1", "--windows", str(WINDOWS),
-        "--adversaries", "free-rider",
+        "--adversaries", "poisoner",
         *[a for s in overrides(run) for a in ("--set", s)],
     ]  # fmt: skip
 
@@ -172,12 +175,17 @@ def test_subnet_up_interrupted_resumed_trains_scores_and_pays(tmp_path: Path) ->
             assert r["window"] + 1 in summary["checkpoints"], (r["window"], summary)
     # The validator's global model improved: θ after its last window beats its first θ_w.
     assert scored[-1]["next_heldout_loss"] < scored[0]["heldout_loss"] - 0.1, scored
-    # Both honest miners were paid; the free-rider was not.
+    # Both honest miners were paid; the poisoner (honest Δ committed and published, −10·Δ
+    # sent into the group) was not: every reducer left its parts out and named it.
     assert members["miner-0"]["earned"] > 0 and members["miner-1"]["earned"] > 0, members
     assert members["miner-2"]["earned"] == 0, members
     # The miners averaged over hivemind; the validator, an auxiliary peer of their group,
     # found the group's average consistent with the contributions it admitted.
-    assert "averaged with 3 (in step)" in (run / "logs" / "miner-0.log").read_text()
+    assert "averaged with 2 (in step)" in (run / "logs" / "miner-0.log").read_text()
+    poisoner = members["miner-2"]["uid"]
+    averaged = [m for r in scored for m in r["miners"] if m["uid"] == poisoner and m["averaged"]]
+    assert averaged and all(m["averaged"].startswith("mismatch") for m in averaged), averaged
+    assert all(m["score"] == 0.0 for m in averaged)
     assert "MISMATCH" not in (run / "logs" / "validator-0.log").read_text()
     final = max(summary["checkpoints"])
     # One model: every window the miners ended in step, the published checkpoint is

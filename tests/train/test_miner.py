@@ -188,7 +188,7 @@ def test_out_of_step_miner_waits_for_the_canonical_checkpoint(
                 canonical, None, Provenance(run_id="t", window=window)
             ),
         )
-        caplog.set_level(logging.INFO, logger="train.miner")
+        caplog.set_level(logging.INFO, logger="train.window_start")
         publisher.start()
         miner._adopt(window)
         publisher.join()

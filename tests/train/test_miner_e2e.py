@@ -17,14 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from averaging.compression import decode, expected_specs
+from averaging.parts import decode_payload
 from chain.keys import create_key
 from chain.ledger import Ledger
 from store.api import open_store
-from store.safetensors_check import TORCH_DTYPES, TensorSpec
+from store.manifest import commitment_digest
 from tensormine.config import load_config
 from train.model import build_model
 from train.shards import shard_map
+from train.windows import deadline
 
 pytestmark = pytest.mark.e2e
 
@@ -126,18 +127,24 @@ def test_two_miners_train_publish_and_improve(tmp_path: Path) -> None:
                 if r.hotkey == kp.address
             ]
             assert len(refs) == 1
-            # What a validator does: shapes from the model, encoding from the manifest.
+            # What a validator does: shapes from the model; with averaging on, the payload
+            # is the wire parts the miner sent into its group, each checked by its digest.
             manifest = store.read_manifest(refs[0])
             shapes = {n: tuple(params[n].shape) for n in shards[report["shard"]]}
-            specs = expected_specs(shapes, manifest.compression.params)
-            expected = {
-                k: TensorSpec(TORCH_DTYPES[dtype], shape) for k, (dtype, shape) in specs.items()
-            }
+            assert manifest.compression.scheme == "wire"
             got = store.load_contribution(
                 refs[0], hotkey=kp.address, uid=report["uid"], window=report["window"],
-                shard=report["shard"], expected=expected,
+                shard=report["shard"],
             )  # fmt: skip
-            delta = decode(got.tensors, manifest.compression.params, shapes)
+            delta = decode_payload(
+                got.tensors, manifest.compression.params, shapes, wire=cfg.averaging.wire,
+                part_size_bytes=cfg.averaging.wire_part_size_bytes,
+            )  # fmt: skip
+            # Committed on the ledger before the window's deadline, and this is it.
+            with Ledger(cfg.chain.db) as ledger:
+                commitment = ledger.contribution_commitment(kp.address, report["window"])
+            assert commitment is not None and commitment.digest == commitment_digest(manifest)
+            assert commitment.block < deadline(report["window"], cfg.window)
             assert set(delta) == set(shapes)
             assert all(bool(t.abs().sum() > 0) for t in delta.values())
         by_window[name] = {r["window"]: r for r in reports}

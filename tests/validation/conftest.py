@@ -28,9 +28,9 @@ from store.manifest import Compression
 from tensormine.config import RunConfig, load_config
 from train.adversary import make_adversarial_delta, training_rows
 from train.inner import inner_loop
-from train.miner import load_checkpoint_weights
 from train.model import build_model
 from train.shards import apply_to_shard, make_trainable, shard_map, shard_state
+from train.startup import load_checkpoint_weights
 from train.windows import reveal_deadline, start_block, wait_for_block
 from validation.validator import Validator
 

@@ -17,8 +17,9 @@ from transformers import AutoModelForCausalLM
 
 from averaging.compression import encode
 from averaging.config import CompressionConfig
-from averaging.group import AverageResult, LedgerWeights
 from averaging.parts import payload_params, payload_tensors, wire_parts
+from averaging.round import AverageResult
+from averaging.weights import LedgerWeights
 from chain.errors import AlreadyCommitted
 from store import layout
 from store.api import Store, open_store
@@ -29,13 +30,13 @@ from store.sources import contributions_entry
 from tensormine.cli import main as cli_main
 from tests.validation.conftest import Subnet
 from train.cheats import backdate
-from train.miner import load_checkpoint_weights
 from train.model import model_fingerprint
+from train.startup import load_checkpoint_weights
 from train.windows import deadline, start_block
 from validation.admission import Admitted, Refused, admit
+from validation.group_audit import GroupRound
 from validation.report import read_reports, read_skips
 from validation.scoring import flatten
-from validation.validator import GroupRound
 from validation.verify import DIFFERS, IDENTICAL, verify_window
 
 Factory = Callable[..., Subnet]
@@ -90,7 +91,7 @@ def test_honest_miner_takes_the_weight_and_a_restart_keeps_it(
     mean = {n: d * share for n, d in net.deltas["honest"].items()}
     error, ok = validator.check_group_average(0, mean, pair)
     assert ok and error < 0.02
-    with caplog.at_level(logging.WARNING, logger="validation.validator"):
+    with caplog.at_level(logging.WARNING, logger="validation.group_audit"):
         plain = {n: d / 2 for n, d in net.deltas["honest"].items()}  # an unweighted mean
         assert not validator.check_group_average(0, plain, pair)[1]
     # The mismatch warning names the group's members (UIDs and hotkeys).

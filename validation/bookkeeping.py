@@ -1,0 +1,113 @@
+"""Score bookkeeping: moving averages, strikes and flags per UID, and weights on the ledger.
+
+    update_scores(state, roster, rows, alpha=cfg.validation.ema_alpha)   # fills row.ema/weight
+    setter = WeightSetter(ledger, keypair, every=cfg.validation.weights_every)
+    report.weights_set = setter.maybe_set(state, window)
+
+After each window every miner of the roster gets its score (0 without an admitted,
+passing contribution; a UID with several rows keeps its best), and its moving average
+follows m ← (1 − α)·m + α·s (`scoring.update_ema`). Own-data strikes count the windows
+in a row without an outright pass (a pass clears them; a UID that published nothing
+keeps its count) and held-out-rival flags the windows in a row flagged. A UID that
+changed hands (re-registration) starts again from zero on all three. The state is
+`validation.state.ValidatorState`, saved with θ after every window.
+
+Every `validation.weights_every` windows the normalized moving averages go to the ledger
+as this validator's weights (`set_weights`), without waiting for inclusion: submission
+already checks and dry-runs the call, and the receipt is read at the next submission.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from chain.client import LedgerClient
+from chain.errors import ChainError
+from chain.keys import Keypair
+from chain.ledger import Ledger
+from validation.admission import Roster
+from validation.report import MinerRow
+from validation.scoring import OWN_OFF, OWN_PASS, normalized_weights, update_ema
+from validation.state import ValidatorState
+
+logger = logging.getLogger(__name__)
+
+
+def update_scores(
+    state: ValidatorState, roster: Roster, rows: list[MinerRow], *, alpha: float
+) -> None:
+    """Fold the window's `rows` into `state` (moving averages, strikes, flags, the UIDs'
+    hotkeys) and give each row its UID's new moving average and normalized weight."""
+    scores = {uid: 0.0 for uid in roster.miners.values()}
+    for row in rows:
+        if row.uid is not None and row.uid in scores:
+            # A UID may also have a refused entry (e.g. a second shard): keep its best.
+            scores[row.uid] = max(scores[row.uid], row.score)
+    # A UID that now belongs to another hotkey (re-registration) starts from zero.
+    by_uid = {uid: hk for hk, uid in roster.miners.items()}
+    ema = {uid: v for uid, v in state.ema.items() if state.hotkeys.get(uid) == by_uid.get(uid)}
+    state.ema = update_ema(ema, scores, alpha)
+    # Own-data strikes: a pass clears them, anything else adds one; a UID that did not
+    # publish keeps its count, one that changed hands starts again from zero.
+    strikes = {
+        uid: n for uid, n in state.own_strikes.items()
+        if state.hotkeys.get(uid) == by_uid.get(uid)
+    }  # fmt: skip
+    for row in rows:
+        if row.uid is None or row.own_outcome in (None, OWN_OFF):
+            continue
+        before = strikes.get(row.uid, 0)
+        strikes[row.uid] = 0 if row.own_outcome == OWN_PASS else before + 1
+    state.own_strikes = {uid: n for uid, n in sorted(strikes.items()) if n > 0}
+    flags = {
+        uid: n for uid, n in state.heldout_flags.items()
+        if state.hotkeys.get(uid) == by_uid.get(uid)
+    }  # fmt: skip
+    for row in rows:
+        if row.uid is not None and row.heldout_outcome is not None:
+            flags[row.uid] = 0 if row.heldout_outcome == OWN_PASS else flags.get(row.uid, 0) + 1
+    state.heldout_flags = {uid: n for uid, n in sorted(flags.items()) if n > 0}
+    state.hotkeys = by_uid
+    weights = normalized_weights(state.ema)
+    for row in rows:
+        if row.uid is not None:
+            row.ema = state.ema.get(row.uid, 0.0)
+            row.weight = weights.get(row.uid, 0.0)
+
+
+class WeightSetter:
+    """Submits a validator's weights every `every` windows and reports on the last one."""
+
+    def __init__(self, ledger: Ledger, keypair: Keypair, *, every: int) -> None:
+        self.ledger = ledger
+        self.keypair = keypair
+        self.every = every
+        self.pending: str | None = None  # extrinsic hash of the last set_weights
+
+    def maybe_set(self, state: ValidatorState, window: int) -> bool:
+        """Submit the normalized moving averages of `state` as weights when they are due
+        (recorded in `state.weights_window`); returns whether they were submitted."""
+        if self.pending is not None:
+            receipt = self.ledger.receipt(self.pending)
+            if receipt is not None and not receipt.ok:
+                logger.warning("last set_weights failed in its block: %s", receipt.error)
+            self.pending = None
+        last = state.weights_window
+        if last is not None and window - last < self.every:
+            return False
+        weights = normalized_weights(state.ema)
+        if not weights:
+            logger.info("window %d: no miner has a positive score yet; no weights set", window)
+            return False
+        uids = sorted(weights)
+        try:
+            # Not waiting for inclusion: submission already checks and dry-runs the call.
+            xt = LedgerClient(self.ledger, self.keypair).set_weights(
+                uids, [weights[u] for u in uids], wait=False
+            )
+        except ChainError as exc:
+            logger.warning("window %d: set_weights refused: %s", window, exc)
+            return False
+        self.pending = str(xt)
+        state.weights_window = window
+        return True

@@ -1,0 +1,232 @@
+"""The group audit: the validator's seat in every shard's hivemind group, and its checks.
+
+    future = join_groups(seat, ledger, cfg, ledger_weights, w)   # before the deadline
+    got = group_round(cfg, w, future)                   # (results, pinned weights) | None
+    mark_averaged(rows, got[0])                         # each miner: in, mismatch, dropped
+    audit = GroupAudit(shapes, cfg.averaging, tolerance, ledger_weights, admitted, hotkeys)
+    checks = check_groups(audit, w, roster, got)        # the window record's group_checks
+
+The validator is an auxiliary peer of every shard's group: it sends nothing, receives the
+average the members agree on, and so knows what θ_{w+1} the miners in step compute
+(`validation.next_model`). The groups meet at the deadline
+(`train.windows.meeting_block`), so matchmaking starts a little before it, in a
+background thread, while the validator waits for the reveal deadline.
+
+What the groups say of each miner goes into its row (`mark_averaged`): "in" (its parts
+are in the average), "mismatch" (a reducer refused parts that were not what it committed
+to: no score this window, and a strike), "dropped" or "absent". Each group's average is
+then compared with the average of its members' admitted Δ that the group should have
+reached (`check_group_average`): their parts weighted by the ledger field
+`averaging.weights` pinned to the window's first block, reduced by `averaging.robust` and
+encoded as every reducer does (`averaging.parts.reduce_parts`: the same bits when the
+group is honest). A mismatch is logged with the group's members named.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from averaging.participant import Participant
+from averaging.parts import reduce_parts
+from averaging.round import AverageResult, AveragingFailed
+from averaging.settings import AveragingConfig
+from averaging.weights import LedgerWeights
+from chain.ledger import Ledger
+from tensormine.config import RunConfig
+from train.windows import block_time, meeting_block, start_block, wait_for_block
+from validation.admission import Admitted, Roster
+from validation.report import MinerRow
+from validation.scoring import OWN_FAIL, compare_group_average
+
+logger = logging.getLogger(__name__)
+
+GroupResults = dict[int, AverageResult | AveragingFailed]
+# A window's group results, and each hotkey's weight in them (pinned to the window's start).
+GroupRound = tuple[GroupResults, dict[str, float]]
+
+
+def join_groups(
+    seat: Participant | None,
+    ledger: Ledger,
+    cfg: RunConfig,
+    weights: LedgerWeights,
+    window: int,
+) -> concurrent.futures.Future[GroupRound] | None:
+    """Join every shard's group of `window` as an auxiliary peer, in the background; None
+    without a seat or when it is too late to meet them. Waits until matchmaking must
+    start, a little before the groups meet at the deadline."""
+    if seat is None:
+        return None
+    lead = math.ceil((cfg.averaging.min_matchmaking_time_s + 1) / cfg.chain.block_time_s)
+    meeting = meeting_block(window, cfg.window)
+    first = start_block(window, cfg.window)
+    head = wait_for_block(ledger, max(first, meeting - lead))
+    if head >= meeting:
+        return None  # too late to meet this window's groups
+    start_at = block_time(ledger, meeting, anchor=first)
+    tail = cfg.window.publish_margin * cfg.chain.block_time_s
+    timeout = max(start_at - time.time() + tail, cfg.averaging.min_matchmaking_time_s + 0.5)
+
+    def meet() -> GroupRound:
+        # The weights every member's reducer uses: the ledger's as the last epoch at or
+        # before the window's first block left them (the miners pin the same block).
+        table = weights.table(first)
+        results = seat.average_window(
+            window, {}, start_at=start_at, timeout=timeout, weights_block=first
+        )
+        return results, table
+
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aux-averaging")
+    future = pool.submit(meet)
+    pool.shutdown(wait=False)
+    return future
+
+
+def group_round(
+    cfg: RunConfig, window: int, groups: concurrent.futures.Future[GroupRound] | None
+) -> GroupRound | None:
+    """The window's group results as this validator received them, and the pinned
+    weights the members used; None when it took no part or they never came."""
+    if groups is None:
+        return None
+    limit = cfg.averaging.allreduce_timeout_s + 30
+    try:
+        return groups.result(timeout=limit)
+    except TimeoutError:
+        logger.warning("window %d: no group average within %.0fs", window, limit)
+        return None
+
+
+def mark_averaged(rows: list[MinerRow], results: GroupResults) -> None:
+    """What each miner's group says of what it sent: `averaged` is "in" (its parts are
+    in the average), "mismatch" (a reducer refused parts that were not what it
+    committed to: no score this window, and a strike), "dropped" or "absent"."""
+    members: dict[str, str] = {}
+    for result in results.values():
+        if isinstance(result, AverageResult):
+            for hotkey in result.dropped:
+                members[hotkey] = "dropped"
+            for hotkey in result.members:
+                members[hotkey] = "in"
+        for hotkey, parts in (result.mismatched or {}).items():
+            members[hotkey] = f"mismatch: parts {spans(parts)}"
+    got = any(isinstance(r, AverageResult) for r in results.values())
+    for row in rows:
+        if row.uid is None:
+            continue
+        row.averaged = members.get(row.hotkey, "absent" if got else None)
+        if row.averaged is not None and row.averaged.startswith("mismatch"):
+            logger.warning(
+                "UID %d (%s…) sent parts into its group that are not what it committed "
+                "to (%s): no score this window", row.uid, row.hotkey[:8], row.averaged,
+            )  # fmt: skip
+            row.score = 0.0
+            row.verdict = "mismatch"
+            row.own_outcome = OWN_FAIL  # counts as a strike, as the other checks do
+
+
+@dataclass(frozen=True)
+class GroupAudit:
+    """What checking group averages against admitted Δ needs: each shard's parameter
+    shapes, the run's averaging settings, the relative error tolerated, each hotkey's
+    current ledger weight (for a round whose pinned weights are unknown), the last
+    scored window's admitted Δ by UID and the UIDs' hotkeys (to name members)."""
+
+    shapes: Mapping[int, Mapping[str, Sequence[int]]]
+    averaging: AveragingConfig
+    tolerance: float
+    weight_of: Callable[[str], float]
+    admitted: Mapping[int, Admitted]
+    hotkeys: Mapping[int, str]
+
+
+def check_group_average(
+    audit: GroupAudit,
+    shard: int,
+    group_average: Mapping[str, torch.Tensor],
+    members: Sequence[int],
+    weights: Mapping[str, float] | None = None,
+) -> tuple[float, bool]:
+    """Compare the average a hivemind group of `members` (UIDs) reached on `shard` in
+    the last scored window with the average of those members' admitted Δ that the
+    groups should have reached (see the module docstring), and log a mismatch naming the
+    group; returns (relative error, ok). Members without an admitted Δ make it a
+    mismatch. `weights` (hotkey -> weight) are the ones the round used
+    (`LedgerWeights.table` pinned to the window's first block); without them, the
+    ledger's current ones."""
+    admitted = audit.admitted
+    missing = [u for u in members if u not in admitted]
+    if not members or missing:
+        logger.warning(
+            "group average on shard %d: members %s of the group %s have no admitted Δ",
+            shard, missing, name_members(audit, members),
+        )  # fmt: skip
+        return math.inf, False
+    ordered = sorted(members, key=lambda u: admitted[u].hotkey)
+    known = weights or {}
+    avg = audit.averaging
+    expected = reduce_parts(
+        [admitted[u].delta for u in ordered],
+        [known.get(h, audit.weight_of(h)) for h in (admitted[u].hotkey for u in ordered)],
+        audit.shapes[shard], avg.wire, avg.wire_part_size_bytes, avg.robust,
+    )  # fmt: skip
+    error, ok = compare_group_average(group_average, expected, tolerance=audit.tolerance)
+    if not ok:
+        logger.warning(
+            "group average on shard %d differs from the admitted Δ of its members %s "
+            "(relative error %.3g > %.3g)",
+            shard, name_members(audit, members), error, audit.tolerance,
+        )  # fmt: skip
+    return error, ok
+
+
+def check_groups(
+    audit: GroupAudit, window: int, roster: Roster, round_: GroupRound
+) -> dict[str, dict[str, Any]]:
+    """Each group's average against the mean of its members' admitted Δ, as the
+    window record's `group_checks`: "shard<s>" -> error, ok, members (UIDs) and the
+    bytes this validator sent and received in the group as an auxiliary peer."""
+    results, weights = round_
+    checks: dict[str, dict[str, Any]] = {}
+    for shard, result in sorted(results.items()):
+        if not isinstance(result, AverageResult):
+            continue  # no group formed (no miners, or they failed): nothing to check
+        uids = sorted(roster.miners[h] for h in result.members if h in roster.miners)
+        error, ok = check_group_average(audit, shard, result.tensors, uids, weights or None)
+        logger.info(
+            "window %d shard %d: group of %s averaged; relative error vs admitted %.3g (%s)",
+            window, shard, uids, error, "ok" if ok else "MISMATCH",
+        )  # fmt: skip
+        checks[f"shard{shard}"] = {
+            "error": error, "ok": ok, "members": uids,
+            "bytes_sent": result.bytes_sent, "bytes_received": result.bytes_received,
+        }  # fmt: skip
+    return checks
+
+
+def name_members(audit: GroupAudit, members: Sequence[int]) -> str:
+    """'UID 3 (5Fabc…), UID 4 (5Gdef…)': who was in a group, for the log."""
+    hotkeys = {a.uid: a.hotkey for a in audit.admitted.values()}
+    hotkeys |= {u: h for u, h in audit.hotkeys.items() if u not in hotkeys}
+    return ", ".join(
+        f"UID {u} ({hotkeys[u][:8]}…)" if u in hotkeys else f"UID {u}" for u in sorted(members)
+    )
+
+
+def spans(parts: Sequence[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out: list[str] = []
+    for p in sorted(parts):
+        if out and int(out[-1].split("-")[-1]) == p - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{p}"
+        else:
+            out.append(str(p))
+    return ", ".join(out)
