@@ -29,7 +29,7 @@ def test_adversaries_take_the_last_miners() -> None:
     ("sets", "message"),
     [
         (["subnet.miners=2", "subnet.adversaries=[noise, copier]"], "keep one honest miner"),
-        (["subnet.adversaries=[lazy]"], "subnet.adversaries.0"),
+        (["subnet.adversaries=[lazy]"], "unknown behaviours .'lazy'."),
         (["subnet.minerz=3"], "subnet.minerz: unknown key"),
         (["subnet.validator_stake_tao=[1500, -1]"], "must be > 0"),
         (["subnet.windows=0"], "subnet.windows"),
@@ -90,3 +90,12 @@ def test_preset_takes_the_model_section() -> None:
     assert cfg.data.seq_len == 64  # only model: comes from the preset
     with pytest.raises(CliError, match="no such preset"):
         preset_overrides("huge")
+
+
+def test_every_behaviour_can_be_an_adversary() -> None:
+    every = ["free-rider", "noise", "copier", "wrong-data", "heldout", "mixer", "backdater"]
+    cfg = load_config(
+        "configs/demo.yaml",
+        ["subnet.miners=9", f"subnet.adversaries=[{', '.join([*every, 'poisoner'])}]"],
+    )
+    assert cfg.subnet.adversaries == [*every, "poisoner"]
