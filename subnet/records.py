@@ -87,11 +87,15 @@ def per_uid(row: Mapping[str, Any], *keys: str, inner: tuple[str, ...] = ()) -> 
 
 def verdict_of(row: Mapping[str, Any]) -> str:
     """A validator's verdict on one contribution, in a word: ok, copy of <uid>, own-data,
-    heldout-trained, no-gain, or the admission refusal's reason (missing, late, ...)."""
+    heldout-trained, no-gain, the parts its group refused ("mismatch: parts …"), or the
+    admission refusal's reason (missing, uncommitted, late, unrevealed, ...)."""
     if row.get("status") == "refused":
         return str(row.get("reason") or "refused")
     if row.get("copy_of") is not None:
         return f"copy of {row['copy_of']}"
+    averaged = row.get("averaged")
+    if isinstance(averaged, str) and averaged.startswith("mismatch"):
+        return averaged  # "mismatch: parts 0-3, 9": what it sent is not what it committed
     if isinstance(row.get("verdict"), str):  # the validator's own word for it
         return str(row["verdict"]).replace("_", "-")
     if row.get("own_ok") is False:

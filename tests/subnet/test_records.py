@@ -32,6 +32,11 @@ def test_validator_reports_parse(tmp_path: Path) -> None:
             MinerRow(uid=2, hotkey="b", shard=0, status="scored", loss_delta=0.4, own_ok=True,
                      copy_of=1, score=0.0, ema=0.0, weight=0.0),
             MinerRow(uid=3, hotkey="c", shard=0, status="refused", reason="missing"),
+            MinerRow(uid=4, hotkey="d", shard=0, status="scored", loss_delta=0.4, own_ok=True,
+                     score=0.0, verdict="mismatch", averaged="mismatch: parts 0-2, 5",
+                     committed_block=17, revealed=True),
+            MinerRow(uid=5, hotkey="e", shard=0, status="refused", reason="unrevealed",
+                     committed_block=18, revealed=False),
         ], 7.5),
     )  # fmt: skip
     with path.open("a") as fh:
@@ -41,9 +46,11 @@ def test_validator_reports_parse(tmp_path: Path) -> None:
     parsed = ValidatorWindow.parse(rows[0])
     assert parsed is not None
     assert parsed.window == 3 and parsed.heldout_loss == 7.5 and parsed.next_heldout_loss == 7.0
-    assert parsed.scores == {1: 0.4, 2: 0.0, 3: 0.0}
+    assert parsed.scores == {1: 0.4, 2: 0.0, 3: 0.0, 4: 0.0, 5: 0.0}
     assert parsed.weights[1] == 0.7 and parsed.ema[1] == 0.12
-    assert parsed.verdicts == {1: "ok", 2: "copy of 1", 3: "missing"}
+    assert parsed.verdicts == {
+        1: "ok", 2: "copy of 1", 3: "missing", 4: "mismatch: parts 0-2, 5", 5: "unrevealed",
+    }  # fmt: skip
     assert parsed.published == "window-4"
     assert ValidatorWindow.parse({"window": "x"}) is None
 
