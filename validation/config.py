@@ -108,6 +108,13 @@ class ValidationConfig(StrictModel):
         description="a row whose removal alone drops a pair's cosine this far below the median "
         "row's is the pair's family (a near-duplicate), left out of the shared direction",
     )
+    replay_threshold: float = Field(
+        default=0.95,
+        gt=0.0,
+        le=1.0,
+        description="cosine with a Δ admitted in the last window above which a Δ is a replay "
+        "of it (commit before reveal rules out copies within a window, not replays)",
+    )
     ema_alpha: float = Field(
         default=0.3, gt=0.0, le=1.0, description="weight of the newest score in the moving average"
     )

@@ -54,6 +54,7 @@ from validation.scoring import (
     clip_factor,
     delta_norm,
     find_copies,
+    find_replays,
     flatten,
     heldout_outcome,
     heldout_verdict,
@@ -93,12 +94,13 @@ def evaluate(
     pinned: Mapping[str, float],
     momentum: Mapping[str, torch.Tensor],
     state: ValidatorState,
+    earlier: Sequence[Admitted] = (),
 ) -> tuple[float, list[MinerRow]]:
     """Loss delta, own-data, held-out-rival and copy verdicts for each admitted
     contribution; returns L(θ_w; E) (`heldout`, from the public split when `public`) and
     one row per contribution (order of `admitted`). `pinned` are the ledger weights at the
     window's start (hotkey -> weight), `momentum` the outer momentum, `state` the strikes
-    and flags of earlier windows."""
+    and flags of earlier windows, `earlier` the last window's admitted Δ (for replays)."""
     cfg, vcfg, model = ctx.cfg, ctx.cfg.validation, ctx.model
     n_train = ctx.train_pages.shape[0]
     held = heldout
@@ -177,7 +179,7 @@ def evaluate(
             head_gains.append(base[:n_head] - new[:n_head])
             own_gains.append(mine[:half] - new[n_head : n_head + half])
             rival_rows.append(row)
-    copy_check(cfg, ctx.shards, admitted, rows, momentum)
+    copy_check(cfg, ctx.shards, admitted, rows, momentum, earlier)
     heldout_check(cfg, state, rival_rows, head_gains, own_gains, n_e)
     for a, row in zip(admitted, rows, strict=True):
         row.score = window_score(
@@ -269,9 +271,11 @@ def copy_check(
     admitted: Sequence[Admitted],
     rows: list[MinerRow],
     momentum: Mapping[str, torch.Tensor],
+    earlier: Sequence[Admitted] = (),
 ) -> None:
     """Mark later near-duplicates within each shard (by the ledger block of their
-    commitments, then hotkey)."""
+    commitments, then hotkey), and replays of a Δ admitted in the last window
+    (`scoring.find_replays`)."""
     for shard in sorted({a.shard for a in admitted}):
         members = sorted(
             (i for i, a in enumerate(admitted) if a.shard == shard),
@@ -293,3 +297,13 @@ def copy_check(
             row = rows[members[pos]]
             row.copy_of = admitted[members[found.original]].uid
             row.copy_cosine = found.cosine
+        before = [b for b in earlier if b.shard == shard]
+        replays = find_replays(
+            [flatten(admitted[i].delta) for i in members], [flatten(b.delta) for b in before],
+            cfg.validation.replay_threshold,
+        )  # fmt: skip
+        for pos, found in replays.items():
+            row = rows[members[pos]]
+            if row.copy_of is None:
+                row.copy_of = before[found.original].uid
+                row.copy_cosine = found.cosine

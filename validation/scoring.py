@@ -493,6 +493,29 @@ def find_copies(
     return copies
 
 
+def find_replays(
+    current: Sequence[torch.Tensor], earlier: Sequence[torch.Tensor], threshold: float
+) -> dict[int, CopyVerdict]:
+    """Which of this window's Δ replay a Δ admitted in an earlier window: entry i maps to
+    the earlier Δ j with the highest plain cosine, when it reaches `threshold`.
+
+    Plain, not residual, cosine: two windows' Δ were trained from different models on
+    different pages, so honest ones are far from collinear (a Δ is never an earlier one
+    again), while a replay, rescaled or not, points the same way. A replay hidden under
+    noise falls below the threshold and then fails the own-data check instead (it was
+    not trained on this window's pages). Zero vectors match nothing."""
+    if not current or not earlier:
+        return {}
+    stack = torch.stack([v.reshape(-1) for v in [*current, *earlier]])
+    sims = cosine_matrix(stack)[: len(current), len(current) :]
+    found: dict[int, CopyVerdict] = {}
+    for i in range(len(current)):
+        j = int(torch.argmax(sims[i]))
+        if float(sims[i, j]) >= threshold:
+            found[i] = CopyVerdict(original=j, cosine=float(sims[i, j]))
+    return found
+
+
 def window_score(
     gain: float, *, admitted: bool, own_ok: bool, copied: bool, heldout_ok: bool = True
 ) -> float:

@@ -159,6 +159,7 @@ class Validator:
         self.weight_setter = WeightSetter(self.ledger, keypair, every=self.vcfg.weights_every)
         # The last scored window's admitted Δ by UID, for checking hivemind group averages.
         self.last_admitted: dict[int, Admitted] = {}
+        self._last_window = -1  # the window `last_admitted` belongs to (replays look back one)
         # What each member of a group weighs in its average: the same ledger field and
         # floor every group member reads (`averaging.weights`).
         self.group_weights = LedgerWeights(
@@ -305,14 +306,16 @@ class Validator:
             self.store, refs, roster=roster, window=window, shapes=self.shapes,
             commitments=commitments, deadline_block=deadline(window, cfg.window), cfg=cfg,
         )  # fmt: skip
+        earlier = list(self.last_admitted.values()) if self._last_window == window - 1 else []
         self.last_admitted = {a.uid: a for a in admitted}
+        self._last_window = window
         eval_started = time.perf_counter()
         held, public = self.heldout_pages(window)
         pinned = self.group_weights.table(start_block(window, cfg.window))
         ctx = EvalContext(cfg, self.model, self.shards, self.pages.train, self.secret, self.device)
         base_loss, rows = evaluate(
             ctx, window, admitted, heldout=held, public=public, pinned=pinned,
-            momentum=self.momentum, state=self.state,
+            momentum=self.momentum, state=self.state, earlier=earlier,
         )  # fmt: skip
         eval_seconds = time.perf_counter() - eval_started
         rows += [

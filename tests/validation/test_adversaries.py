@@ -167,3 +167,26 @@ def test_mixers_find_nothing_and_backdaters_are_late(subnet_factory: Factory) ->
     assert rows[net.uid("backdater")].reason == "late"
     assert rows[net.uid("mixer")].reason == "missing"
     assert rows[net.uid("honest")].status == "scored" and rows[net.uid("honest")].copy_of is None
+
+
+def test_a_replay_of_the_last_windows_delta_earns_nothing(subnet_factory: Factory) -> None:
+    """Commit before reveal rules out copying within a window, not replaying: a Δ that
+    points the way a Δ of the last window did (rescaled here) is named as that one's copy."""
+    net = subnet_factory(["honest", "replayer"], key_seed="replay")
+    validator = net.validator()
+    net.mine(1, ["honest"])
+    old = {n: t.clone() for n, t in net.deltas["honest"].items()}
+    net.to_deadline(1)
+    validator.process_window(1)
+    net.mine(2, ["honest"])
+    net.publish(
+        net.miners["replayer"], net.uid("replayer"), 2, 0, {n: 1.7 * t for n, t in old.items()}
+    )
+    net.to_deadline(2)
+    report = validator.process_window(2)
+    validator.close()
+    rows = {r.uid: r for r in report.miners}
+    replay = rows[net.uid("replayer")]
+    assert replay.copy_of == net.uid("honest") and replay.score == 0.0
+    assert replay.copy_cosine is not None and replay.copy_cosine > 0.99
+    assert rows[net.uid("honest")].copy_of is None

@@ -15,6 +15,7 @@ from validation.scoring import (
     cosine_matrix,
     delta_norm,
     find_copies,
+    find_replays,
     flatten,
     heldout_outcome,
     heldout_verdict,
@@ -369,3 +370,15 @@ def test_delta_norm_is_the_norm_of_the_flattened_delta() -> None:
     delta = {"b": torch.randn(3, 5, generator=gen), "a": torch.randn(7, generator=gen).half()}
     assert delta_norm(delta) == pytest.approx(float(flatten(delta).double().norm()), rel=1e-6)
     assert delta_norm({"z": torch.zeros(4)}) == 0.0
+
+
+def test_replays_are_found_by_plain_cosine() -> None:
+    g = torch.Generator().manual_seed(0)
+    earlier = [torch.randn(500, generator=g) for _ in range(3)]
+    fresh = torch.randn(500, generator=g)
+    noisy = earlier[1] * 2 + 0.5 * torch.randn(500, generator=g)  # cosine ≈ 0.97
+    found = find_replays([fresh, 3 * earlier[2], noisy, torch.zeros(500)], earlier, 0.95)
+    assert set(found) == {1, 2}
+    assert found[1].original == 2 and found[1].cosine == pytest.approx(1.0)
+    assert found[2].original == 1 and 0.95 < found[2].cosine < 1.0
+    assert find_replays([fresh], [], 0.95) == {} and find_replays([], earlier, 0.95) == {}
