@@ -29,7 +29,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 
 from averaging.parts import reduce_parts
@@ -46,17 +45,10 @@ class ShardAverage:
     members: list[tuple[int | None, str, float]]  # (UID, hotkey, share of the weight)
 
 
-def unflatten(shapes: Mapping[str, Sequence[int]], vector: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A shard's tensors from one vector in `scoring.flatten`'s (sorted name) order."""
-    out, offset = {}, 0
-    for name in sorted(shapes):
-        numel = int(np.prod(shapes[name]))
-        out[name] = vector[offset : offset + numel].view(tuple(shapes[name]))
-        offset += numel
-    return out
-
-
-def _shares(hotkeys: Sequence[str], weights: Mapping[str, float], floor: float) -> list[float]:
+def weight_shares(
+    hotkeys: Sequence[str], weights: Mapping[str, float], floor: float
+) -> list[float]:
+    """Each hotkey's share of the pinned ledger weight (`floor` for one the table lacks)."""
     raw = [weights.get(h, floor) for h in hotkeys]
     total = sum(raw)
     return [w / total for w in raw] if total > 0 else [1.0 / len(raw)] * len(raw)
@@ -80,7 +72,7 @@ def shard_averages(
     for shard in sorted(shapes):
         result = results.get(shard)
         if isinstance(result, AverageResult) and result.members:
-            shares = _shares(result.members, weights, floor)
+            shares = weight_shares(result.members, weights, floor)
             members = [(uid_of.get(h), h, s) for h, s in zip(result.members, shares, strict=True)]
             out.append(ShardAverage(shard, "group", dict(result.tensors), members))
             continue
@@ -92,7 +84,7 @@ def shard_averages(
             [a.delta for a in rows], [weights.get(h, floor) for h in hotkeys], shapes[shard],
             averaging.wire, averaging.wire_part_size_bytes, averaging.robust,
         )  # fmt: skip
-        shares = _shares(hotkeys, weights, floor)
+        shares = weight_shares(hotkeys, weights, floor)
         members = [(a.uid, a.hotkey, s) for a, s in zip(rows, shares, strict=True)]
         out.append(ShardAverage(shard, "store", average, members))
     return out

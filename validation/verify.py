@@ -50,6 +50,7 @@ from train.startup import load_checkpoint_momentum, load_checkpoint_weights
 from train.windows import deadline, start_block
 from validation.admission import Admitted, Refused, Roster, admit, run_scheme
 from validation.listing import committed_location
+from validation.next_model import weight_shares
 
 logger = logging.getLogger(__name__)
 
@@ -162,12 +163,14 @@ def verify_window(cfg: RunConfig, window: int, *, workdir: Path | None = None) -
         for shard, members in sorted(by_shard.items()):
             members.sort(key=lambda m: m[0].hotkey)
             ledger_w = [weights.get(a.hotkey, cfg.averaging.weight_floor) for a, _ in members]
-            total = sum(ledger_w)
-            for (a, listed), lw in zip(members, ledger_w, strict=True):
-                if not math.isclose(listed, lw / total, rel_tol=1e-6, abs_tol=1e-9):
+            shares = weight_shares(
+                [a.hotkey for a, _ in members], weights, cfg.averaging.weight_floor
+            )
+            for (a, listed), share in zip(members, shares, strict=True):
+                if not math.isclose(listed, share, rel_tol=1e-6, abs_tol=1e-9):
                     problems.append(
                         f"UID {a.uid}: weight {listed:.6g} in the checkpoint, the ledger's "
-                        f"pinned share is {lw / total:.6g}"
+                        f"pinned share is {share:.6g}"
                     )
             avg = cfg.averaging
             average = reduce_parts(
