@@ -49,7 +49,10 @@ def test_honest_miner_takes_the_weight_and_a_restart_keeps_it(
     capsys: pytest.CaptureFixture[str],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    net = subnet_factory(BEHAVIOURS)
+    # The own-data check is statistical, so the keys (and with them every miner's pages and
+    # the validator's secret) come from a fixed seed: with random keys the noise miner
+    # passed it outright by luck now and then (t ≥ 2, once in CI) and earned a crumb.
+    net = subnet_factory(BEHAVIOURS, key_seed="weights")
     uids = {name: net.uid(name) for name in BEHAVIOURS}
     validator = net.validator()
     reports = []
