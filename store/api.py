@@ -60,6 +60,7 @@ from store.local import LocalBackend
 from store.manifest import (
     Compression,
     ContributionManifest,
+    Trajectory,
     build_manifest,
     check_signature,
     commitment_digest,
@@ -265,6 +266,7 @@ class Store:
         window: int,
         shard: int,
         compression: Compression | None = None,
+        trajectory: Trajectory | None = None,
     ) -> PreparedContribution:
         """Serialize `tensors` and sign their manifest, without storing anything yet.
 
@@ -295,6 +297,7 @@ class Store:
             sha256=sha256,
             compression=compression or Compression(),
             tensors=specs,
+            trajectory=trajectory,
         )
         return PreparedContribution(manifest=manifest, data=data)
 
@@ -450,6 +453,33 @@ class Store:
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                     raise Rejected("not_finite", f"tensor {name!r} holds NaN or infinity")
         return VerifiedContribution(ref=ref, manifest=manifest, tensors=tensors)
+
+    # ---- small files exchanged between participants (proofs) ---------------------------
+    def put_files(self, folder: str, files: Mapping[str, bytes | Path], *, message: str) -> None:
+        """Write `files` (name -> bytes or a local file) into `folder` of this store's
+        contributions location, in the mapping's order: put last the file that readers
+        look for. See `Backend.put_files`; the paths come from `store.layout`, e.g.
+
+            store.put_files(layout.answer_dir(w, validator, miner),
+                            {"tensors.safetensors": path, "answer.json": body},
+                            message=f"proof answer window {w}")
+        """
+        self.backend.put_files(folder, files, message=message)
+
+    def fetch_file(self, location: str, path: str, max_bytes: int) -> Path | None:
+        """A local path to read `path` from in the contributions location `location`
+        (another participant's, as it committed it to the chain, or our own), or None when
+        that file or location does not exist. `Rejected("too_large")` before fetching a
+        file over `max_bytes`. The file may be shared (the store's own file or a download
+        cache): read it, never write to it.
+        """
+        try:
+            own = location == self.contributions_location
+            backend = self.backend if own else self.backend.at(location)
+        except NotFound as exc:
+            logger.info("no files at %s: %s", location, exc)
+            return None
+        return backend.fetch_file(path, max_bytes)
 
 
 def _match_expected(got: Mapping[str, TensorSpec], expected: Mapping[str, TensorSpec]) -> None:

@@ -35,6 +35,7 @@ Reason = Literal[
     "shape_mismatch",
     "dtype_mismatch",
     "not_finite",  # a NaN or infinity in a floating-point tensor
+    "bad_answer",  # a proof-of-work challenge or answer that is not a valid document
 ]
 
 REASONS: frozenset[str] = frozenset(get_args(Reason))

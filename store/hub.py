@@ -8,7 +8,8 @@ the latest model) tagged ``window-<w>``; ``latest`` is the highest tag. So
 Contributions live in the miner's own repo (a dataset repo by default) under
 ``contributions/window-<w>/shard-<s>/``; the validator lists them with one recursive tree
 call whose ``expand`` data gives the date of the commit that last touched each manifest,
-which is when the Hub received the contribution.
+which is when the Hub received the contribution. Files put with `put_files` (proofs) go
+to the same repo, all in one commit on ``main``; `fetch_file` reads the head of ``main``.
 
 The token comes from ``HF_TOKEN`` (or the saved login), the address from
 ``store.hub.endpoint``, else ``HF_ENDPOINT``, else huggingface.co; both are read when the
@@ -28,7 +29,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,7 +37,7 @@ from typing import Any, TypeVar
 from tqdm import tqdm
 
 from store import layout
-from store.backend import Backend, CheckpointRef, ContributionRef
+from store.backend import Backend, CheckpointRef, ContributionRef, exchange_files
 from store.checkpoint import PROVENANCE_FILE, PROVENANCE_MAX_BYTES, Provenance, parse_provenance
 from store.config import REPO_ID, StoreConfig
 from store.errors import NotFound, Rejected, RemoteError, StoreConflict, StoreError
@@ -576,3 +577,36 @@ class HubBackend(Backend):
             return self._download(repo, kind, ref.revision, path)
         except NotFound:
             raise Rejected("not_found", f"{ref.manifest_path} names {file_name}, missing") from None
+
+    # ---- small files exchanged between participants (proofs) ---------------------------
+    def put_files(self, folder: str, files: Mapping[str, bytes | Path], *, message: str) -> None:
+        from huggingface_hub import CommitOperationAdd
+
+        repo, kind = self._contrib_repo(), self.contributions_repo_type
+        operations = [
+            CommitOperationAdd(rel, str(body) if isinstance(body, Path) else body)
+            for rel, body in exchange_files(folder, files)
+        ]
+        self._ensure_repo(repo, kind)
+        self._call(
+            f"commit {folder} to {repo}",
+            lambda: self.api.create_commit(
+                repo, operations, repo_type=kind, commit_message=message, revision="main"
+            ),
+        )
+        logger.info("put %d files in %s/%s (%s)", len(operations), repo, folder, message)
+
+    def fetch_file(self, path: str, max_bytes: int) -> Path | None:
+        repo, kind = self._contrib_repo(), self.contributions_repo_type
+        rel = layout.safe_relpath(path)
+        try:
+            head = self._head_sha(repo, kind, "main")
+            size = self._file_size(repo, kind, head, rel)
+            if size is not None and size > max_bytes:
+                raise Rejected("too_large", f"{repo}/{rel}: {size} bytes, limit {max_bytes}")
+            local = self._download(repo, kind, head, rel)
+        except NotFound:
+            return None
+        if local.stat().st_size > max_bytes:  # the Hub did not say its size beforehand
+            raise Rejected("too_large", f"{repo}/{rel}: over {max_bytes} bytes")
+        return local

@@ -9,6 +9,7 @@ Layout under the root::
     refs/latest                                  "window-<w>", the highest window published
     contributions/window-<w>/shard-<s>/<hotkey>.json
     contributions/window-<w>/shard-<s>/<hotkey>-<sha256[:16]>.safetensors
+    proofs/window-<w>/...                        files put with `put_files` (see layout)
 
 Every write is atomic, so readers in other processes never see half of anything: a
 checkpoint is built in a staging folder under ``.staging/``, fsync'ed, and
@@ -16,7 +17,8 @@ renamed into place in one step (a second publish of the same window fails on the
 rename); files go through temp file + fsync + rename; ``refs/latest`` only moves forward,
 under an exclusive lock so two publishers cannot move it backwards. A contribution's
 tensor file lands before its manifest, and listing shows only manifests, so a listed
-contribution is always complete.
+contribution is always complete. `put_files` writes its files one by one in the order
+given, each atomically, so a reader that finds the last one finds them all.
 """
 
 from __future__ import annotations
@@ -30,12 +32,12 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 from store import layout
-from store.backend import Backend, CheckpointRef, ContributionRef
+from store.backend import Backend, CheckpointRef, ContributionRef, exchange_files
 from store.checkpoint import PROVENANCE_FILE
 from store.errors import NotFound, Rejected, StoreConflict, StoreError
 from store.fsio import Progress, copy_atomic, fsync_dir, fsync_tree, write_atomic
@@ -286,3 +288,35 @@ class LocalBackend(Backend):
         if size > max_bytes:
             raise Rejected("too_large", f"{file_name}: {size} bytes, limit {max_bytes}")
         return path
+
+    # ---- small files exchanged between participants (proofs) -------------------------
+    def put_files(self, folder: str, files: Mapping[str, bytes | Path], *, message: str) -> None:
+        checked = exchange_files(folder, files)
+        # Resolved before anything is created, so that a symlinked folder cannot lead out.
+        target = self._inside(self.root / layout.safe_relpath(folder))
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            # A new folder survives a crash only once the folder holding it is fsync'ed.
+            for parent in target.relative_to(self.root.resolve()).parents:
+                fsync_dir(self.root / parent)
+            for rel, content in checked:
+                path = target / rel.rsplit("/", 1)[1]
+                if isinstance(content, Path):
+                    copy_atomic(content, path)
+                else:
+                    write_atomic(path, content)
+        except OSError as exc:
+            raise StoreError(f"cannot put files in {folder} of {self.root}: {exc}") from exc
+        logger.info("put %d files in %s/%s (%s)", len(checked), self.root, folder, message)
+
+    def fetch_file(self, path: str, max_bytes: int) -> Path | None:
+        target = self._inside(self.root / layout.safe_relpath(path))
+        try:
+            if not target.is_file():
+                return None
+            size = target.stat().st_size
+        except FileNotFoundError:
+            return None  # removed while we looked
+        if size > max_bytes:
+            raise Rejected("too_large", f"{path}: {size} bytes, limit {max_bytes}")
+        return target

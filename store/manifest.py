@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import json
 import re
 from typing import Any, Literal
@@ -55,6 +56,16 @@ class TensorEntry(_Frozen):
         return TensorSpec(self.dtype, self.shape)
 
 
+class Trajectory(_Frozen):
+    """The inner trajectory a contribution commits to (`train.trajectory`): the segment
+    `bounds` [0, …, H] and the sha256 of the shard's state at every bound after 0, the
+    last being θ_H (the Δ is θ_w − θ_H). Validators spot-check segments of it
+    (`validation.proof_of_work`)."""
+
+    bounds: tuple[int, ...] = Field(min_length=2, max_length=4097)
+    states: tuple[str, ...] = Field(min_length=1, max_length=4096)
+
+
 class ContributionManifest(_Frozen):
     """Everything a validator needs to know about one contribution before it loads it."""
 
@@ -69,11 +80,14 @@ class ContributionManifest(_Frozen):
     compression: Compression
     tensors: dict[str, TensorEntry]
     created_at: str = Field(description="the miner's clock, informational only")
+    trajectory: Trajectory | None = None
     signature: str = Field(default="", description="hex Ed25519 signature, empty if unsigned")
 
     def unsigned_body(self) -> dict[str, Any]:
         body: dict[str, Any] = json.loads(self.model_dump_json())
         body.pop("signature")
+        if body.get("trajectory") is None:
+            body.pop("trajectory", None)  # manifests without one sign as they always did
         return body
 
     def tensor_specs(self) -> dict[str, TensorSpec]:
@@ -92,6 +106,7 @@ def build_manifest(
     compression: Compression,
     tensors: dict[str, TensorSpec],
     created_at: dt.datetime | None = None,
+    trajectory: Trajectory | None = None,
 ) -> ContributionManifest:
     """A manifest for the given file, signed by `keypair`."""
     when = created_at or dt.datetime.now(dt.UTC)
@@ -106,6 +121,7 @@ def build_manifest(
         compression=compression,
         tensors={n: TensorEntry(dtype=s.dtype, shape=s.shape) for n, s in tensors.items()},
         created_at=when.isoformat(),
+        trajectory=trajectory,
     )
     _check_fields(unsigned)
     signature = keypair.sign(signing_bytes(unsigned.unsigned_body())).hex()
@@ -151,6 +167,15 @@ def _check_fields(manifest: ContributionManifest) -> None:
     for name, entry in manifest.tensors.items():
         if entry.dtype not in DTYPE_SIZES or any(d < 0 for d in entry.shape):
             raise Rejected("bad_manifest", f"tensor {name!r}: bad dtype or shape")
+    trajectory = manifest.trajectory
+    if trajectory is not None:
+        b = trajectory.bounds
+        if b[0] != 0 or any(x >= y for x, y in itertools.pairwise(b)):
+            raise Rejected("bad_manifest", f"trajectory bounds {list(b)[:8]} do not rise from 0")
+        if len(trajectory.states) != len(b) - 1:
+            raise Rejected("bad_manifest", "trajectory needs one state digest per bound after 0")
+        if not all(_SHA256.match(d) for d in trajectory.states):
+            raise Rejected("bad_manifest", "trajectory state digests must be 64 lowercase hex")
 
 
 def parse_manifest(body: bytes) -> ContributionManifest:

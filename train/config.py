@@ -92,6 +92,23 @@ class TrainConfig(StrictModel):
     eval_pages: int = Field(
         default=16, ge=1, description="held-out pages the miner reports its loss on each window"
     )
+    pow_segments: int = Field(
+        default=4,
+        ge=0,
+        description="segments of the inner trajectory a miner commits to (the digest of its "
+        "shard state at each bound) for validators' proof-of-work spot checks (at most H); "
+        "0 = none",
+    )
+    pow_keep_windows: int = Field(
+        default=2,
+        ge=1,
+        description="windows whose trajectory states a miner keeps on disk to answer challenges",
+    )
+
+    @property
+    def trajectory_segments(self) -> int:
+        """Segments a trajectory is cut into: `pow_segments`, at most one per step."""
+        return min(self.pow_segments, self.inner_steps)
 
     @property
     def pages_per_window(self) -> int:

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +28,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from train.config import TrainConfig
+from train.trajectory import BoundaryHook, load_moments, read_moments
 
 logger = logging.getLogger(__name__)
 
@@ -103,12 +104,26 @@ def inner_loop(
     cfg: TrainConfig,
     *,
     on_step: Callable[[StepStats], None] | None = None,
+    start_step: int = 0,
+    stop_step: int | None = None,
+    moments: Mapping[str, torch.Tensor] | None = None,
+    boundaries: Collection[int] = (),
+    on_boundary: BoundaryHook | None = None,
 ) -> InnerStats:
     """Train `trainable` parameters for H steps on `pages` [H·B, seq_len]; returns stats.
 
-    The caller has already frozen everything outside `trainable`.
+    The caller has already frozen everything outside `trainable`. A part of the window
+    runs steps [`start_step`, `stop_step`) from AdamW `moments` (``name::exp_avg`` and
+    ``name::exp_avg_sq``, `train.trajectory`) as they were after `start_step` steps: what
+    a validator recomputes of a miner's trajectory. After each step that ends at one of
+    `boundaries`, `on_boundary(step, params, moments)` gets the shard's state there.
     """
-    needed = cfg.inner_steps * cfg.batch_size
+    stop = cfg.inner_steps if stop_step is None else stop_step
+    if not 0 <= start_step < stop <= cfg.inner_steps:
+        raise ValueError(f"steps [{start_step}, {stop}) are not within H = {cfg.inner_steps}")
+    if (start_step > 0) != (moments is not None):
+        raise ValueError("moments are given exactly when starting after step 0")
+    needed = stop * cfg.batch_size
     if pages.ndim != 2 or pages.shape[0] < needed:
         raise ValueError(
             f"need {needed} pages for {cfg.inner_steps} steps, got {tuple(pages.shape)}"
@@ -118,6 +133,9 @@ def inner_loop(
     if any(not p.requires_grad for p in params):
         raise ValueError("every parameter of the shard must be trainable")
     optimizer = make_optimizer(params, cfg)
+    shard = dict(zip(trainable, params, strict=True))
+    if moments is not None:
+        load_moments(optimizer, shard, moments, start_step)
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     wrapped.train()
     mine = process_slice(cfg.batch_size, accelerator)
@@ -130,7 +148,7 @@ def inner_loop(
     stats = InnerStats()
     device = accelerator.device
     try:
-        for step in range(cfg.inner_steps):
+        for step in range(start_step, stop):
             started = time.perf_counter()
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
@@ -168,6 +186,8 @@ def inner_loop(
                 )
             if on_step is not None:
                 on_step(stat)
+            if on_boundary is not None and step + 1 in boundaries:
+                on_boundary(step + 1, shard, read_moments(optimizer, shard))
     finally:
         # Forget the DDP wrapper and optimizer so the next window can pick another shard.
         accelerator.free_memory()

@@ -56,7 +56,7 @@ from chain.errors import ChainError
 from chain.keys import KeyFileError, Keypair, default_keys_dir, load_key
 from store.api import Store, open_store
 from store.errors import StoreError
-from store.manifest import Compression, commitment_body
+from store.manifest import Compression, Trajectory, commitment_body
 from tensormine.config import ConfigError, RunConfig, load_config
 from tensormine.tracking import Tracker
 from train.adversary import training_rows
@@ -70,6 +70,7 @@ from train.miner_state import StateMismatch, load_state, save_state
 from train.misbehaviour import misbehave, poisoned
 from train.model import build_model, model_fingerprint
 from train.pages import heldout_sample
+from train.responder import Responder
 from train.shards import make_trainable, shard_for_miner, shard_map, shard_state
 from train.startup import (
     StartupError,
@@ -83,6 +84,7 @@ from train.startup import (
     open_ledger,
     resolve_mixed_precision,
 )
+from train.trajectory import TrajectoryKeeper, segment_bounds
 from train.window_start import (
     StateOffer,
     check_canonical,
@@ -184,6 +186,17 @@ class Miner:
             self.offer = StateOffer(self.seat)
         if self.main:
             commit_contributions_location(self.ledger, keypair, self.store.contributions_location)
+        # Proof of work: the trajectory's states stay on disk until their challenges close,
+        # and a thread answers validators' challenges from them (`train.responder`).
+        self.keeper: TrajectoryKeeper | None = None
+        self.responder: Responder | None = None
+        if self.main and cfg.train.pow_segments:
+            self.keeper = TrajectoryKeeper(self.dir / "trajectory")
+            self.responder = Responder(
+                self.store, keypair, self.keeper, self.shards,
+                ledger_db=cfg.chain.db, backend=cfg.store.backend,
+            )  # fmt: skip
+            self.responder.start()
 
     # ---- start-up ------------------------------------------------------------------------
     def _prepare_genesis_and_data(self) -> None:
@@ -365,7 +378,19 @@ class Miner:
                 step=self.global_step,
             )
 
-        stats = inner_loop(self.acc, self.model, names, pages, cfg.train, on_step=log_step)
+        bounds = (
+            segment_bounds(cfg.train.inner_steps, cfg.train.trajectory_segments)
+            if self.keeper
+            else []
+        )
+        record = None
+        if self.keeper is not None:
+            self.keeper.prune(window - cfg.train.pow_keep_windows + 1)
+            record = self.keeper.recorder(window, shard, bounds)
+        stats = inner_loop(
+            self.acc, self.model, names, pages, cfg.train, on_step=log_step,
+            boundaries=bounds[1:], on_boundary=record,
+        )  # fmt: skip
         report = WindowReport(
             window=window,
             uid=self.uid,
@@ -440,9 +465,15 @@ class Miner:
         payload = contribution_payload(self.seat, shard, names, delta, cfg, residual)
         if payload.residual is not None:
             self.residual.update(payload.residual)
+        trajectory = None
+        if self.keeper is not None and (meta := self.keeper.meta(window)) is not None:
+            trajectory = Trajectory(
+                bounds=tuple(meta[1]), states=tuple(self.keeper.digests(window, meta[1]))
+            )
         prepared = self.store.prepare_contribution(
             payload.tensors, keypair=self.keypair, uid=self.uid, window=window, shard=shard,
             compression=Compression(scheme=str(payload.params["scheme"]), params=payload.params),
+            trajectory=trajectory,
         )  # fmt: skip
         due = deadline(window, cfg.window)
         self._commit(window, prepared.digest, report)
@@ -557,9 +588,17 @@ class Miner:
             reports.append(self.train_window(target))
             next_window = target + 1
         self.acc.wait_for_everyone()  # no process leaves while another is mid-collective
+        if self.responder is not None and reports and self.cfg.validation.pow_checks > 0:
+            # Validators challenge the last window after its reveal deadline: stay to answer.
+            wait = self.cfg.validation.pow_answer_s + 4 * self.cfg.window.reveal_blocks * (
+                self.cfg.chain.block_time_s
+            )
+            self.responder.linger(reports[-1].window, timeout=wait + 10.0)
         return reports
 
     def close(self) -> None:
+        if self.responder is not None:
+            self.responder.stop()
         if self.seat is not None:
             self.seat.close()
         self.tracker.finish()

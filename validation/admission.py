@@ -52,7 +52,7 @@ from chain.ledger import ContributionCommitment, Neuron
 from store.api import Store
 from store.backend import ContributionRef
 from store.errors import Rejected
-from store.manifest import commitment_digest
+from store.manifest import Trajectory, commitment_digest
 from store.safetensors_check import TORCH_DTYPES, TensorSpec
 from tensormine.config import RunConfig
 from train.shards import shard_for_miner
@@ -104,6 +104,10 @@ class Admitted:
     delta: dict[str, torch.Tensor]
     committed_block: int  # the ledger block that took its commitment: its time
     nbytes: int
+    # What proof of work reads (`validation.proof_of_work`): the committed trajectory and
+    # where the miner keeps its files (its answers go there too).
+    trajectory: Trajectory | None = None
+    source: str = ""
 
 
 @dataclass(frozen=True)
@@ -226,6 +230,8 @@ def admit(
         delta=delta,
         committed_block=commitment.block,
         nbytes=manifest.size,
+        trajectory=manifest.trajectory,
+        source=ref.source,
     )
 
 

@@ -34,10 +34,17 @@ logger = logging.getLogger(__name__)
 
 
 def update_scores(
-    state: ValidatorState, roster: Roster, rows: list[MinerRow], *, alpha: float
+    state: ValidatorState,
+    roster: Roster,
+    rows: list[MinerRow],
+    *,
+    alpha: float,
+    pow_fail_resets: bool = False,
 ) -> None:
     """Fold the window's `rows` into `state` (moving averages, strikes, flags, the UIDs'
-    hotkeys) and give each row its UID's new moving average and normalized weight."""
+    hotkeys) and give each row its UID's new moving average and normalized weight. With
+    `pow_fail_resets`, a UID whose proof of work failed (`row.pow`) restarts its moving
+    average from zero: a caught cheat costs what the average had built, not one window."""
     scores = {uid: 0.0 for uid in roster.miners.values()}
     for row in rows:
         if row.uid is not None and row.uid in scores:
@@ -46,6 +53,10 @@ def update_scores(
     # A UID that now belongs to another hotkey (re-registration) starts from zero.
     by_uid = {uid: hk for hk, uid in roster.miners.items()}
     ema = {uid: v for uid, v in state.ema.items() if state.hotkeys.get(uid) == by_uid.get(uid)}
+    if pow_fail_resets:
+        for row in rows:
+            if row.uid is not None and row.pow is not None and row.pow != "pass":
+                ema.pop(row.uid, None)
     state.ema = update_ema(ema, scores, alpha)
     # Own-data strikes: a pass clears them, anything else adds one; a UID that did not
     # publish keeps its count, one that changed hands starts again from zero.

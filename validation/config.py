@@ -77,6 +77,33 @@ class ValidationConfig(StrictModel):
         "train pages reaches this × the gain on the miner's own pages beyond them (and its t "
         "reaches own_data_min_t)",
     )
+    pow_checks: int = Field(
+        default=1,
+        ge=0,
+        description="segments of each contribution's committed trajectory the validator "
+        "recomputes (proof of work, `validation.proof_of_work`); 0 turns the checks off",
+    )
+    pow_answer_s: float = Field(
+        default=20.0,
+        gt=0.0,
+        description="seconds after its challenges within which a miner's answer must be in "
+        "its store; a missing answer fails the check",
+    )
+    pow_max_rel_error: float = Field(
+        default=0.05,
+        gt=0.0,
+        description="largest ‖claimed − recomputed update‖ / ‖recomputed update‖ of a segment",
+    )
+    pow_min_cosine: float = Field(
+        default=0.99,
+        ge=-1.0,
+        le=1.0,
+        description="least cosine between a segment's claimed and recomputed updates",
+    )
+    pow_fail_resets: bool = Field(
+        default=True,
+        description="a failed proof of work also resets the miner's score moving average to 0",
+    )
     probe_lr: float | None = Field(
         default=None,
         gt=0.0,

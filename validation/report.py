@@ -59,6 +59,10 @@ class MinerRow:
     committed_block: int | None = None  # the ledger block that took its commitment
     revealed: bool | None = None  # its contribution was listed by the reveal deadline
     averaged: str | None = None  # in | mismatch: parts … | dropped | absent (its group's word)
+    pow: str | None = None  # proof of work: pass | fail: <reason> (`validation.proof_of_work`)
+    pow_detail: str | None = None
+    pow_rel_error: float | None = None  # worst checked segment's
+    pow_cosine: float | None = None
     score: float = 0.0
     ema: float = 0.0
     weight: float = 0.0

@@ -16,18 +16,22 @@ before the deadline it joins w's hivemind groups as an auxiliary peer
    signature, window and shard, commitment before the deadline block and a reveal that
    matches it, sha256, shapes and dtypes, finite values (decoded too), size, compression;
    a refusal, or a miner with nothing revealed, scores 0 with its reason code
-   (`validation.admission`);
+   (`validation.admission`); and challenges each admitted one to prove its work: a few
+   segments of its committed inner trajectory, drawn after the deadline
+   (`validation.proof_of_work`);
 3. evaluates the admitted Δ against θ_w on its held-out sample E (drawn with its own
    secret, from its private `validation.heldout_files` when it has some, else the public
    split): the loss delta on E, the own-data, held-out-rival and copy checks
    (`validation.evaluate`, `validation.probes`, `validation.scoring`);
-4. takes what the groups said of each miner (a mismatch scores 0) and updates the moving
-   average, strikes and flags per UID (`validation.bookkeeping`);
+4. takes what the groups said of each miner (a mismatch scores 0);
 5. takes the outer step on each shard's group average (or what the group would have
    sent, rebuilt from the admitted Δ) and publishes θ_{w+1} with provenance; if another
    validator published w+1 first, it adopts that one (`validation.publish`,
-   `validation.next_model`); every `validation.weights_every` windows it sets the
-   normalized moving averages as weights (`validation.bookkeeping`);
+   `validation.next_model`); then it checks the miners' answers to its challenges by
+   recomputing the segments (a failure scores 0, a strike and a reset of the moving
+   average), updates the moving averages, strikes and flags per UID, and every
+   `validation.weights_every` windows sets the normalized moving averages as weights
+   (`validation.bookkeeping`);
 6. saves its state atomically (`validation.state`), checks the group averages against
    the admitted Δ (`validation.group_audit`), appends the window's record to
    ``<run.dir>/validators/<name>/windows.jsonl``, logs it to W&B at step w and prints a
@@ -66,6 +70,7 @@ from train.model import build_model
 from train.shards import shard_map
 from train.startup import (
     align_special_tokens,
+    commit_contributions_location,
     data_cache,
     ensure_window_zero,
     join_averaging,
@@ -91,6 +96,7 @@ from validation.probes import (
     read_secret_file,
     validator_secret,
 )
+from validation.proof_of_work import PowVerdict, SpotChecker
 from validation.publish import PublishContext, Pulls, enter_window, next_model
 from validation.report import (
     REFUSED,
@@ -101,6 +107,7 @@ from validation.report import (
     window_metrics,
     window_table,
 )
+from validation.scoring import OWN_FAIL
 from validation.state import ValidatorState, load_state, save_state
 
 logger = logging.getLogger("validation.validator")
@@ -175,6 +182,13 @@ class Validator:
         self.seat: Participant | None = None
         if cfg.averaging.enabled:
             self.seat = join_averaging(cfg, self.ledger, keypair, self.dir, self.model, self.shards)
+        # Proof of work: challenges go into our store, where miners look for them.
+        self.checker = SpotChecker(
+            cfg, keypair, self.store, self.secret, self.shards, self.shapes,
+            self.pages.train, self.device,
+        )  # fmt: skip
+        if self.checker.enabled:
+            commit_contributions_location(self.ledger, keypair, self.store.contributions_location)
 
     # ---- start-up ------------------------------------------------------------------------
     @property
@@ -300,12 +314,23 @@ class Validator:
                 f"{reveal_deadline(window, cfg.window)} is not made yet"
             )
         source = self.adopt(window)
+        theta_w = (
+            {k: v.detach().to("cpu").clone() for k, v in self.model.state_dict().items()}
+            if self.checker.enabled
+            else {}
+        )
         commitments = self.ledger.contribution_commitments(window)
         refs = self.list_contributions(window, roster)
         admitted, refused = admit_window(
             self.store, refs, roster=roster, window=window, shapes=self.shapes,
             commitments=commitments, deadline_block=deadline(window, cfg.window), cfg=cfg,
         )  # fmt: skip
+        issued = []
+        if self.checker.enabled:
+            due = self.ledger.block(deadline(window, cfg.window))
+            assert due is not None  # the reveal deadline, later, exists
+            issued = self.checker.issue(window, admitted, block=due.number, block_hash=due.hash)
+        answers_due = time.monotonic() + self.vcfg.pow_answer_s
         earlier = list(self.last_admitted.values()) if self._last_window == window - 1 else []
         self.last_admitted = {a.uid: a for a in admitted}
         self._last_window = window
@@ -331,7 +356,6 @@ class Validator:
         got = group_round(cfg, window, groups)
         if got is not None:
             mark_averaged(rows, got[0])
-        update_scores(self.state, roster, rows, alpha=self.vcfg.ema_alpha)
         report = WindowReport(
             window=window, validator=self.name, block=self.ledger.block_number(),
             heldout_loss=base_loss, contributions=len(refs), admitted=len(admitted),
@@ -345,6 +369,15 @@ class Validator:
         self.momentum = next_model(
             publish, window, admitted, rows, got, report, momentum=self.momentum,
             pinned=pinned, heldout=held,
+        )  # fmt: skip
+        # θ_{w+1} is out (proof of work never changes it); now the spot checks gate the
+        # scores (the provenance lists the loss-delta scores before them).
+        if issued:
+            verdicts = self.checker.settle(window, issued, theta_w, until=answers_due)
+            apply_verdicts(rows, verdicts)
+        update_scores(
+            self.state, roster, rows, alpha=self.vcfg.ema_alpha,
+            pow_fail_resets=self.vcfg.pow_fail_resets,
         )  # fmt: skip
         report.weights_set = self.weight_setter.maybe_set(self.state, window)
         self.state.window = window + 1
@@ -412,6 +445,25 @@ class Validator:
             self.seat.close()
         self.tracker.finish()
         self.ledger.close()
+
+
+def apply_verdicts(rows: Sequence[MinerRow], verdicts: Mapping[int, PowVerdict]) -> None:
+    """Proof of work gates the score: a failed check scores 0 and counts as a strike (as
+    the other checks' failures do); a pass keeps the loss-delta score."""
+    for row in rows:
+        verdict = verdicts.get(row.uid) if row.uid is not None else None
+        if verdict is None or row.status == REFUSED:
+            continue
+        row.pow, row.pow_detail = verdict.label, verdict.detail or None
+        row.pow_rel_error, row.pow_cosine = verdict.rel_error, verdict.cosine
+        if not verdict.ok:
+            row.score = 0.0
+            row.own_outcome = OWN_FAIL
+            row.verdict = f"pow_{verdict.reason}"
+            logger.warning(
+                "UID %d (%s…) failed its proof of work: %s %s",
+                row.uid, row.hotkey[:8], verdict.reason, verdict.detail,
+            )  # fmt: skip
 
 
 def build_arg_parser() -> argparse.ArgumentParser:

@@ -16,13 +16,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from averaging.parts import decode_payload
-from chain.keys import create_key
+from chain.keys import Keypair, create_key
 from chain.ledger import Ledger
-from store.api import open_store
+from store.api import Store, open_store
 from store.manifest import commitment_digest
-from tensormine.config import load_config
+from tensormine.config import RunConfig, load_config
 from train.model import build_model
 from train.shards import shard_map
 from train.windows import deadline
@@ -167,3 +168,58 @@ def test_two_miners_train_publish_and_improve(tmp_path: Path) -> None:
     assert common[-1] in in_step and len(in_step) >= len(common) - 1, by_window
     both = sorted(kp.address for kp in miners.values())
     assert all(by_window["m0"][w]["members"] == both for w in in_step)
+    check_trajectories(cfg, run, store, miners, by_window)
+
+
+def check_trajectories(
+    cfg: RunConfig,
+    run: Path,
+    store: Store,
+    miners: dict[str, Keypair],
+    by_window: dict[str, dict[int, dict[str, object]]],
+) -> None:
+    """Proof of work: the states each miner committed for its last window are the ones it
+    kept, and every segment after the first recomputes in this one process (as a validator
+    would) within the validators' tolerance: the two-process DDP miner's too. (With one
+    shard the state at a segment's start is the whole model, so θ_w is not needed.)"""
+    from train.data import load_pages
+    from train.startup import data_cache, load_tokenizer_from
+    from train.trajectory import TrajectoryKeeper, digest_of_state, segment_bounds
+    from validation.proof_of_work import SpotChecker, compare_update
+
+    assert cfg.model.shards == 1
+    store.pull_checkpoint(run / "pulled-0", window=0, progress=False)
+    tokenizer = load_tokenizer_from(run / "pulled-0")
+    pages = load_pages(cfg.data, tokenizer, data_cache(cfg))
+    model = build_model(cfg.model, cfg.run.seed)
+    names = shard_map(model, 1)[0]
+    shapes = {0: {n: tuple(p.shape) for n, p in model.named_parameters()}}
+    bounds = segment_bounds(cfg.train.inner_steps, cfg.train.trajectory_segments)
+    for name, kp in miners.items():
+        window = max(by_window[name])
+        keeper = TrajectoryKeeper(run / "miners" / name / "trajectory")
+        assert keeper.meta(window) == (0, bounds)
+        ref = next(r for r in store.list_contributions(window, shard=0) if r.hotkey == kp.address)
+        trajectory = store.read_manifest(ref).trajectory
+        assert trajectory is not None and list(trajectory.bounds) == bounds
+        checker = SpotChecker(
+            cfg, kp, store, b"", [names], shapes, pages.train, torch.device("cpu")
+        )
+        for index in range(1, len(bounds) - 1):
+            start, end = keeper.load(window, bounds[index]), keeper.load(window, bounds[index + 1])
+            assert start is not None and end is not None
+            for step, state in ((bounds[index], start), (bounds[index + 1], end)):
+                assert (
+                    digest_of_state(step, state, state, names)
+                    == trajectory.states[bounds.index(step) - 1]
+                )
+            params = {n: start[n] for n in names}
+            moments = {k: v for k, v in start.items() if "::" in k}
+            again = checker.recompute(
+                kp.address, window, names, params, params, moments,
+                bounds[index], bounds[index + 1],
+            )  # fmt: skip
+            rel, cos = compare_update(params, {n: end[n] for n in names}, again)
+            print(f"{name} window {window} segment {index}: relative error {rel:.3g}, cos {cos}")
+            assert rel <= cfg.validation.pow_max_rel_error, (name, index, rel)
+            assert cos >= cfg.validation.pow_min_cosine, (name, index, cos)

@@ -5,7 +5,9 @@
 from the store's θ_window exactly as `train.miner` would (inner loop, Δ = θ_w − θ,
 compression, signed manifest, a commitment on the ledger, then the reveal);
 `Subnet.to_deadline(window)` produces blocks up to the window's reveal deadline, when a
-validator may score it.
+validator may score it. Proof of work is off here unless a test turns it on
+(`train.pow_segments`, `validation.pow_checks`); then miners of `tests.validation.work`'s
+behaviours commit their trajectories and answer challenges with `train.responder`.
 """
 
 from __future__ import annotations
@@ -24,13 +26,15 @@ from chain.config import RAO_PER_TAO
 from chain.keys import Keypair, create_key
 from chain.ledger import Ledger
 from store.api import Store, open_store
-from store.manifest import Compression
+from store.manifest import Compression, Trajectory
 from tensormine.config import RunConfig, load_config
 from train.adversary import make_adversarial_delta, training_rows
 from train.inner import inner_loop
 from train.model import build_model
+from train.responder import Responder
 from train.shards import apply_to_shard, make_trainable, shard_map, shard_state
 from train.startup import load_checkpoint_weights
+from train.trajectory import TrajectoryKeeper
 from train.windows import reveal_deadline, start_block, wait_for_block
 from validation.validator import Validator
 
@@ -69,6 +73,9 @@ def overrides(run: Path, data: Path, **extra: object) -> list[str]:
         "wandb.mode": "disabled",
         # These tests publish contributions themselves; no miner averages over hivemind.
         "averaging.enabled": False,
+        # Proof of work has tests of its own (test_proof_of_work.py).
+        "train.pow_segments": 0,
+        "validation.pow_checks": 0,
     }
     sets.update(extra)
     return [f"{k}={v}" for k, v in sets.items()]
@@ -92,6 +99,8 @@ class Subnet:
     deltas: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # last published
     producer: bool = False  # a `chain run` process makes the blocks: wait, never advance
     tiny: float = 0.0  # a free rider's Δ: tiny × what it trained (0: a zero Δ, no training)
+    keepers: dict[str, TrajectoryKeeper] = field(default_factory=dict)
+    responders: dict[str, Responder] = field(default_factory=dict)
 
     def uid(self, name: str) -> int:
         uid = self.ledger.uid_of(self.miners[name].address)
@@ -132,12 +141,14 @@ class Subnet:
         shard: int,
         tensors: dict[str, torch.Tensor],
         compression: Compression,
+        trajectory: Trajectory | None = None,
     ) -> None:
         """Prepare, commit and reveal a payload, as `train.miner` does (the reveal comes
         at once here: no one in these tests peeks before the deadline)."""
         prepared = store.prepare_contribution(
-            tensors, keypair=kp, uid=uid, window=window, shard=shard, compression=compression
-        )
+            tensors, keypair=kp, uid=uid, window=window, shard=shard, compression=compression,
+            trajectory=trajectory,
+        )  # fmt: skip
         self.commit(kp, window, prepared.digest)
         store.reveal_contribution(prepared)
 
@@ -168,6 +179,9 @@ class Subnet:
         for name in order:
             kp = self.miners[name]
             behaviour = name.split("-")[0]
+            if cfg.train.pow_segments:
+                self._mine_with_work(name, window, theta, roster, pages, model, acc)
+                continue
             uid = self.uid(name)
             shard = roster.shard_of(uid)
             names_s = shard_map(model, cfg.model.shards)[shard]
@@ -192,12 +206,63 @@ class Subnet:
             self.publish(kp, uid, window, shard, delta)
             apply_to_shard(model, names_s, start)
 
+    def _mine_with_work(
+        self,
+        name: str,
+        window: int,
+        theta: dict[str, torch.Tensor],
+        roster: object,
+        pages: object,
+        model: torch.nn.Module,
+        acc: Accelerator,
+    ) -> None:
+        """One miner of `tests.validation.work` trains, commits its trajectory with its Δ
+        and (unless silent) answers challenges from a `train.responder` thread."""
+        from tests.validation.work import Job, train_window
+
+        cfg, kp = self.cfg, self.miners[name]
+        behaviour, uid = name.split("-")[0], self.uid(name)
+        shard = roster.shard_of(uid)  # type: ignore[attr-defined]
+        names_s = shard_map(model, cfg.model.shards)[shard]
+        model.load_state_dict(theta)
+        count = cfg.train.pages_per_window
+        train = pages.train  # type: ignore[attr-defined]
+        rows = training_rows("honest", kp.address, window, cfg.run.seed, train, train, count)
+        other = training_rows("wrong_data", kp.address, window, cfg.run.seed, train, train, count)
+        keeper = self.keepers.setdefault(
+            name, TrajectoryKeeper(self.keys.parent / "trajectories" / name)
+        )
+        if behaviour != "silent" and name not in self.responders:
+            responder = Responder(
+                self.store, kp, keeper, shard_map(model, cfg.model.shards),
+                ledger_db=cfg.chain.db, backend=cfg.store.backend, interval=0.1,
+            )  # fmt: skip
+            responder.start()
+            self.responders[name] = responder
+        make_trainable(model, names_s)
+        job = Job(acc, model, names_s, rows, other, cfg.train, window, shard)
+        delta = train_window(behaviour, job, keeper)
+        meta = keeper.meta(window)
+        assert meta is not None
+        states = tuple(keeper.digests(window, meta[1]))
+        trajectory = Trajectory(bounds=tuple(meta[1]), states=states)
+        self.deltas[name] = delta
+        self.publish(kp, uid, window, shard, delta, trajectory)
+
     def publish(
-        self, kp: Keypair, uid: int, window: int, shard: int, delta: dict[str, torch.Tensor]
+        self,
+        kp: Keypair,
+        uid: int,
+        window: int,
+        shard: int,
+        delta: dict[str, torch.Tensor],
+        trajectory: Trajectory | None = None,
     ) -> None:
         encoded = encode(delta, self.cfg.compression, None)
         compression = Compression(scheme=self.cfg.compression.scheme, params=encoded.params)
-        self.publish_to(self.store, kp, uid, window, shard, dict(encoded.tensors), compression)
+        self.publish_to(
+            self.store, kp, uid, window, shard, dict(encoded.tensors), compression, trajectory
+        )
 
 
 def make_subnet(
@@ -253,4 +318,6 @@ def subnet_factory(tmp_path: Path, data_cache: Path) -> Iterator[object]:
 
     yield factory
     for net in made:
+        for responder in net.responders.values():
+            responder.stop()
         net.ledger.close()

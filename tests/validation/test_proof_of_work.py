@@ -1,0 +1,75 @@
+"""Proof of work against a real ledger and store: honest miners pass every spot check,
+each cheat of `tests.validation.work` fails its checks and earns nothing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from store.proofs import Answer, Challenge, SegmentAnswer, sign_message
+from tests.validation.conftest import Subnet
+from tests.validation.work import POW_BEHAVIOURS
+from validation.admission import Admitted
+from validation.proof_of_work import Issued
+
+Factory = Callable[..., Subnet]
+CHEATS = ("scaled2", "scaled4", "unassigned", "fabricator", "silent")
+EXPECTED = {
+    "scaled2": "recompute",
+    "scaled4": "recompute",
+    "unassigned": "recompute",
+    "fabricator": "state_mismatch",
+    "silent": "unanswered",
+}
+WORK = {
+    "train.pow_segments": 4,
+    "validation.pow_checks": 4,  # every segment: a cheat is caught in every window
+    "validation.pow_answer_s": 3,  # the silent miner is waited for this long
+}
+
+
+@pytest.mark.parametrize("seed", ["work-a", "work-b"])
+def test_honest_miners_pass_and_every_cheat_fails(subnet_factory: Factory, seed: str) -> None:
+    net = subnet_factory(list(POW_BEHAVIOURS), key_seed=seed, **WORK)
+    uids = {name: net.uid(name) for name in POW_BEHAVIOURS}
+    validator = net.validator()
+    for window in (1, 2):
+        net.mine(window)
+        net.to_deadline(window)
+        report = validator.process_window(window)
+        rows = {r.uid: r for r in report.miners}
+        for name in ("honest", "honest1t"):
+            row = rows[uids[name]]
+            assert row.pow == "pass", (name, row.pow, row.pow_detail)
+            # Proof of work gates, usefulness ranks: a pass keeps the loss-delta score.
+            assert row.score == row.loss_delta and row.score > 0, row
+        for name in CHEATS:
+            row = rows[uids[name]]
+            assert row.pow == f"fail: {EXPECTED[name]}", (name, row.pow, row.pow_detail)
+            assert row.score == 0.0 and row.ema == 0.0 and row.weight == 0.0
+    validator.close()
+
+
+def test_answers_for_another_window_or_other_segments_are_refused(
+    subnet_factory: Factory,
+) -> None:
+    net = subnet_factory(["honest"], key_seed="answers", **WORK)
+    validator = net.validator()
+    kp, me = net.miners["honest"], validator.keypair.address
+    admitted = Admitted(
+        uid=net.uid("honest"), hotkey=kp.address, shard=0, delta={}, committed_block=0, nbytes=0
+    )
+    challenge = Challenge(
+        window=2, miner=kp.address, validator=me, segments=(1,), block=1, block_hash="0" * 64
+    )
+    seg = SegmentAnswer(
+        index=1, file="segment-1.safetensors", sha256="0" * 64, size=0, end_moments="0" * 64
+    )
+    for window, segments, reason in ((3, (seg,), "wrong_window"), (2, (seg, seg), "bad_answer")):
+        answer = sign_message(
+            Answer(window=window, miner=kp.address, validator=me, segments=segments), kp
+        )
+        verdict = validator.checker._check(2, Issued(admitted, challenge), answer, {})
+        assert not verdict.ok and verdict.reason == reason, verdict
+    validator.close()
