@@ -11,10 +11,11 @@ answer challenges) and the tiny preset's model and training sizes (5.3 M paramet
 H = 20 steps of 8 × 128 tokens; `--smoke` keeps the harness's 0.4 M-parameter model).
 Three subnets, keys derived from `--seed` (so the same miners, pages and Δ in each):
 
-1. **Validator cost**: `--miners` honest miners committing 4-segment trajectories
-   (`train.pow_segments=4`), scored by a validator with spot checks
-   (`validation.pow_checks=1`) and by one without (`validation.pow_checks=0`), window by
-   window in alternation so both see the same load on a shared machine. The headline is
+1. **Validator cost**: `--miners` honest miners committing trajectories of
+   `--segments` segments (`train.pow_segments`, default the config's 10), scored by a
+   validator with spot checks (`validation.pow_checks=1`) and by one without
+   (`validation.pow_checks=0`), window by window in alternation so both see the same
+   load on a shared machine. The headline is
    `WindowReport.seconds` per contribution with checks over without (goal: ≤ 1.5×), with
    `eval_seconds` beside it; the recompute itself is `PowVerdict.seconds` (captured from
    `SpotChecker.settle`), and `settle` wall time includes waiting for the answers. The
@@ -64,6 +65,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.validation.conftest import Subnet, make_subnet  # noqa: E402
+from train.config import TrainConfig  # noqa: E402
 from train.inner import mean_loss  # noqa: E402
 from validation.proof_of_work import Issued, PowVerdict, SpotChecker  # noqa: E402
 from validation.report import MinerRow, WindowReport  # noqa: E402
@@ -86,7 +88,6 @@ TINY = {
 }
 CHEATS = ("scaled2", "unassigned")
 TOLERANCE = ("honest", "honest1t", *CHEATS)
-FABRICATED = {"scaled2": "k = 2 of 4 (H/2 steps, Δ × 2)", "unassigned": "k = 1 of 4"}
 
 
 @dataclass
@@ -281,7 +282,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--windows", type=int, default=2, help="windows of each run (from 1)")
     parser.add_argument("--miners", type=int, default=4, help="honest miners of the cost runs")
-    parser.add_argument("--segments", type=int, default=4, help="train.pow_segments")
+    parser.add_argument(
+        "--segments", type=int, default=TrainConfig().pow_segments, help="train.pow_segments"
+    )
     parser.add_argument("--checks", type=int, default=1, help="validation.pow_checks, run 1")
     parser.add_argument("--seed", default="bench-pow", help="key_seed of every subnet")
     parser.add_argument("--no-cheats", action="store_true", help="skip the tolerance run")
@@ -555,7 +558,11 @@ def main() -> None:
             f"| {m} | {got[1]['p']:.3f} | {got[1]['expected_windows']:.2f} | "
             f"{got[2]['p']:.3f} | {got[2]['expected_windows']:.2f} |"
         )
-    print(f"(scaled2: {FABRICATED['scaled2']}; unassigned: {FABRICATED['unassigned']})")
+    n = args.segments
+    print(
+        f"(scaled2 fakes the segments after H/2: k = {n - n // 2} of {n}, Δ × 2; "
+        f"unassigned trains one segment on other pages: k = 1 of {n})"
+    )
     print()
     print(f"results: {out}")
 

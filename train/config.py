@@ -93,7 +93,7 @@ class TrainConfig(StrictModel):
         default=16, ge=1, description="held-out pages the miner reports its loss on each window"
     )
     pow_segments: int = Field(
-        default=4,
+        default=10,
         ge=0,
         description="segments of the inner trajectory a miner commits to (the digest of its "
         "shard state at each bound) for validators' proof-of-work spot checks (at most H); "

@@ -22,11 +22,11 @@ valid challenge cannot fail us for not answering it).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chain.keys import Keypair
 from store import layout
@@ -45,6 +45,9 @@ from store.proofs import (
 )
 from store.sources import parse_contributions_location
 from train.trajectory import TrajectoryKeeper, moment_names, tensors_digest
+
+if TYPE_CHECKING:
+    from chain.ledger import Ledger
 
 logger = logging.getLogger(__name__)
 
@@ -112,12 +115,12 @@ class Responder:
         if ledger is not None:
             ledger.close()
 
-    def validators(self, ledger: object) -> dict[str, str]:
+    def validators(self, ledger: Ledger) -> dict[str, str]:
         """hotkey -> store location of every validator on the ledger."""
         own = self.store.contributions_location
-        commitments: Mapping[str, tuple[str, int]] = ledger.commitments()  # type: ignore[attr-defined]
+        commitments = ledger.commitments()
         out = {}
-        for n in ledger.neurons():  # type: ignore[attr-defined]
+        for n in ledger.neurons():
             if not n.validator_permit:
                 continue
             entry = commitments.get(n.hotkey)
@@ -145,6 +148,10 @@ class Responder:
                     self.answered.add((window, validator))
                     if self.answer(challenge):
                         count += 1
+                known = self.known
+                if known and all((window, v) in self.answered for v in known):
+                    # Every validator has its answer: the states have done their job.
+                    self.keeper.prune_window(window)
         return count
 
     def _read_challenge(self, window: int, validator: str, location: str) -> Challenge | None:
@@ -195,8 +202,8 @@ class Responder:
             files[name] = data
             answers.append(
                 SegmentAnswer(
-                    index=index, file=name, sha256=hashlib.sha256(data).hexdigest(),
-                    size=len(data), end_moments=tensors_digest(end, moment_names(names)),
+                    index=index, file=name, size=len(data),
+                    end_moments=tensors_digest(end, moment_names(names)),
                 )
             )  # fmt: skip
         answer = sign_message(

@@ -233,6 +233,11 @@ class TrajectoryKeeper:
                 shutil.rmtree(self.folder(window), ignore_errors=True)
                 self._digests.pop(window, None)
 
+    def prune_window(self, window: int) -> None:
+        """Drop the states of `window` (every challenge of it is answered)."""
+        shutil.rmtree(self.folder(window), ignore_errors=True)
+        self._digests.pop(window, None)
+
     def nbytes(self, window: int) -> int:
         """Disk the states of `window` take."""
         folder = self.folder(window)

@@ -77,11 +77,13 @@ class ValidationConfig(StrictModel):
         "train pages reaches this × the gain on the miner's own pages beyond them (and its t "
         "reaches own_data_min_t)",
     )
-    pow_checks: int = Field(
-        default=1,
-        ge=0,
+    pow_checks: float = Field(
+        default=1.0,
+        ge=0.0,
         description="segments of each contribution's committed trajectory the validator "
-        "recomputes (proof of work, `validation.proof_of_work`); 0 turns the checks off",
+        "recomputes (proof of work, `validation.proof_of_work`), on average: the whole "
+        "part always, one more with the fraction's probability (0.5 = half of the "
+        "contributions get one); 0 turns the checks off",
     )
     pow_answer_s: float = Field(
         default=20.0,

@@ -141,6 +141,10 @@ def window_metrics(report: WindowReport) -> dict[str, float | int]:
         metrics[f"{prefix}/ema"] = row.ema
         metrics[f"{prefix}/weight"] = row.weight
         metrics[f"{prefix}/admitted"] = int(row.status == SCORED)
+        if row.pow is not None:
+            metrics[f"{prefix}/pow_ok"] = int(row.pow == "pass")
+            if row.pow_rel_error is not None:
+                metrics[f"{prefix}/pow_rel_error"] = row.pow_rel_error
         # The verdict in one word as its own key (W&B charts numbers, not strings):
         # uid/3/verdict/late = 1, uid/5/verdict/copy = 1, uid/2/verdict/ok = 1, ...
         metrics[f"{prefix}/verdict/{row.verdict or row.reason or 'ok'}"] = 1
@@ -234,8 +238,9 @@ def _num(value: float | str | None, fmt: str = "{:+.4f}") -> str:
 def window_table(reports: Sequence[WindowReport]) -> Table:
     """One row per (window, miner): what was measured and what it earned."""
     table = Table(title="validator windows", show_lines=False)
-    for name in ("window", "L(θ_w;E)", "uid", "shard", "committed", "averaged", "status", "ΔL",
-                 "own margin", "own t", "copy of", "score", "EMA", "weight"):  # fmt: skip
+    columns = ("window", "L(θ_w;E)", "uid", "shard", "committed", "averaged", "work", "status",
+               "ΔL", "own margin", "own t", "copy of", "score", "EMA", "weight")  # fmt: skip
+    for name in columns:
         table.add_column(name, justify="left" if name == "status" else "right")
     for rep in reports:
         first = True
@@ -259,6 +264,7 @@ def window_table(reports: Sequence[WindowReport]) -> Table:
                 "-" if row.shard is None else str(row.shard),
                 committed + ("" if row.revealed is not False else ", unrevealed"),
                 row.averaged or "-",
+                row.pow or "-",
                 status or "-",
                 _num(row.loss_delta),
                 _num(row.own_margin),

@@ -92,7 +92,7 @@ def test_messages_are_signed_and_checked() -> None:
     assert got.value.reason == "bad_signature"
     answer = sign_message(
         Answer(window=3, miner=miner.address, validator=validator.address, segments=(
-            SegmentAnswer(index=1, file="../x.safetensors", sha256="0" * 64, size=1,
+            SegmentAnswer(index=1, file="../x.safetensors", size=1,
                           end_moments="0" * 64),)),
         miner,
     )  # fmt: skip

@@ -63,7 +63,11 @@ def train_window(behaviour: str, job: Job, keeper: TrajectoryKeeper) -> dict[str
     if behaviour == "honest1t":
         torch.set_num_threads(1)
     try:
-        inner_loop(job.acc, job.model, names, pages, cfg, boundaries=bounds[1:], on_boundary=record)
+        # `mine` makes one accelerator per window and drops it: no `free_memory` per miner.
+        inner_loop(
+            job.acc, job.model, names, pages, cfg, boundaries=bounds[1:],
+            on_boundary=record, release=False,
+        )  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     trained = shard_state(job.model, names)
@@ -102,7 +106,7 @@ def _scaled(
     keeper.start(job.window, job.shard, bounds)
     inner_loop(
         job.acc, job.model, names, pages, cfg, stop_step=half,
-        boundaries=bounds[1:], on_boundary=record,
+        boundaries=bounds[1:], on_boundary=record, release=False,
     )  # fmt: skip
     mid = shard_state(job.model, names)
     delta = {n: scale * (start[n] - mid[n]) for n in names}
