@@ -29,7 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from store.config import parse_size
-from store.errors import Rejected
+from store.errors import Rejected, first_problem
 from store.fsio import sha256_file, write_atomic
 from store.layout import safe_relpath
 from store.safetensors_check import PICKLE_SUFFIXES, check_safetensors
@@ -110,9 +110,8 @@ def parse_provenance(body: bytes) -> Provenance:
     try:
         prov = Provenance.model_validate_json(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or PROVENANCE_FILE
-        raise Rejected("bad_manifest", f"{PROVENANCE_FILE}: {where}: {first['msg']}") from None
+        problem = first_problem(exc, PROVENANCE_FILE)
+        raise Rejected("bad_manifest", f"{PROVENANCE_FILE}: {problem}") from None
     check_file_list(prov)
     return prov
 

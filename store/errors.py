@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
+from pydantic import ValidationError
+
 Reason = Literal[
     "not_found",  # the manifest or a file it names is missing
     "bad_manifest",  # manifest is not valid JSON or misses / mistypes a field
@@ -70,3 +72,11 @@ class Rejected(StoreError):
         self.reason: Reason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}")
+
+
+def first_problem(exc: ValidationError, what: str) -> str:
+    """``<field path>: <message>`` of the first problem pydantic found in a document
+    (`what` stands for the path when the document itself is the problem)."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or what
+    return f"{where}: {first['msg']}"

@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from chain.keys import Keypair, is_address, signing_bytes, verify
-from store.errors import Rejected
+from store.errors import Rejected, first_problem
 from store.safetensors_check import DTYPE_SIZES, TensorSpec
 
 FORMAT: Literal["tensormine-contribution/1"] = "tensormine-contribution/1"
@@ -183,9 +183,7 @@ def parse_manifest(body: bytes) -> ContributionManifest:
     try:
         manifest = ContributionManifest.model_validate_json(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "manifest"
-        raise Rejected("bad_manifest", f"{where}: {first['msg']}") from None
+        raise Rejected("bad_manifest", first_problem(exc, "manifest")) from None
     _check_fields(manifest)
     return manifest
 

@@ -31,7 +31,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from chain.keys import Keypair, is_address, signing_bytes, verify
-from store.errors import Rejected
+from store.errors import Rejected, first_problem
 from store.safetensors_check import TensorSpec, check_safetensors, load_safetensors
 
 CHALLENGE_FORMAT: Literal["tensormine-challenge/1"] = "tensormine-challenge/1"
@@ -106,9 +106,8 @@ def parse_message(kind: type[M], data: bytes, *, signer: str) -> M:
     try:
         message = kind.model_validate_json(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or kind.__name__
-        raise Rejected("bad_answer", f"{kind.__name__} {where}: {first['msg']}") from None
+        problem = first_problem(exc, kind.__name__)
+        raise Rejected("bad_answer", f"{kind.__name__} {problem}") from None
     if not (is_address(message.miner) and is_address(message.validator)):
         raise Rejected("bad_answer", f"{kind.__name__}: miner or validator is not an address")
     if isinstance(message, Challenge) and not _HEX64.match(message.block_hash):
