@@ -54,6 +54,9 @@ def overrides(run: Path) -> list[str]:
         "averaging.min_matchmaking_time_s=3",
         "averaging.request_timeout_s=1",
         "wandb.mode=offline",
+        # 4 kept states of the whole model per window (2-step segments), not 8: the disk
+        # writes inside the inner loop slowed both miners enough to miss a round once.
+        "train.pow_segments=4",
     ]
 
 

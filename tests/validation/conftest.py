@@ -195,7 +195,9 @@ class Subnet:
                     cfg.train.pages_per_window,
                 )  # fmt: skip
                 make_trainable(model, names_s)
-                inner_loop(acc, model, names_s, torch.from_numpy(rows), cfg.train)
+                # One accelerator per `mine`, dropped after it: no `free_memory` (a full
+                # garbage collection) per miner.
+                inner_loop(acc, model, names_s, torch.from_numpy(rows), cfg.train, release=False)
                 trained = shard_state(model, names_s)
                 own = {n: start[n] - trained[n] for n in names_s}
             else:  # these do not train: noise takes the honest Δ's norms, the rest copy

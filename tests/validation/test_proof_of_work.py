@@ -32,12 +32,14 @@ WORK = {
 }
 
 
-@pytest.mark.parametrize("seed", ["work-a", "work-b"])
-def test_honest_miners_pass_and_every_cheat_fails(subnet_factory: Factory, seed: str) -> None:
+@pytest.mark.parametrize(("seed", "windows"), [("work-a", 2), ("work-b", 1), ("work-c", 1)])
+def test_honest_miners_pass_and_every_cheat_fails(
+    subnet_factory: Factory, seed: str, windows: int
+) -> None:
     net = subnet_factory(list(POW_BEHAVIOURS), key_seed=seed, **WORK)
     uids = {name: net.uid(name) for name in POW_BEHAVIOURS}
     validator = net.validator()
-    for window in (1, 2):
+    for window in range(1, windows + 1):
         net.mine(window)
         net.to_deadline(window)
         report = validator.process_window(window)
