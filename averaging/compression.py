@@ -55,6 +55,7 @@ from typing import Any
 import torch
 
 from averaging.config import TOPK_CHUNK_RANGE, CompressionConfig
+from common.errors import TensormineError
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ _VALUE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 Spec = tuple[torch.dtype, tuple[int, ...]]
 
 
-class CompressionError(ValueError):
+class CompressionError(TensormineError, ValueError):
     """A pseudo-gradient cannot be encoded, or a payload is malformed."""
 
 

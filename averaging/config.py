@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from tensormine.schema import StrictModel
+from common.schema import StrictModel
 
 TOPK_CHUNK_RANGE = (64, 1 << 20)
 _LEGACY_TOPK = {"topk_density": "density", "topk_chunk": "chunk"}

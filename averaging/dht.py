@@ -1,18 +1,18 @@
 """The hivemind DHT of a participant, its libp2p identity, and who is behind each peer id.
 
-    dht = start_dht(config.dht, run="demo", ledger=ledger)           # bootstraps from the ledger
-    text = commitment_for(dht, ledger, hotkey.address, run="demo")
-    ledger.submit_call(hotkey, "commit", {"data": text})
+    dht = start_dht(config.dht, run="demo", ledger=chain)            # bootstraps from the chain
+    text = commitment_for(dht, chain, hotkey.address, run="demo")
+    chain.commit(text)
     publish_identity(dht, hotkey, run="demo", ttl=3600)              # optional second tie
-    directory = PeerDirectory(ledger, run="demo", dht=dht)
+    directory = PeerDirectory(chain, run="demo", dht=dht)
     directory.peers()   # {"12D3KooW…": "5F…hotkey"} for registered hotkeys only
     dht.shutdown()
 
 Every miner and validator runs one `hivemind.DHT` (a p2p daemon plus a Kademlia node).
 A newcomer needs nothing but the ledger: each registered hotkey commits a small JSON
-object ``{"dht": ["/ip4/…/tcp/…/p2p/<peer id>"], "dht_proof": {"sig": …}}`` (the ledger's
-`commit` extrinsic, at most 1024 bytes, signed by the hotkey), and `start_dht` bootstraps
-from those addresses.
+object ``{"dht": ["/ip4/…/tcp/…/p2p/<peer id>"], "dht_proof": {"sig": …}}`` (the chain's
+commitment: at most 1024 bytes on the local ledger, 384 on subtensor; signed by the
+hotkey), and `start_dht` bootstraps from those addresses.
 
 A tie between a peer id and a hotkey needs both keys: the hotkey signs it (the commit
 extrinsic, or the record below), and the peer id's own libp2p key signs "I act for
@@ -65,9 +65,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from averaging.identity import PeerKey, b64, peer_message, unb64, verify_peer
 from averaging.records import PeerRecordValidator
 from averaging.settings import DHTConfig
-from chain.extrinsics import MAX_COMMITMENT_BYTES
+from chain.interface import Chain
 from chain.keys import Keypair, is_address, signing_bytes, verify
-from chain.ledger import Ledger
+from common.errors import TensormineError
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ MAX_COMMITTED_MADDRS = 8
 _PEER_ID = re.compile(r"^[1-9A-HJ-NP-Za-km-z]{30,128}$")  # base58
 
 
-class DHTStartError(RuntimeError):
+class DHTStartError(TensormineError, RuntimeError):
     """The DHT could not start or could not reach any bootstrap peer."""
 
 
@@ -219,7 +219,7 @@ def committed_peer(data: str, *, hotkey: str, run: str) -> str | None:
 
 def commitment_for(
     dht: DHT,
-    ledger: Ledger,
+    ledger: Chain,
     hotkey: str,
     *,
     run: str,
@@ -231,7 +231,8 @@ def commitment_for(
     `key` (default: the key `start_dht` used) proves the tie. Other keys of the hotkey's
     current commitment (if it is a JSON object) are kept; only ``"dht"`` and
     ``"dht_proof"`` are replaced. Addresses are dropped from the end until it fits in
-    1024 bytes (with an Ed25519 identity the proof takes ~110 bytes, with RSA ~770).
+    `Chain.max_commitment_bytes` (with an Ed25519 identity the proof takes ~110 bytes,
+    with RSA ~770).
     """
     own = dht.peer_id.to_base58()
     key = key if key is not None else peer_key_of(dht)
@@ -242,19 +243,22 @@ def commitment_for(
     if not addrs:
         raise ValueError(f"no multiaddr of peer {own} to commit")
     body = ledger.commitment_fields(hotkey)
+    limit = ledger.max_commitment_bytes()
     proof = PeerProof.make(key, commitment_message(own, hotkey, check_run_name(run)))
     body["dht_proof"] = proof.model_dump(exclude_none=True)
     while addrs:
         body["dht"] = addrs
         text = json.dumps(body, sort_keys=True, separators=(",", ":"))
-        if len(text.encode()) <= MAX_COMMITMENT_BYTES:
+        if len(text.encode()) <= limit:
             return text
         addrs = addrs[:-1]
-    raise ValueError("the commitment has no room for a DHT address (other keys fill 1024 bytes)")
+    raise ValueError(
+        f"the commitment has no room for a DHT address (other keys fill {limit} bytes)"
+    )
 
 
 def ledger_multiaddrs(
-    ledger: Ledger, *, exclude: set[str] | None = None, limit: int = 16
+    ledger: Chain, *, exclude: set[str] | None = None, limit: int = 16
 ) -> list[str]:
     """Multiaddrs committed by registered hotkeys, newest commitments first, `limit` peers."""
     skip = exclude or set()
@@ -391,34 +395,37 @@ def fetch_identities(dht: DHT, run: str) -> dict[str, IdentityClaim]:
     return out
 
 
-class LedgerSource:
-    """A `Ledger`, or a ledger file opened once per thread that reads it.
+class ChainSource:
+    """A handle on the chain for whichever thread asks: `get()` gives each thread its own
+    (`Chain.reopen`), since a handle belongs to the thread that opened it (the local
+    ledger's SQLite connection, the SDK client's event loop) and averaging runs in
+    background threads while the miner trains; its own, too, so it outlives the handle
+    it was made from. A path opens the local ledger there."""
 
-    SQLite connections belong to the thread that opened them; averaging may run in a
-    background thread while the miner trains, so lookups take a path where that matters.
-    """
-
-    def __init__(self, ledger: Ledger | Path | str) -> None:
-        self._shared = ledger if isinstance(ledger, Ledger) else None
-        self._path = None if isinstance(ledger, Ledger) else Path(ledger)
+    def __init__(self, chain: Chain | Path | str) -> None:
+        self._base: Chain | None = chain if isinstance(chain, Chain) else None
+        self._path = None if isinstance(chain, Chain) else Path(chain)
         self._local = threading.local()
 
-    def get(self) -> Ledger:
-        if self._shared is not None:
-            return self._shared
-        ledger: Ledger | None = getattr(self._local, "ledger", None)
-        if ledger is None:
-            assert self._path is not None
-            ledger = Ledger(self._path)
-            self._local.ledger = ledger
-        return ledger
+    def get(self) -> Chain:
+        chain: Chain | None = getattr(self._local, "chain", None)
+        if chain is None:
+            if self._base is not None:
+                chain = self._base.reopen()
+            else:
+                from chain.local import LocalChain
+
+                assert self._path is not None
+                chain = LocalChain.open(self._path)
+            self._local.chain = chain
+        return chain
 
 
 class PeerDirectory:
     """Which registered hotkey is behind each peer id, from the ledger (and the DHT)."""
 
-    def __init__(self, ledger: Ledger | Path | str, *, run: str, dht: DHT | None = None) -> None:
-        self.ledger, self.run, self.dht = LedgerSource(ledger), check_run_name(run), dht
+    def __init__(self, chain: Chain | Path | str, *, run: str, dht: DHT | None = None) -> None:
+        self.ledger, self.run, self.dht = ChainSource(chain), check_run_name(run), dht
 
     def peers(self) -> dict[str, str]:
         """peer id (base58) -> hotkey, for hotkeys registered now whose tie the peer's own
@@ -469,7 +476,7 @@ def start_dht(
     config: DHTConfig,
     *,
     run: str | None = None,
-    ledger: Ledger | None = None,
+    ledger: Chain | None = None,
     identity_path: Path | None = None,
 ) -> DHT:
     """Start a DHT node, bootstrapping from `config.initial_peers` and the ledger's peers.
@@ -529,7 +536,7 @@ def start_dht(
     raise DHTStartError(f"could not start the DHT: {last_error}") from last_error
 
 
-def join_ledger_peers(dht: DHT, ledger: Ledger, *, limit: int = 64, timeout: float = 20.0) -> int:
+def join_ledger_peers(dht: DHT, ledger: Chain, *, limit: int = 64, timeout: float = 20.0) -> int:
     """Connect to the committed peers that this node is not connected to; returns how many
     answered a DHT ping (and are now in its routing table).
 

@@ -35,13 +35,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from averaging.config import OuterConfig
+from common.errors import TensormineError
 
 logger = logging.getLogger(__name__)
 
 OUTER_STATE_FORMAT = "tensormine-outer-state/1"
 
 
-class OuterStateError(ValueError):
+class OuterStateError(TensormineError, ValueError):
     """An outer-optimizer state file or argument does not fit the model."""
 
 

@@ -1,6 +1,6 @@
 """A participant's seat in the averaging: its DHT, its ledger commitment, one averager per shard.
 
-    seat = Participant.join(cfg.averaging, run="tiny", ledger=ledger, keypair=hotkey,
+    seat = Participant.join(cfg.averaging, run="tiny", chain=chain,
                             identity_path=Path("runs/tiny/miners/m0/dht.key"),
                             templates={0: shard0_params, 1: shard1_params})
     results = seat.average_window(7, {0: delta}, start_at=t, timeout=20)
@@ -47,21 +47,21 @@ from averaging.round import (
 )
 from averaging.settings import AveragingConfig
 from averaging.weights import LedgerWeights
-from chain.keys import Keypair
-from chain.ledger import Ledger
+from chain.interface import Chain
 
 logger = logging.getLogger(__name__)
 
 
-def commit_address(ledger: Ledger, keypair: Keypair, dht: DHT, *, run: str, timeout: float) -> bool:
-    """Commit `dht`'s multiaddrs (and its key's proof of the tie in `run`) under `keypair`'s
-    hotkey unless the ledger already has exactly that; returns whether an extrinsic was
-    sent (and included)."""
-    text = commitment_for(dht, ledger, keypair.address, run=run)
-    current = ledger.commitments().get(keypair.address)
+def commit_address(chain: Chain, dht: DHT, *, run: str) -> bool:
+    """Commit `dht`'s multiaddrs (and its key's proof of the tie in `run`) under the
+    chain handle's hotkey unless the chain already has exactly that; returns whether a
+    commitment was made (and included)."""
+    hotkey = chain.signer().address
+    text = commitment_for(dht, chain, hotkey, run=run)
+    current = chain.commitments().get(hotkey)
     if current is not None and current[0] == text:
         return False
-    receipt = ledger.wait(ledger.submit_call(keypair, "commit", {"data": text}), timeout=timeout)
+    receipt = chain.commit(text)
     logger.info("committed DHT address %s in block %d", text, receipt.block)
     return True
 
@@ -79,7 +79,7 @@ class Participant:
         if state_shard not in averagers:
             raise ValueError(f"no averager for state shard {state_shard}")
         self.dht, self.averagers, self._state_shard = dht, dict(averagers), state_shard
-        self.ledger_path: Path | None = None
+        self.chain: Chain | None = None
         self.weights: LedgerWeights | None = None  # what `weights_block` pins
 
     @classmethod
@@ -88,22 +88,20 @@ class Participant:
         config: AveragingConfig,
         *,
         run: str,
-        ledger: Ledger,
-        keypair: Keypair,
+        chain: Chain,
         identity_path: Path | None,
         templates: Mapping[int, Mapping[str, torch.Tensor]],
-        commit_timeout: float = 60.0,
     ) -> Participant:
         """Start the DHT, commit its address, and start one averager per shard."""
         if not templates:
             raise ValueError("templates must name at least one shard")
         identity = config.dht.identity_path or identity_path
-        dht = start_dht(config.dht, run=run, ledger=ledger, identity_path=identity)
+        dht = start_dht(config.dht, run=run, ledger=chain, identity_path=identity)
         averagers: dict[int, ShardAverager] = {}
         try:
-            commit_address(ledger, keypair, dht, run=run, timeout=commit_timeout)
-            directory = PeerDirectory(ledger.path, run=run, dht=dht)
-            weights = LedgerWeights(ledger.path, config.weights, config.weight_floor)
+            commit_address(chain, dht, run=run)
+            directory = PeerDirectory(chain, run=run, dht=dht)
+            weights = LedgerWeights(chain, config.weights, config.weight_floor)
             for shard, template in sorted(templates.items()):
                 averagers[shard] = ShardAverager(
                     dht,
@@ -121,17 +119,17 @@ class Participant:
             dht.shutdown()
             raise
         seat = cls(dht, averagers, state_shard=min(averagers))
-        seat.ledger_path = ledger.path
+        seat.chain = chain
         seat.weights = weights
         seat.join_peers()
         return seat
 
     def join_peers(self) -> int:
         """Connect to committed peers we are not connected to (see `join_ledger_peers`)."""
-        if self.ledger_path is None:
+        if self.chain is None:
             return 0
-        with Ledger(self.ledger_path) as ledger:
-            return join_ledger_peers(self.dht, ledger)
+        with self.chain.reopen() as chain:
+            return join_ledger_peers(self.dht, chain)
 
     @property
     def peer_id(self) -> str:

@@ -36,6 +36,7 @@ from hivemind.proto import runtime_pb2
 from averaging.robust import aggregate
 from averaging.settings import RobustConfig
 from averaging.wire import SPARSE_DTYPE_PREFIX, codec_for, decode_part
+from common.errors import TensormineError
 
 # What each wire codec's parts may say about themselves before they are decoded.
 _ALLOWED: dict[str, tuple[int, tuple[str, ...]]] = {
@@ -46,7 +47,7 @@ _ALLOWED: dict[str, tuple[int, tuple[str, ...]]] = {
 }
 
 
-class PartError(ValueError):
+class PartError(TensormineError, ValueError):
     """Serialized parts that do not decode to the shard's tensors (named part and cause)."""
 
 

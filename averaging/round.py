@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from averaging.dht import check_run_name
+from common.errors import TensormineError
 
 
 class Role(StrEnum):
@@ -24,7 +25,7 @@ class Role(StrEnum):
     AUX = "aux"  # contributes nothing, receives the average
 
 
-class AveragingFailed(RuntimeError):
+class AveragingFailed(TensormineError, RuntimeError):
     """No average this round (no group, timeout, too many drops); fall back to the canonical
     checkpoint of the store.
 

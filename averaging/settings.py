@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from averaging.config import TopKConfig, lift_legacy_topk
-from tensormine.schema import StrictModel
+from common.schema import StrictModel
 
 
 class DHTConfig(StrictModel):

@@ -15,9 +15,10 @@ import threading
 from pathlib import Path
 from typing import Literal
 
-from averaging.dht import LedgerSource
+from averaging.dht import ChainSource
 from chain.config import RAO_PER_TAO
-from chain.ledger import Ledger, Neuron
+from chain.interface import Chain
+from chain.types import Neuron
 
 WeightSource = Literal["uniform", "stake", "incentive", "trust"]
 
@@ -27,14 +28,14 @@ class LedgerWeights:
     `floor` (so a newly registered member still counts); 0 for unregistered ones.
 
     Called, it reads the latest block. `table(at_block=b)` gives every registered
-    hotkey's weight as the last epoch at or before b left it (`Ledger.epoch_neurons`), the
+    hotkey's weight as the last epoch at or before b left it (`Chain.epoch_neurons`), the
     same whenever it is asked; a hotkey registered since, or every one before the first
     epoch, has the floor (for `stake` too: stake is pinned with the epoch's metagraph)."""
 
-    def __init__(self, ledger: Ledger | Path | str, source: WeightSource, floor: float) -> None:
+    def __init__(self, chain: Chain | Path | str, source: WeightSource, floor: float) -> None:
         if not floor > 0:
             raise ValueError("floor must be positive")
-        self.ledger, self.source, self.floor = LedgerSource(ledger), source, floor
+        self.ledger, self.source, self.floor = ChainSource(chain), source, floor
         self._block = -1
         self._neurons: dict[str, Neuron] = {}
         self._lock = threading.Lock()

@@ -62,7 +62,6 @@ from store.api import open_store  # noqa: E402
 from store.config import StoreConfig  # noqa: E402
 from store.manifest import Compression, commitment_body, manifest_bytes  # noqa: E402
 from tensormine.config import load_config  # noqa: E402
-from train.contribution import COMMIT_CALL  # noqa: E402
 from train.model import build_model  # noqa: E402
 from validation.admission import Roster, admit, payload_specs  # noqa: E402
 
@@ -130,7 +129,7 @@ def main() -> None:
             )  # fmt: skip
             t1 = time.perf_counter()
             xt = ledger.submit_call(
-                miner, COMMIT_CALL, {"round": window[0], "digest": prepared.digest}
+                miner, "commit_contribution", {"round": window[0], "digest": prepared.digest}
             )
             ledger.produce_block()
             receipt = ledger.receipt(xt)

@@ -6,13 +6,17 @@
     tensormine chain faucet --key alice --amount 5000
     tensormine chain register --key alice
     tensormine chain stake add --key alice --amount 2000
-    tensormine chain weights --key alice --uids 1,2 --weights 0.7,0.3
+    tensormine chain weights --key alice --uids 1,2 --weights 0.7,0.3 [--reveal]
+    tensormine chain reveal --key alice        # commit-reveal: reveal what is due now
     tensormine chain status | metagraph | balances | schedule | simulate --blocks N
     tensormine chain commitments --round W     # miners' contribution digests for window W
 
 Amounts on the command line are TAO (up to 9 decimals); the ledger counts rao.
 Commands that change state sign an extrinsic with the named key and wait until a block
-includes it (`--no-wait` returns after the pool accepted it).
+includes it (`--no-wait` returns after the pool accepted it). On a ledger with
+commit-reveal (`chain.commit_reveal`, the default) `chain weights` commits the weights,
+keeps their salt in `<keys dir>/reveals/` and says in which blocks to reveal them with
+`chain reveal`; `--reveal` waits for that window and reveals at once.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import argparse
 import datetime as dt
 import logging
 import time
+from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -28,8 +33,10 @@ from typing import Any
 from rich.table import Table
 
 from chain import emission as em
+from chain.commit_reveal import pending_commits, reveal_blocks
 from chain.config import RAO_PER_TAO, ChainConfig
 from chain.errors import ChainError
+from chain.interface import blocks_until_epoch
 from chain.keys import (
     KeyFileError,
     create_key,
@@ -41,7 +48,8 @@ from chain.keys import (
 from chain.ledger import Ledger
 from chain.node import producer_lock, run_producer
 from chain.replay import replay
-from chain.runtime import blocks_until_epoch
+from chain.reveals import PendingReveals, commit_and_reveal, reveal_due
+from chain.runtime import validate_weight_vector
 from chain.simulate import project
 from tensormine.cli import CliError, add_config_args, make_console
 from tensormine.config import load_config
@@ -87,8 +95,8 @@ def _chain_config(args: argparse.Namespace) -> ChainConfig:
 def open_ledger(args: argparse.Namespace) -> Ledger:
     cfg = _chain_config(args)
     ledger = Ledger(cfg.db)
-    mine = cfg.model_dump(exclude={"db"})
-    stored = ledger.config.model_dump(exclude={"db"})
+    mine = cfg.genesis_dict()
+    stored = ledger.config.genesis_dict()
     differ = sorted(k for k in mine if mine[k] != stored[k] and k in stored)
     if differ and (args.config or args.overrides):
         logger.warning(
@@ -409,7 +417,86 @@ def cmd_weights(args: argparse.Namespace) -> int:
     from chain.client import weights_to_wire
 
     uids, weights = weights_to_wire(_int_list(args.uids), _float_list(args.weights))
-    return _submit(args, "set_weights", {"uids": uids, "weights": weights})
+    with open_ledger(args) as ledger:
+        commit_reveal = ledger.config.commit_reveal
+    if not commit_reveal:
+        return _submit(args, "set_weights", {"uids": uids, "weights": weights})
+    return _commit_weights(args, uids, weights)
+
+
+def _reveals_store(args: argparse.Namespace, ledger: Ledger, address: str) -> PendingReveals:
+    return PendingReveals.shared(ledger.genesis_hash, address, _keys_dir(args) / "reveals")
+
+
+def _commit_weights(args: argparse.Namespace, uids: list[int], weights: list[int]) -> int:
+    kp = load_key(_keys_dir(args), args.key)
+    with open_ledger(args) as ledger:
+        validate_weight_vector(uids, weights, len(ledger.neurons()))
+        store = _reveals_store(args, ledger, kp.address)
+        sent = commit_and_reveal(ledger, kp, uids, weights, store)
+        if args.no_wait:
+            print(f"commit_weights accepted into the pool: {sent.commit}")
+            return 0
+        _wait_revealed(ledger, sent.reveals, args.timeout)
+        receipt = ledger.wait(sent.commit, timeout=args.timeout)
+        first, last = reveal_blocks(receipt.block, ledger.config)
+        print(f"weights committed in block {receipt.block}: {sent.commit}")
+        if not args.reveal:
+            print(
+                f"reveal them in blocks {first}..{last} with `tensormine chain reveal --key "
+                f"{args.key}` (or commit with --reveal to wait and reveal); until then they "
+                f"count for nothing. Salt kept in {store.path}"
+            )
+            return 0
+        limit = args.timeout or 30.0 + 5 * ledger.config.block_time_s * (first - receipt.block)
+        deadline = time.monotonic() + limit
+        while ledger.block_number() + 1 < first:
+            if time.monotonic() > deadline:
+                raise CliError(f"block {first} not reached in {limit:.0f}s; is the ledger running?")
+            time.sleep(min(0.2, ledger.config.block_time_s / 4))
+        hashes = reveal_due(ledger, kp, store)
+        if not hashes:
+            raise CliError(
+                f"the reveal window (blocks {first}..{last}) passed before the reveal could be "
+                "submitted; the commit counts for nothing: set the weights again"
+            )
+        _wait_revealed(ledger, hashes, args.timeout, strict=True)
+    return 0
+
+
+def _wait_revealed(
+    ledger: Ledger, hashes: Sequence[str], timeout: float | None, *, strict: bool = False
+) -> None:
+    for xt in hashes:
+        try:
+            receipt = ledger.wait(xt, timeout=timeout)
+        except ChainError as exc:
+            if strict:
+                raise
+            print(f"an earlier commit's reveal was refused: {exc}")
+            continue
+        print(f"weights revealed in block {receipt.block}: {xt}")
+
+
+def cmd_reveal(args: argparse.Namespace) -> int:
+    kp = load_key(_keys_dir(args), args.key)
+    with open_ledger(args) as ledger:
+        store = _reveals_store(args, ledger, kp.address)
+        hashes = reveal_due(ledger, kp, store)
+        if args.no_wait:
+            for xt in hashes:
+                print(f"reveal_weights accepted into the pool: {xt}")
+            return 0
+        _wait_revealed(ledger, hashes, args.timeout, strict=True)
+        waiting = {c.commit_hash: c for c in pending_commits(ledger.conn, kp.address)}
+        for entry in store.entries():
+            commit = waiting.get(entry.commit_hash)
+            if commit is not None and entry.reveal_xt not in hashes:
+                first, last = reveal_blocks(commit.block, ledger.config)
+                print(f"the commit of block {commit.block} is revealed in blocks {first}..{last}")
+        if not hashes and not store.entries():
+            print(f"nothing to reveal for {args.key} on {ledger.path}")
+    return 0
 
 
 def cmd_commit(args: argparse.Namespace) -> int:
@@ -491,7 +578,13 @@ def register(sub: Any) -> None:
     _add_submit_args(p)
     p.add_argument("--uids", required=True, help="e.g. 1,2,3")
     p.add_argument("--weights", required=True, help="e.g. 0.5,0.3,0.2 (normalized by the chain)")
+    p.add_argument(
+        "--reveal", action="store_true", help="commit-reveal: wait for the window and reveal"
+    )
     p.set_defaults(handler=cmd_weights)
+    p = csub.add_parser("reveal", help="commit-reveal: reveal the key's weights due now")
+    _add_submit_args(p)
+    p.set_defaults(handler=cmd_reveal)
     p = csub.add_parser("commit", help="publish a short string (e.g. a DHT address)")
     _add_submit_args(p)
     p.add_argument("--data", required=True)

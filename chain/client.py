@@ -6,7 +6,8 @@
 
 `weights_to_wire` turns float weights into the u16 vector the chain stores (largest
 weight 65535, as subtensor's set_weights upscales it), refusing negative, NaN, infinite
-and all-zero vectors before anything is signed.
+and all-zero vectors before anything is signed. On a commit-reveal ledger `set_weights`
+commits the weights and reveals the earlier commits due now (`chain.reveals`).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from typing import Any
 from chain.consensus import weights_to_u16
 from chain.errors import InvalidWeights
 from chain.keys import Keypair
-from chain.ledger import Ledger, Receipt
+from chain.ledger import Ledger
+from chain.reveals import PendingReveals, commit_and_reveal, start_revealer, wait_reveals
 from chain.runtime import validate_weight_vector
+from chain.types import Receipt
 
 
 def weights_to_wire(uids: Sequence[int], weights: Sequence[float]) -> tuple[list[int], list[int]]:
@@ -40,10 +43,23 @@ def weights_to_wire(uids: Sequence[int], weights: Sequence[float]) -> tuple[list
 class LedgerClient:
     """A ledger handle plus the key that signs for it."""
 
-    def __init__(self, ledger: Ledger, keypair: Keypair, *, timeout: float | None = None):
+    def __init__(
+        self,
+        ledger: Ledger,
+        keypair: Keypair,
+        *,
+        timeout: float | None = None,
+        reveals: PendingReveals | None = None,
+        auto_reveal: bool = True,
+    ):
+        """`reveals`: where the secrets of unrevealed weight commits are kept (default:
+        this process's shared in-memory store for the key); `auto_reveal`: reveal them on
+        time from a background thread (`chain.reveals.start_revealer`)."""
         self.ledger = ledger
         self.keypair = keypair
         self.timeout = timeout
+        self.reveals = reveals
+        self.auto_reveal = auto_reveal
 
     @property
     def address(self) -> str:
@@ -68,6 +84,17 @@ class LedgerClient:
     def set_weights(
         self, uids: Sequence[int], weights: Sequence[float], *, wait: bool = True
     ) -> Receipt | str:
+        """Set the weights or, on a commit-reveal ledger, reveal what is due and commit
+        them; returns the (commit's) receipt, or its hash with `wait=False`."""
         wire_uids, wire_weights = weights_to_wire(uids, weights)
         validate_weight_vector(wire_uids, wire_weights, len(self.ledger.neurons()))
-        return self.call("set_weights", {"uids": wire_uids, "weights": wire_weights}, wait=wait)
+        if not self.ledger.config.commit_reveal:
+            return self.call("set_weights", {"uids": wire_uids, "weights": wire_weights}, wait=wait)
+        store = self.reveals or PendingReveals.shared(self.ledger.genesis_hash, self.address)
+        sent = commit_and_reveal(self.ledger, self.keypair, wire_uids, wire_weights, store)
+        if self.auto_reveal:
+            start_revealer(self.ledger.path, self.keypair, store)
+        if not wait:
+            return sent.commit
+        wait_reveals(self.ledger, sent.reveals, self.timeout)
+        return self.ledger.wait(sent.commit, timeout=self.timeout)

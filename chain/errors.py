@@ -1,7 +1,9 @@
 """The ledger's errors. Each one means: nothing was changed, and here is why."""
 
+from common.errors import TensormineError
 
-class ChainError(Exception):
+
+class ChainError(TensormineError):
     """Base class: an extrinsic or a ledger operation was refused."""
 
 
@@ -51,3 +53,44 @@ class CorruptLedger(ChainError):
 
 class NotIncluded(ChainError):
     """An extrinsic was accepted into the pool but no block included it in time."""
+
+
+class ChainUnreachable(ChainError):
+    """No answer from the chain's endpoint after the configured retries."""
+
+
+class PastStateUnavailable(ChainError):
+    """The chain cannot serve state at that past block (a pruning node, no archive)."""
+
+
+class WalletError(ChainError):
+    """A wallet or key file that cannot be used: missing, wrong mode, wrong password."""
+
+
+class CommitmentTooLong(InvalidCall):
+    """A commitment larger than the chain stores."""
+
+
+class CommitRevealEnabled(ChainError):
+    """Plain `set_weights` on a ledger that runs commit-reveal: commit, then reveal."""
+
+
+class CommitRevealDisabled(ChainError):
+    """A weights commit or reveal on a ledger without commit-reveal: use `set_weights`."""
+
+
+class NoWeightsCommitFound(ChainError):
+    """A weights reveal, but the signer has no pending commit (never made, replaced,
+    already revealed, or expired long ago)."""
+
+
+class InvalidRevealCommitHashNotMatch(ChainError):
+    """The revealed weights and salt hash to none of the signer's pending commits."""
+
+
+class RevealTooEarly(ChainError):
+    """A weights reveal before its commit's reveal window."""
+
+
+class ExpiredWeightCommit(ChainError):
+    """A weights reveal after its commit's reveal window: the commit counts for nothing."""

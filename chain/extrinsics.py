@@ -23,12 +23,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from chain.errors import BadSignature, InvalidCall
-from chain.keys import Keypair, is_address, signing_bytes, verify
+from chain.interface import SigningKey
+from chain.keys import is_address, signing_bytes, verify
 
 U16_MAX = 65535
 I64_MAX = 2**63 - 1  # SQLite's INTEGER
 MAX_COMMITMENT_BYTES = 1024
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+_SALT_HEX = re.compile(r"(?:[0-9a-f]{2}){16,64}")  # 16 to 64 bytes
 
 
 class _Args(BaseModel):
@@ -60,6 +62,33 @@ class WeightsArgs(_Args):
     weights: list[int]
 
 
+class WeightCommitArgs(_Args):
+    """A validator's commitment to its next weights: `chain.commit_reveal.commit_hash` of
+    (ledger, netuid, hotkey, uids, u16 weights, salt)."""
+
+    commit_hash: str
+
+    @field_validator("commit_hash")
+    @classmethod
+    def _sha256(cls, value: str) -> str:
+        return _check_sha256(value)
+
+
+class WeightRevealArgs(_Args):
+    """The weights and salt behind an earlier `commit_weights`, exactly as hashed."""
+
+    uids: list[int]
+    weights: list[int]
+    salt: str
+
+    @field_validator("salt")
+    @classmethod
+    def _salt(cls, value: str) -> str:
+        if _SALT_HEX.fullmatch(value) is None:
+            raise ValueError(f"must be 16 to 64 random bytes as lowercase hex (got {value[:80]!r})")
+        return value
+
+
 class CommitArgs(_Args):
     data: str
 
@@ -81,11 +110,15 @@ class ContributionArgs(_Args):
     @field_validator("digest")
     @classmethod
     def _sha256(cls, value: str) -> str:
-        if _SHA256_HEX.fullmatch(value) is None:
-            raise ValueError(
-                f"must be a sha256 digest, 64 lowercase hex characters (got {value[:80]!r})"
-            )
-        return value
+        return _check_sha256(value)
+
+
+def _check_sha256(value: str) -> str:
+    if _SHA256_HEX.fullmatch(value) is None:
+        raise ValueError(
+            f"must be a sha256 digest, 64 lowercase hex characters (got {value[:80]!r})"
+        )
+    return value
 
 
 CALLS: dict[str, type[_Args]] = {
@@ -94,6 +127,8 @@ CALLS: dict[str, type[_Args]] = {
     "remove_stake": AmountArgs,
     "transfer": TransferArgs,
     "set_weights": WeightsArgs,
+    "commit_weights": WeightCommitArgs,
+    "reveal_weights": WeightRevealArgs,
     "faucet": AmountArgs,
     "commit": CommitArgs,
     "commit_contribution": ContributionArgs,
@@ -196,7 +231,7 @@ class Extrinsic:
 
 
 def sign_extrinsic(
-    keypair: Keypair, call: str, args: dict[str, Any], nonce: int, genesis: str
+    keypair: SigningKey, call: str, args: dict[str, Any], nonce: int, genesis: str
 ) -> Extrinsic:
     """Build and sign an extrinsic; the arguments are schema-checked first."""
     parse_args(call, args)

@@ -1,4 +1,5 @@
-"""Hotkeys: Ed25519 key pairs, their SS58 addresses, key files, and what gets signed.
+"""Hotkeys: Ed25519 key pairs, their SS58 addresses, key files, what gets signed, and
+`verify`, which also accepts a Bittensor wallet's sr25519 signatures.
 
     kp = Keypair.generate()
     sig = kp.sign(signing_bytes({"call": "transfer", "nonce": 0}))
@@ -9,6 +10,26 @@ Bittensor's chains), so it reads like a real hotkey (``5F...``) and carries a ch
 that catches typos. Key files are JSON holding the secret seed, written with mode 0600
 into a key directory (``~/.tensormine/keys`` unless ``TENSORMINE_HOME`` says otherwise).
 Everything signed is first turned into canonical JSON bytes by `signing_bytes`.
+
+**Two schemes, one address.** A Bittensor wallet's keys (`chain.wallet`) are sr25519 and
+ours are Ed25519; both are 32-byte public keys, and an SS58 address does not say which
+scheme made it. `verify` accepts a signature that is valid under either scheme for the
+address's key, and needs no scheme tag. Substrate's `MultiSignature` carries a tag, but
+the signer picks it, so a verifier that honours it accepts either scheme for one
+`AccountId32` exactly as this one does: the tag only spares the second check. A forger
+must break Ed25519 or sr25519 for a key whose discrete log in the *other* group nobody
+knows (the same 32 bytes read as a Ristretto point, or as an Edwards point), so
+accepting both is as strong as the weaker scheme, ~128 bits. Tagless, signatures keep
+64 bytes where formats pin that length (`averaging.dht.SignedIdentity`), and old
+Ed25519 signatures verify as they always did. sr25519 is checked strictly: the SDK's
+verifier also accepts a signature of ``<Bytes>message</Bytes>`` (how polkadot.js
+wallets sign raw text) and `verify` refuses that, so a wallet's signature counts only for
+the exact bytes it signed. A hotkey also signs real-chain extrinsics in the same
+"substrate" context, so no message of ours may ever be an extrinsic's signing payload,
+nor the reverse: what we sign is ASCII (`signing_bytes` escapes the rest), and a signing
+payload is either the 32-byte blake2 hash of a long one (finding one that is ASCII JSON
+is a preimage attack) or holds the genesis hash and a block hash, 64 bytes that are not
+all ASCII (finney's genesis hash already is not).
 """
 
 from __future__ import annotations
@@ -21,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import bittensor_core  # type: ignore[import-untyped]  # the SDK's sr25519 (Rust sp-core)
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -28,13 +50,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from chain.errors import WalletError
+
 SS58_PREFIX = 42
 _B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+SIGNATURE_BYTES = 64  # Ed25519 and sr25519 alike
 
 
-class KeyFileError(ValueError):
-    """A key file, key name or address is invalid."""
+class KeyFileError(WalletError, ValueError):
+    """A key file, key name or address is invalid (a `WalletError`, and a ValueError as
+    it always was)."""
 
 
 def _b58encode(data: bytes) -> str:
@@ -134,13 +160,39 @@ class Keypair:
 
 
 def verify(address: str, message: bytes, signature: bytes) -> bool:
-    """True iff `signature` is `address`'s Ed25519 signature of `message`."""
+    """True iff `signature` is `address`'s Ed25519 or sr25519 signature of exactly
+    `message` (see "Two schemes, one address" above). Never raises."""
     try:
-        key = Ed25519PublicKey.from_public_bytes(ss58_decode(address))
-        key.verify(signature, message)
-    except (InvalidSignature, KeyFileError, ValueError):
+        public = ss58_decode(address)
+    except KeyFileError:
+        return False
+    if len(signature) != SIGNATURE_BYTES:
+        return False
+    return _verify_ed25519(public, message, signature) or _verify_sr25519(
+        address, message, signature
+    )
+
+
+def _verify_ed25519(public: bytes, message: bytes, signature: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
+    except (InvalidSignature, ValueError):
         return False
     return True
+
+
+def _verify_sr25519(address: str, message: bytes, signature: bytes) -> bool:
+    """sr25519 (schnorrkel, "substrate" context) through the SDK's own binding. It also
+    accepts a signature of ``<Bytes>message</Bytes>``; such a signature verifies the
+    wrapped message too, and one of `message` itself never does, which tells them apart."""
+    sr25519 = bittensor_core.CRYPTO_SR25519
+    try:
+        if not bittensor_core.verify(message, signature, address, sr25519):
+            return False
+        wrapped = b"<Bytes>" + message + b"</Bytes>"
+        return not bittensor_core.verify(wrapped, signature, address, sr25519)
+    except (ValueError, TypeError):
+        return False
 
 
 def default_keys_dir() -> Path:

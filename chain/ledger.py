@@ -27,7 +27,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from chain import errors
 from chain.config import ChainConfig
 from chain.emission import block_emission
 from chain.errors import ChainError, CorruptLedger, InvalidCall, NotIncluded
@@ -43,6 +42,7 @@ from chain.storage import (
     ensure_tables,
     read_meta,
 )
+from chain.types import ContributionCommitment, Neuron, Receipt
 
 MAX_EXTRINSICS_PER_BLOCK = 1024
 ZERO_HASH = "0" * 64
@@ -84,62 +84,13 @@ def extrinsics_root(records: list[tuple[str, str, str | None]]) -> str:
     return hashlib.sha256(signing_bytes([list(r) for r in records])).hexdigest()
 
 
-@dataclass(frozen=True)
-class Receipt:
-    hash: str
-    block: int
-    status: str  # ok | failed | dropped
-    error_type: str | None
-    error: str | None
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def raise_for_status(self) -> Receipt:
-        if self.ok:
-            return self
-        cls = getattr(errors, self.error_type or "", ChainError)
-        if not (isinstance(cls, type) and issubclass(cls, ChainError)):
-            cls = ChainError
-        raise cls(f"{self.error} (extrinsic {self.hash[:12]}… in block {self.block})")
-
-
-@dataclass(frozen=True)
-class Neuron:
-    uid: int
-    hotkey: str
-    stake: int
-    balance: int
-    registered_block: int
-    last_update: int
-    validator_permit: bool
-    rank: float
-    trust: float
-    consensus: float
-    incentive: float
-    dividends: float
-    validator_trust: float
-    emission: int  # rao paid at the last epoch
-
-
-@dataclass(frozen=True)
-class ContributionCommitment:
-    """A miner's sha256 `digest` of its pseudo-gradient for training window `round`, as
-    included in ledger block `block` (compare with the window's deadline block)."""
-
-    hotkey: str
-    round: int
-    digest: str
-    block: int
-
-
 def _neuron(r: Sequence[Any]) -> Neuron:
     """A `Neuron` from a row in `chain.storage.NEURON_COLUMNS` order (u16 fields scaled)."""
     rank, trust, consensus, incentive, dividends, vtrust = (int(v) / U16_MAX for v in r[7:13])
     return Neuron(
         uid=int(r[0]),
         hotkey=str(r[1]),
+        coldkey=str(r[1]),
         stake=int(r[2]),
         balance=int(r[3]),
         registered_block=int(r[4]),
@@ -162,7 +113,9 @@ def _contribution(r: Sequence[Any]) -> ContributionCommitment:
 def _genesis_from_meta(meta: dict[str, str], path: Path) -> tuple[ChainConfig, str, str]:
     try:
         genesis = json.loads(meta["genesis"])
-        config = ChainConfig.model_validate({**genesis["config"], "db": str(path)})
+        # A genesis from before commit-reveal existed ran without it.
+        stored = {"commit_reveal": False, **genesis["config"]}
+        config = ChainConfig.model_validate({**stored, "db": str(path)})
         return config, str(genesis["owner"]), meta["genesis_hash"]
     except (KeyError, ValueError, TypeError) as exc:
         raise CorruptLedger(f"{path}: unreadable genesis record ({exc})") from exc
@@ -205,7 +158,7 @@ class Ledger:
         path.parent.mkdir(parents=True, exist_ok=True)
         ts = time.time() if timestamp is None else timestamp
         genesis: dict[str, Any] = {
-            "config": config.model_dump(mode="json", exclude={"db"}),
+            "config": config.genesis_dict(),
             "owner": owner,
             "timestamp": ts,
             "salt": os.urandom(16).hex(),

@@ -7,7 +7,8 @@ either applies fully or raises a `ChainError` subclass; callers run calls inside
 SAVEPOINT and roll back on error, so a refused call leaves nothing behind.
 
 A block runs `on_initialize(block)` first (mint the block emission, run the epoch when
-one is due, as subtensor's on_initialize does) and then its extrinsics in pool order.
+one is due, as subtensor's on_initialize does, and expire old weight commits) and then
+its extrinsics in pool order. Commit-reveal of weights lives in `chain.commit_reveal`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from chain import commit_reveal
 from chain.config import ChainConfig
 from chain.consensus import weights_to_u16
 from chain.emission import TOTAL_SUPPLY_RAO, block_emission
@@ -25,6 +27,7 @@ from chain.errors import (
     AlreadyCommitted,
     AlreadyRegistered,
     BadNonce,
+    CommitRevealEnabled,
     InsufficientFunds,
     InvalidCall,
     InvalidWeights,
@@ -38,9 +41,12 @@ from chain.extrinsics import (
     ContributionArgs,
     Extrinsic,
     TransferArgs,
+    WeightCommitArgs,
+    WeightRevealArgs,
     WeightsArgs,
     parse_args,
 )
+from chain.interface import is_epoch_block
 
 logger = logging.getLogger(__name__)
 
@@ -51,16 +57,6 @@ class Account:
     balance: int
     stake: int
     nonce: int
-
-
-def is_epoch_block(block: int, netuid: int, tempo: int) -> bool:
-    """Subtensor's schedule: the epoch runs when blocks_until_next_epoch reaches 0."""
-    return (block + netuid + 1) % (tempo + 1) == tempo
-
-
-def blocks_until_epoch(block: int, netuid: int, tempo: int) -> int:
-    """Blocks after `block` until the next epoch block (0 if `block` is one)."""
-    return tempo - (block + netuid + 1) % (tempo + 1)
 
 
 def compute_permits(stakes: Sequence[int], top_k: int, min_stake: int) -> list[bool]:
@@ -173,6 +169,12 @@ class Runtime:
         elif xt.call == "set_weights":
             assert isinstance(args, WeightsArgs)
             self._set_weights(signer, args, block)
+        elif xt.call == "commit_weights":
+            assert isinstance(args, WeightCommitArgs)
+            commit_reveal.commit_weights(self, signer, args, block)
+        elif xt.call == "reveal_weights":
+            assert isinstance(args, WeightRevealArgs)
+            commit_reveal.reveal_weights(self, signer, args, block)
         elif xt.call == "faucet":
             assert isinstance(args, AmountArgs)
             self._faucet(signer, args.amount)
@@ -215,6 +217,7 @@ class Runtime:
         self.conn.execute("DELETE FROM weights WHERE uid = ?", (uid,))
         self.conn.execute("DELETE FROM bonds WHERE uid = ?", (uid,))
         self.conn.execute("DELETE FROM commitments WHERE hotkey = ?", (old,))
+        self.conn.execute("DELETE FROM weight_commits WHERE hotkey = ?", (old,))
         # Its contribution_commitments stay: history of past windows.
         self.conn.execute("DELETE FROM neurons WHERE uid = ?", (uid,))
         self.conn.execute(
@@ -252,6 +255,20 @@ class Runtime:
         return int(best[0])
 
     def _set_weights(self, hotkey: str, args: WeightsArgs, block: int) -> None:
+        if self.config.commit_reveal:
+            raise CommitRevealEnabled(
+                "this ledger runs commit-reveal (chain.commit_reveal): commit the weights' "
+                "hash with commit_weights and reveal them with reveal_weights one reveal "
+                "period later; `Chain.set_weights` and `tensormine chain weights` do both"
+            )
+        uid = self.weights_setter(hotkey, block, rate_limited=True)
+        self.store_weights(uid, args.uids, args.weights, last_update=block)
+        self.conn.execute("UPDATE neurons SET weights_block = ? WHERE uid = ?", (block, uid))
+
+    def weights_setter(self, hotkey: str, block: int, *, rate_limited: bool) -> int:
+        """The UID of `hotkey` if it may set weights now: registered, holding a validator
+        permit and, when `rate_limited`, `weights_rate_limit` blocks after its last
+        set_weights (or commit)."""
         cfg = self.config
         uid = self.uid_of(hotkey)
         if uid is None:
@@ -261,6 +278,8 @@ class Runtime:
                 f"UID {uid} has no validator permit: it needs a top-{cfg.max_validators} "
                 f"stake of at least {cfg.validator_min_stake_rao} rao"
             )
+        if not rate_limited:
+            return uid
         last = self.conn.execute("SELECT weights_block FROM neurons WHERE uid = ?", (uid,))
         last_block = last.fetchone()[0]
         if last_block is not None and block - int(last_block) < cfg.weights_rate_limit:
@@ -268,19 +287,21 @@ class Runtime:
                 f"UID {uid} set weights at block {last_block}; the next is allowed at "
                 f"block {int(last_block) + cfg.weights_rate_limit}"
             )
-        n = self.n()
-        validate_weight_vector(args.uids, args.weights, n)
-        scaled = weights_to_u16([float(w) for w in args.weights])
-        data = sorted((u, int(w)) for u, w in zip(args.uids, scaled, strict=True) if w > 0)
+        return uid
+
+    def store_weights(
+        self, uid: int, uids: Sequence[int], weights: Sequence[int], *, last_update: int
+    ) -> None:
+        """Check the weight vector and store it as `uid`'s row (u16, zeros dropped)."""
+        validate_weight_vector(uids, weights, self.n())
+        scaled = weights_to_u16([float(w) for w in weights])
+        data = sorted((u, int(w)) for u, w in zip(uids, scaled, strict=True) if w > 0)
         self.conn.execute(
             "INSERT INTO weights (uid, data) VALUES (?, ?) "
             "ON CONFLICT(uid) DO UPDATE SET data = excluded.data",
             (uid, json.dumps(data)),
         )
-        self.conn.execute(
-            "UPDATE neurons SET last_update = ?, weights_block = ? WHERE uid = ?",
-            (block, block, uid),
-        )
+        self.conn.execute("UPDATE neurons SET last_update = ? WHERE uid = ?", (last_update, uid))
 
     def _faucet(self, address: str, amount: int) -> None:
         cap = self.config.faucet_rao
@@ -307,7 +328,10 @@ class Runtime:
             (block, minted, minted),
         )
         cfg = self.config
-        if is_epoch_block(block, cfg.netuid, cfg.tempo) and self.n() > 0:
+        if not is_epoch_block(block, cfg.netuid, cfg.tempo):
+            return minted, False
+        commit_reveal.expire_commits(self, block)
+        if self.n() > 0:
             run_epoch(self, block)
             return minted, True
         return minted, False

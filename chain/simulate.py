@@ -5,7 +5,9 @@
 
 The projection starts from a ledger's current state (metagraph, weights, stake, bonds,
 issuance), holds weights and stake fixed (validators keep their weights fresh), and never
-writes to the ledger. Emission is tallied per UID as it would be paid.
+writes to the ledger. On a commit-reveal ledger the weights are those revealed so far
+(pending commits are only hashes), as if each validator kept revealing the same ones.
+Emission is tallied per UID as it would be paid.
 
 Why it is fast: between two epochs nothing but minting happens, so each stretch is one
 multiplication (split at an era boundary when one falls inside it). Epochs run Yuma for
@@ -27,8 +29,9 @@ from chain.config import ChainConfig
 from chain.consensus import EpochResult, bonds_from_u16, bonds_to_u16
 from chain.emission import block_emission, blocks_to_reach, next_emission_change
 from chain.epoch import EpochInputs, load_inputs, payout_for, run_yuma
+from chain.interface import blocks_until_epoch
 from chain.ledger import Ledger
-from chain.runtime import Runtime, blocks_until_epoch
+from chain.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 

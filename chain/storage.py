@@ -6,13 +6,16 @@ failing, and `BEGIN IMMEDIATE` around every change so each block (extrinsics, em
 epoch) commits whole or not at all, even under SIGKILL.
 
 State tables (what a replay must rebuild bit for bit): `state`, `accounts`, `neurons`,
-`weights`, `bonds`, `commitments`, and `contribution_commitments`: one row per (hotkey,
+`weights`, `bonds`, `commitments`, `contribution_commitments`: one row per (hotkey,
 round) a miner committed a pseudo-gradient digest for, kept for good, a replaced UID's
 rows too (validators still read them for past windows; the growth is one row per miner
-per window). History tables: `blocks`, `extrinsics`, and `epoch_neurons`, the metagraph
-as each of the last `EPOCH_HISTORY` epochs left it (so that peers reading at different
-moments can agree on "the weights as of block b", as `metagraph(block=b)` answers on the
-real chain). The `pool` holds submitted extrinsics that no block has taken yet.
+per window), and `weight_commits`: validators' pending weight commits under
+commit-reveal (`chain.commit_reveal`), at most one per (hotkey, reveal window), removed
+when revealed, replaced, expired or when the hotkey loses its UID. History tables:
+`blocks`, `extrinsics`, and `epoch_neurons`, the metagraph as each of the last
+`EPOCH_HISTORY` epochs left it (so that peers reading at different moments can agree on
+"the weights as of block b", as `metagraph(block=b)` answers on the real chain). The
+`pool` holds submitted extrinsics that no block has taken yet.
 """
 
 from __future__ import annotations
@@ -70,9 +73,21 @@ CREATE TABLE IF NOT EXISTS contribution_commitments (
     PRIMARY KEY (hotkey, round)
 );
 """
+# Also added after version 1, the same way: pending weight commits (`chain.commit_reveal`).
+# `epoch` is the reveal-window index of the block that included the commit.
+WEIGHT_COMMITS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS weight_commits (
+    hotkey TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    commit_hash TEXT NOT NULL,
+    block INTEGER NOT NULL,
+    PRIMARY KEY (hotkey, epoch)
+);
+"""
 LATE_TABLES = {
     "epoch_neurons": EPOCH_NEURONS_SCHEMA,
     "contribution_commitments": CONTRIBUTION_COMMITMENTS_SCHEMA,
+    "weight_commits": WEIGHT_COMMITS_SCHEMA,
 }
 
 SCHEMA = (
@@ -139,6 +154,7 @@ CREATE INDEX pool_signer ON pool (signer, nonce);
 """
     + EPOCH_NEURONS_SCHEMA
     + CONTRIBUTION_COMMITMENTS_SCHEMA
+    + WEIGHT_COMMITS_SCHEMA
 )
 
 # table -> its primary key, the ORDER BY of `state_digest` (a total order on the rows)
@@ -150,6 +166,7 @@ STATE_TABLES = {
     "bonds": "uid",
     "commitments": "hotkey",
     "contribution_commitments": "hotkey, round",
+    "weight_commits": "hotkey, epoch",
 }
 
 

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm import tqdm
 
-from chain.keys import Keypair
+from chain.interface import SigningKey
 from store import layout
 from store.backend import Backend, CheckpointRef, ContributionRef
 from store.checkpoint import (
@@ -261,7 +261,7 @@ class Store:
         self,
         tensors: Mapping[str, torch.Tensor],
         *,
-        keypair: Keypair,
+        keypair: SigningKey,
         uid: int,
         window: int,
         shard: int,
@@ -322,7 +322,7 @@ class Store:
         self,
         tensors: Mapping[str, torch.Tensor],
         *,
-        keypair: Keypair,
+        keypair: SigningKey,
         uid: int,
         window: int,
         shard: int,

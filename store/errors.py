@@ -17,6 +17,8 @@ from typing import Literal, get_args
 
 from pydantic import ValidationError
 
+from common.errors import TensormineError
+
 Reason = Literal[
     "not_found",  # the manifest or a file it names is missing
     "bad_manifest",  # manifest is not valid JSON or misses / mistypes a field
@@ -43,7 +45,7 @@ Reason = Literal[
 REASONS: frozenset[str] = frozenset(get_args(Reason))
 
 
-class StoreError(Exception):
+class StoreError(TensormineError):
     """Base class of every error the store raises on purpose."""
 
 

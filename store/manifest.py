@@ -8,11 +8,12 @@
     manifest = parse_manifest(body)                     # raises Rejected("bad_manifest")
     check_signature(manifest, expected_hotkey)          # raises Rejected("bad_signature")
 
-The signature is the hotkey's Ed25519 signature (`chain.keys`) over the canonical JSON of
-every other field (`chain.keys.signing_bytes`), so the hotkey vouches for the window, the
-shard, its UID, the compression, the tensor list and the sha256 of the exact bytes. The
-manifest names its tensor file by a plain file name in the same folder: no separators, no
-``..``, so a manifest can never point outside the store.
+The signature is the hotkey's (Ed25519, or sr25519 for a Bittensor wallet: both pass
+`chain.keys.verify`) over the canonical JSON of every other field
+(`chain.keys.signing_bytes`), so the hotkey vouches for the window, the shard, its UID,
+the compression, the tensor list and the sha256 of the exact bytes. The manifest names
+its tensor file by a plain file name in the same folder: no separators, no ``..``, so a
+manifest can never point outside the store.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from chain.keys import Keypair, is_address, signing_bytes, verify
+from chain.interface import SigningKey
+from chain.keys import is_address, signing_bytes, verify
 from store.errors import Rejected, first_problem
 from store.safetensors_check import DTYPE_SIZES, TensorSpec
 
@@ -81,7 +83,7 @@ class ContributionManifest(_Frozen):
     tensors: dict[str, TensorEntry]
     created_at: str = Field(description="the miner's clock, informational only")
     trajectory: Trajectory | None = None
-    signature: str = Field(default="", description="hex Ed25519 signature, empty if unsigned")
+    signature: str = Field(default="", description="hex signature by the hotkey, empty if unsigned")
 
     def unsigned_body(self) -> dict[str, Any]:
         body: dict[str, Any] = json.loads(self.model_dump_json())
@@ -95,7 +97,7 @@ class ContributionManifest(_Frozen):
 
 
 def build_manifest(
-    keypair: Keypair,
+    keypair: SigningKey,
     *,
     uid: int,
     window: int,

@@ -30,7 +30,8 @@ from typing import Literal, TypeVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from chain.keys import Keypair, is_address, signing_bytes, verify
+from chain.interface import SigningKey
+from chain.keys import is_address, signing_bytes, verify
 from store.errors import Rejected, first_problem
 from store.safetensors_check import TensorSpec, check_safetensors, load_safetensors
 
@@ -89,7 +90,7 @@ class Answer(_Signed):
 M = TypeVar("M", bound=_Signed)
 
 
-def sign_message(message: M, keypair: Keypair) -> M:
+def sign_message(message: M, keypair: SigningKey) -> M:
     signature = keypair.sign(signing_bytes(message.body())).hex()
     return message.model_copy(update={"signature": signature})
 

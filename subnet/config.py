@@ -16,17 +16,14 @@ runs before anything starts, so a bad mix fails in a second instead of after min
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator, model_validator
 
-from chain.config import RAO_PER_TAO
-from tensormine.schema import StrictModel
+from chain.config import RAO_PER_TAO, ChainConfig
+from common.errors import ConfigError
+from common.schema import StrictModel
 from train import behaviours
 from train.behaviours import flag_spelling
-
-if TYPE_CHECKING:
-    from tensormine.config import RunConfig
 
 # The miner behaviours of `train.behaviours`, spelled as flags; "honest" is every miner
 # not listed.
@@ -113,12 +110,10 @@ class SubnetConfig(StrictModel):
         return self.keys_dir or run_dir / "keys"
 
 
-def check(cfg: RunConfig) -> list[str]:
-    """Cross-section checks; raises `ConfigError` for a mix that cannot work and returns
-    warnings (one line each) for one that works but may surprise."""
-    from tensormine.config import ConfigError
-
-    sub, chain = cfg.subnet, cfg.chain
+def check(sub: SubnetConfig, chain: ChainConfig) -> list[str]:
+    """Checks across the `subnet` and `chain` sections; raises `ConfigError` for a mix
+    that cannot work and returns warnings (one line each) for one that works but may
+    surprise."""
     errors: list[str] = []
     warnings: list[str] = []
     min_stake = chain.validator_min_stake_rao / RAO_PER_TAO

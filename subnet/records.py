@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from chain.emission import blocks_to_reach, next_emission_change
-from chain.ledger import Ledger, Neuron
+from chain.ledger import Ledger
+from chain.types import Neuron
 from store.api import open_store
 from store.config import StoreConfig
 from store.errors import StoreError

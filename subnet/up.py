@@ -36,6 +36,7 @@ from rich.live import Live
 
 from chain.config import RAO_PER_TAO
 from chain.ledger import Ledger
+from common.errors import TensormineError
 from subnet import launch
 from subnet.config import check
 from subnet.launch import Participants, StakeBook
@@ -58,7 +59,7 @@ logger = logging.getLogger(__name__)
 PRODUCER = "producer"
 
 
-class SubnetError(RuntimeError):
+class SubnetError(TensormineError, RuntimeError):
     """The subnet cannot start or go on; the message says why and what to do."""
 
 
@@ -334,7 +335,7 @@ class Subnet:
         cfg = self.cfg
         outcome = Outcome()
         shown = 0  # notes printed at start-up are not repeated in the summary
-        for warning in check(cfg):
+        for warning in check(cfg.subnet, cfg.chain):
             logger.warning("%s", warning)
         self.refuse_if_running()
         parts = launch.participants(cfg)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 from rich.console import Console
 
+from common.errors import TensormineError
 from tensormine import __version__
 
 # Component modules that add subcommands, in the order `--help` lists them.
@@ -34,7 +35,7 @@ COMMAND_MODULES = (
 logger = logging.getLogger("tensormine")
 
 
-class CliError(Exception):
+class CliError(TensormineError):
     """An expected failure: printed as one line, exit status 2."""
 
 
@@ -78,12 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from chain.errors import ChainError
-    from chain.keys import KeyFileError
-    from store.errors import StoreError
-    from tensormine.config import ConfigError
-
-    return (CliError, ConfigError, ChainError, KeyFileError, StoreError, FileNotFoundError)
+    """What the command line reports in one line (exit 2): the project's error root, and
+    a missing file the user named."""
+    return (TensormineError, FileNotFoundError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,15 +22,12 @@ from pydantic import Field, ValidationError, model_validator
 from averaging.config import CompressionConfig, OuterConfig
 from averaging.settings import AveragingConfig
 from chain.config import ChainConfig
+from common.errors import ConfigError as ConfigError  # the name callers import
+from common.schema import StrictModel
 from store.config import StoreConfig
 from subnet.config import SubnetConfig
-from tensormine.schema import StrictModel
 from train.config import DataConfig, ModelConfig, TrainConfig, WandbConfig, WindowConfig
 from validation.config import ValidationConfig
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the file and the key."""
 
 
 class RunSection(StrictModel):

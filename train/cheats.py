@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import torch
 
 from averaging.compression import CompressionError, decode
-from chain.ledger import Ledger
+from chain.interface import Chain
 from store.api import Store
 from store.backend import ContributionRef
 from store.errors import StoreError
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 def peek_contributions(
     store: Store,
-    ledger: Ledger,
+    ledger: Chain,
     window: int,
     shard: int,
     like: Mapping[str, torch.Tensor],
@@ -62,7 +62,7 @@ def peek_contributions(
         time.sleep(poll_s)
 
 
-def backdate(store: Store, ref: ContributionRef, ledger: Ledger, block: int) -> bool:
+def backdate(store: Store, ref: ContributionRef, ledger: Chain, block: int) -> bool:
     """Set the revealed contribution's file times (local store) to block `block`'s
     timestamp; returns whether it could (a Hub commit's date cannot be set back)."""
     backend = store.backend

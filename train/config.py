@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from tensormine.schema import StrictModel
+from common.schema import StrictModel
 
 
 class ModelConfig(StrictModel):

@@ -38,6 +38,7 @@ from typing import Any, TypeAlias
 
 import datasets
 
+from common.errors import TensormineError
 from train.config import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ _BUILDERS = {
 _COMPRESSED = frozenset({".gz", ".bz2", ".xz", ".zst", ".lz4"})
 
 
-class DataError(ValueError):
+class DataError(TensormineError, ValueError):
     """The data settings cannot give a corpus, a tokenizer or pages; the message says which."""
 
 

@@ -40,7 +40,7 @@ from averaging.outer import outer_step
 from averaging.participant import Participant
 from averaging.parts import payload_params, payload_tensors
 from averaging.round import AverageResult, AveragingFailed, PreparedParts
-from chain.ledger import Ledger
+from chain.interface import Chain
 from tensormine.config import RunConfig
 from train.shards import apply_to_shard, shard_state
 from train.windows import block_time, meeting_block, start_block
@@ -90,7 +90,7 @@ def contribution_payload(
 
 def start_round(
     seat: Participant,
-    ledger: Ledger,
+    ledger: Chain,
     cfg: RunConfig,
     window: int,
     shard: int,

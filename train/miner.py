@@ -53,11 +53,11 @@ from averaging.outer import load_outer_state
 from averaging.participant import Participant
 from averaging.round import AverageResult, AveragingFailed
 from chain.errors import ChainError
-from chain.keys import KeyFileError, Keypair, default_keys_dir, load_key
+from chain.interface import Chain, Identity, SigningKey
+from common.errors import TensormineError
 from store.api import Store, open_store
-from store.errors import StoreError
 from store.manifest import Compression, Trajectory, commitment_body
-from tensormine.config import ConfigError, RunConfig, load_config
+from tensormine.config import RunConfig, load_config
 from tensormine.tracking import Tracker
 from train.adversary import training_rows
 from train.behaviours import BEHAVIOURS, code_spelling
@@ -73,15 +73,16 @@ from train.pages import heldout_sample
 from train.responder import Responder
 from train.shards import make_trainable, shard_for_miner, shard_map, shard_state
 from train.startup import (
-    StartupError,
     adopt_checkpoint,
     align_special_tokens,
     commit_contributions_location,
     data_cache,
     ensure_window_zero,
     join_averaging,
+    load_identity,
     load_tokenizer_from,
-    open_ledger,
+    open_run_chain,
+    register_hint,
     resolve_mixed_precision,
 )
 from train.trajectory import TrajectoryKeeper, segment_bounds
@@ -99,7 +100,7 @@ logger = logging.getLogger("train.miner")
 EVAL_SAMPLE_KEY = b"tensormine/miner-eval"
 
 
-class MinerError(RuntimeError):
+class MinerError(TensormineError, RuntimeError):
     """The miner cannot go on; the message says what to do."""
 
 
@@ -133,26 +134,32 @@ class Miner:
     def __init__(
         self,
         cfg: RunConfig,
-        keypair: Keypair,
+        identity: Identity | SigningKey,
         name: str,
         accelerator: Accelerator,
         behaviour: str = "honest",
+        *,
+        chain: Chain | None = None,
     ):
         if behaviour not in BEHAVIOURS:
             raise MinerError(f"unknown behaviour {behaviour!r}; one of {', '.join(BEHAVIOURS)}")
         self.behaviour = behaviour
         self.cfg = cfg
-        self.keypair = keypair
+        if not isinstance(identity, Identity):
+            identity = Identity.single(identity)
+        self.identity = identity
+        self.keypair = keypair = identity.hotkey
         self.name = name
         self.acc = accelerator
         self.main = accelerator.is_main_process
         self.dir = cfg.run.dir / "miners" / name
-        self.ledger = open_ledger(cfg)
+        # `chain`: a handle made elsewhere (tests: a Bittensor chain on an in-memory node).
+        self.ledger = chain if chain is not None else open_run_chain(cfg, identity)
         uid = self.ledger.uid_of(keypair.address)
         if uid is None:
             raise MinerError(
-                f"hotkey {name} ({keypair.address}) is not registered on {cfg.chain.db}; "
-                f"register it with `tensormine chain register --key {name} --db {cfg.chain.db}`"
+                f"hotkey {name} ({keypair.address}) is not registered on "
+                f"{self.ledger.describe}; {register_hint(cfg, name)}"
             )
         self.uid = uid
         self.store: Store = open_store(cfg.store)
@@ -182,10 +189,10 @@ class Miner:
         self._start_fingerprint = ""  # of θ_w, the model the current window started from
         self.offer: StateOffer | None = None  # our θ for late joiners, while in step
         if self.main and cfg.averaging.enabled:
-            self.seat = join_averaging(cfg, self.ledger, keypair, self.dir, self.model, self.shards)
+            self.seat = join_averaging(cfg, self.ledger, self.dir, self.model, self.shards)
             self.offer = StateOffer(self.seat)
         if self.main:
-            commit_contributions_location(self.ledger, keypair, self.store.contributions_location)
+            commit_contributions_location(self.ledger, self.store.contributions_location)
         # Proof of work: the trajectory's states stay on disk until their challenges close,
         # and a thread answers validators' challenges from them (`train.responder`).
         self.keeper: TrajectoryKeeper | None = None
@@ -194,7 +201,7 @@ class Miner:
             self.keeper = TrajectoryKeeper(self.dir / "trajectory")
             self.responder = Responder(
                 self.store, keypair, self.keeper, self.shards,
-                ledger_db=cfg.chain.db, backend=cfg.store.backend,
+                chain=self.ledger, backend=cfg.store.backend,
             )  # fmt: skip
             self.responder.start()
 
@@ -485,7 +492,7 @@ class Miner:
             round_ = start_round(
                 self.seat, self.ledger, cfg, window, shard, parts,
                 commitment_body(prepared.manifest),
-                commitments=committed_digests(self.ledger.path, window, due),
+                commitments=committed_digests(self.ledger, window, due),
                 receive=active, base=base,
             )  # fmt: skip
         if report.late and self.behaviour != "backdater":
@@ -545,7 +552,7 @@ class Miner:
         blocks = max(1, due - self.ledger.block_number()) + 2
         try:
             report.committed_block = commit_contribution(
-                self.ledger, self.keypair, window, digest,
+                self.ledger, window, digest,
                 timeout=blocks * cfg.chain.block_time_s + 10.0,
             )  # fmt: skip
         except ChainError as exc:
@@ -632,25 +639,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     miner: Miner | None = None
     try:
         cfg = load_config(args.config, args.overrides)
-        keypair = load_key(
-            Path(args.keys_dir) if args.keys_dir else default_keys_dir(), args.hotkey
-        )
+        identity = load_identity(cfg, args.hotkey, args.keys_dir)
         # Without a GPU, processes started by `accelerate launch --multi_gpu` form a gloo group.
         accelerator = Accelerator(
             cpu=not torch.cuda.is_available(),
             mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
         )
-        miner = Miner(cfg, keypair, args.hotkey, accelerator, behaviour=args.behaviour)
+        miner = Miner(cfg, identity, args.hotkey, accelerator, behaviour=args.behaviour)
         miner.run(args.windows)
-    except (
-        MinerError,
-        StartupError,
-        ConfigError,
-        ChainError,
-        KeyFileError,
-        StoreError,
-        TimeoutError,
-    ) as exc:
+    except (TensormineError, TimeoutError) as exc:
         logger.error("%s", exc if str(exc) else repr(exc), exc_info=not str(exc))
         return 2
     except torch.OutOfMemoryError as exc:

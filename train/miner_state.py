@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 
 from averaging.outer import load_outer_state, save_outer_state
+from common.errors import TensormineError
 from train.model import model_fingerprint
 
 STATE_POINTER = "CURRENT"
 WIRE_RESIDUAL = "wire_residual.safetensors"  # top-k error feedback owed to the groups
 
 
-class StateMismatch(ValueError):
+class StateMismatch(TensormineError, ValueError):
     """The saved state does not fit the model."""
 
 

@@ -19,7 +19,7 @@ import logging
 import torch
 
 from averaging.round import PreparedParts
-from chain.ledger import Ledger
+from chain.interface import Chain
 from store.api import Store
 from tensormine.config import RunConfig
 from train.adversary import make_adversarial_delta, mean_of
@@ -34,7 +34,7 @@ def misbehave(
     delta: dict[str, torch.Tensor],
     *,
     store: Store,
-    ledger: Ledger,
+    ledger: Chain,
     cfg: RunConfig,
     uid: int,
     hotkey: str,

@@ -19,13 +19,14 @@ from typing import Any
 
 import torch
 
+from common.errors import TensormineError
 from train.model import model_fingerprint
 
 FORMAT = "tensormine-state/1"
 _KEYS = {"format", "window", "momentum", "fingerprint"}
 
 
-class PeerStateError(ValueError):
+class PeerStateError(TensormineError, ValueError):
     """A peer's state is malformed or not the one asked for."""
 
 

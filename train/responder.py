@@ -1,6 +1,6 @@
 """A miner's side of proof of work: answer validators' challenges from the kept states.
 
-    responder = Responder(store, keypair, keeper, shards, ledger_db=cfg.chain.db,
+    responder = Responder(store, keypair, keeper, shards, chain=chain,
                           backend=cfg.store.backend)
     responder.start()            # a daemon thread that polls every `interval` seconds
     ...
@@ -26,9 +26,8 @@ import logging
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from chain.keys import Keypair
+from chain.interface import Chain, SigningKey
 from store import layout
 from store.api import Store
 from store.errors import Rejected, StoreError
@@ -46,9 +45,6 @@ from store.proofs import (
 from store.sources import parse_contributions_location
 from train.trajectory import TrajectoryKeeper, moment_names, tensors_digest
 
-if TYPE_CHECKING:
-    from chain.ledger import Ledger
-
 logger = logging.getLogger(__name__)
 
 
@@ -58,17 +54,17 @@ class Responder:
     def __init__(
         self,
         store: Store,
-        keypair: Keypair,
+        keypair: SigningKey,
         keeper: TrajectoryKeeper,
         shards: Sequence[Sequence[str]],
         *,
-        ledger_db: Path | None = None,
+        chain: Chain | None = None,
         backend: str = "local",
         interval: float = 0.5,
     ) -> None:
         self.store, self.keypair, self.keeper = store, keypair, keeper
         self.shards = shards
-        self.ledger_db, self.backend, self.interval = ledger_db, backend, interval
+        self.chain, self.backend, self.interval = chain, backend, interval
         self.answered: set[tuple[int, str]] = set()  # (window, validator hotkey)
         self.known: set[str] | None = None  # the validators the last pass looked at
         self.bytes_sent = 0
@@ -100,13 +96,11 @@ class Responder:
         return False
 
     def _run(self) -> None:
-        from chain.ledger import Ledger
-
-        assert self.ledger_db is not None
-        ledger = None
+        assert self.chain is not None
+        ledger: Chain | None = None
         while not self._stop.wait(self.interval):
             try:
-                ledger = ledger or Ledger(self.ledger_db)
+                ledger = ledger or self.chain.reopen()
                 validators = self.validators(ledger)
                 self.known = set(validators)
                 self.answer_pending(validators)
@@ -115,8 +109,8 @@ class Responder:
         if ledger is not None:
             ledger.close()
 
-    def validators(self, ledger: Ledger) -> dict[str, str]:
-        """hotkey -> store location of every validator on the ledger."""
+    def validators(self, ledger: Chain) -> dict[str, str]:
+        """hotkey -> store location of every validator on the chain."""
         own = self.store.contributions_location
         commitments = ledger.commitments()
         out = {}

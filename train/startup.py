@@ -1,8 +1,8 @@
-"""The start-up every program of a run shares: ledger, averaging seat, tokenizer, checkpoint.
+"""The start-up every program of a run shares: chain, averaging seat, tokenizer, checkpoint.
 
-    ledger = open_ledger(cfg)                                  # StartupError: no ledger
-    ensure_window_zero(store, ledger, cfg, model)              # the first process writes it
-    seat = join_averaging(cfg, ledger, keypair, folder, model, shards)
+    chain = open_run_chain(cfg, identity)                      # StartupError: no chain
+    ensure_window_zero(store, chain, cfg, model)               # the first process writes it
+    seat = join_averaging(cfg, chain, folder, model, shards)
     tokenizer = load_tokenizer_from(pulled)                    # a pulled checkpoint's
     align_special_tokens(model, tokenizer)
     weights = load_checkpoint_weights(pulled)                  # safetensors only
@@ -10,7 +10,8 @@
     momentum = adopt_checkpoint(model, pulled)                 # None: θ held already
 
 The miner (`train.miner`), the validator (`validation.validator`) and `tensormine verify`
-(`validation.verify`) start the same way: they open the run's ledger, take a seat in
+(`validation.verify`) start the same way: they open the run's chain (`chain.backend`:
+the local ledger or Bittensor, behind `chain.interface.Chain`), take a seat in
 every shard's hivemind group (`averaging.participant`; the validator as an auxiliary
 peer), read the tokenizer published with window 0 and load θ and the outer momentum from
 checkpoints the store pulled and verified. This module is that start-up, and it is the
@@ -32,8 +33,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from averaging.outer import OuterStateError, load_outer_state
 from averaging.participant import Participant
-from chain.keys import Keypair
-from chain.ledger import Ledger
+from chain.errors import ChainError
+from chain.factory import open_chain
+from chain.interface import Chain, Identity
+from chain.keys import default_keys_dir, load_key
+from common.errors import TensormineError
 from store.api import Store
 from store.checkpoint import OUTER_STATE_FILE, Provenance
 from store.errors import NotFound, StoreConflict
@@ -46,8 +50,8 @@ from train.tokenizer import load_tokenizer
 logger = logging.getLogger(__name__)
 
 
-class StartupError(RuntimeError):
-    """A program cannot start: the run's ledger or a checkpoint is not usable; the message
+class StartupError(TensormineError, RuntimeError):
+    """A program cannot start: the run's chain or a checkpoint is not usable; the message
     says what to do."""
 
 
@@ -60,12 +64,22 @@ def resolve_mixed_precision(setting: str) -> str:
     return "no"
 
 
-def open_ledger(cfg: RunConfig, attempts: int = 3) -> Ledger:
-    """The run's ledger, with a few retries (1.5 s in all) while another process is
-    creating it; a missing ledger is otherwise reported at once, not after a long wait."""
+def open_run_chain(
+    cfg: RunConfig, identity: Identity | None, attempts: int = 3, *, state_dir: Path | None = None
+) -> Chain:
+    """The run's chain bound to `identity`. A local ledger gets a few retries (1.5 s in
+    all) while another process is creating it; a missing ledger is otherwise reported at
+    once, not after a long wait. The Bittensor backend retries its endpoint itself
+    (`chain.retries`) and raises `ChainUnreachable`. `state_dir`: see
+    `chain.factory.open_chain`."""
+    if cfg.chain.backend != "local":
+        try:
+            return open_chain(cfg.chain, identity, state_dir=state_dir)
+        except ChainError as exc:
+            raise StartupError(str(exc)) from None
     for attempt in range(attempts):
         try:
-            return Ledger(cfg.chain.db)
+            return open_chain(cfg.chain, identity, state_dir=state_dir)
         except FileNotFoundError:
             if attempt == attempts - 1:
                 raise StartupError(
@@ -76,14 +90,36 @@ def open_ledger(cfg: RunConfig, attempts: int = 3) -> Ledger:
     raise AssertionError("unreachable")
 
 
+def load_identity(cfg: RunConfig, name: str, keys_dir: str | Path | None = None) -> Identity:
+    """The keys a program signs with. Local ledger: our Ed25519 key `name` from
+    `keys_dir` (default ``$TENSORMINE_HOME/keys``), hotkey and coldkey in one. Bittensor:
+    the btcli wallet `chain.wallet.name` with hotkey `name` (sr25519; the coldkey only
+    when its password is in `chain.wallet.password_env`)."""
+    if cfg.chain.backend == "local":
+        folder = Path(keys_dir) if keys_dir else default_keys_dir()
+        return Identity.single(load_key(folder, name))
+    from chain.wallet import load_wallet
+
+    return load_wallet(cfg.chain.wallet.model_copy(update={"hotkey": name}))
+
+
+def register_hint(cfg: RunConfig, name: str) -> str:
+    """How to register hotkey `name` on the run's chain, for error messages."""
+    if cfg.chain.backend == "local":
+        return f"register it with `tensormine chain register --key {name} --db {cfg.chain.db}`"
+    w = cfg.chain.wallet
+    return (
+        f"register it with `btcli subnets register --netuid {cfg.chain.netuid} "
+        f"-w {w.name} -H {name} --network {cfg.chain.network}`"
+    )
+
+
 def data_cache(cfg: RunConfig) -> Path:
     """Where tokenizer and pages are cached: `data.cache_dir`, else ``<run.dir>/data``."""
     return cfg.data.cache_dir or cfg.run.dir / "data"
 
 
-def ensure_window_zero(
-    store: Store, ledger: Ledger, cfg: RunConfig, model: PreTrainedModel
-) -> bool:
+def ensure_window_zero(store: Store, chain: Chain, cfg: RunConfig, model: PreTrainedModel) -> bool:
     """Write the run's window-0 checkpoint (`model` as `build_model` made it from the run
     seed, with the tokenizer trained on the run's data) unless the store has one; returns
     whether this process wrote it. Every process makes the same bytes, so whichever
@@ -96,7 +132,7 @@ def ensure_window_zero(
     tokenizer = load_tokenizer(cfg.data, cfg.model.vocab_size, data_cache(cfg))
     align_special_tokens(model, tokenizer)
     prov = Provenance(
-        run_id=cfg.run.name, window=0, ledger_block=ledger.block_number(),
+        run_id=cfg.run.name, window=0, ledger_block=chain.block_number(),
         run_config=cfg.to_json_dict(), metrics={},
     )  # fmt: skip
     try:
@@ -108,17 +144,18 @@ def ensure_window_zero(
     return True
 
 
-def commit_contributions_location(ledger: Ledger, keypair: Keypair, location: str) -> bool:
+def commit_contributions_location(chain: Chain, location: str) -> bool:
     """Tell validators where this hotkey's contributions are (the ``"contributions"`` key
-    of its ledger commitment; the other keys, such as the DHT address, are kept). Returns
-    whether an extrinsic was submitted; nothing is sent when the commitment already says
-    so. It is not waited for: validators need it only once the first window is scored."""
-    body = ledger.commitment_fields(keypair.address)
+    of its chain commitment; the other keys, such as the DHT address, are kept). Returns
+    whether a commitment was sent; nothing is sent when the commitment already says so.
+    It is not waited for: validators need it only once the first window is scored, and
+    the next read-modify-write of the commitment (a window's contribution, on Bittensor)
+    comes a window later."""
+    body = chain.commitment_fields(chain.signer().address)
     entry = contributions_entry(location)
     if all(body.get(k) == v for k, v in entry.items()):
         return False
-    text = json.dumps({**body, **entry}, sort_keys=True, separators=(",", ":"))
-    ledger.submit_call(keypair, "commit", {"data": text})
+    chain.commit(json.dumps({**body, **entry}, sort_keys=True, separators=(",", ":")), wait=False)
     logger.info("committing contributions location %s", location)
     return True
 
@@ -130,8 +167,7 @@ def averaging_run_name(run: str) -> str:
 
 def join_averaging(
     cfg: RunConfig,
-    ledger: Ledger,
-    keypair: Keypair,
+    chain: Chain,
     folder: Path,
     model: PreTrainedModel,
     shards: list[list[str]],
@@ -140,11 +176,9 @@ def join_averaging(
     return Participant.join(
         cfg.averaging,
         run=averaging_run_name(cfg.run.name),
-        ledger=ledger,
-        keypair=keypair,
+        chain=chain,
         identity_path=folder / "dht.key",
         templates={i: shard_state(model, names) for i, names in enumerate(shards)},
-        commit_timeout=max(30.0, 10 * cfg.chain.block_time_s),
     )
 
 

@@ -34,7 +34,7 @@ import torch
 
 from averaging.participant import Participant
 from averaging.round import AveragingFailed
-from chain.ledger import Ledger
+from chain.interface import Chain
 from store.api import Store
 from store.errors import NotFound, StoreError
 from tensormine.config import RunConfig
@@ -89,7 +89,7 @@ def load_from_peers(
 
 def fetch_canonical(
     store: Store,
-    ledger: Ledger,
+    ledger: Chain,
     cfg: RunConfig,
     pulls: Path,
     window: int,

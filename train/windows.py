@@ -8,7 +8,7 @@ miner can read another's Δ of the window before its own commitment is final.
 
     window_of(block, cfg)     start_block(w, cfg)     deadline(w, cfg)
     meeting_block(w, cfg)     reveal_deadline(w, cfg)
-    block_time(ledger, deadline(w, cfg), anchor=start_block(w, cfg))   # unix time
+    block_time(chain, deadline(w, cfg), anchor=start_block(w, cfg))    # unix time
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 
-from chain.ledger import Ledger
+from chain.interface import Chain
 from train.config import WindowConfig
 
 logger = logging.getLogger(__name__)
@@ -47,35 +47,36 @@ def reveal_deadline(window: int, cfg: WindowConfig) -> int:
     return deadline(window, cfg) + cfg.reveal_blocks
 
 
-def block_time(ledger: Ledger, block: int, *, anchor: int) -> float:
+def block_time(chain: Chain, block: int, *, anchor: int) -> float:
     """When `block` is due (unix time): the `anchor` block's timestamp plus one block time
     per block after it. Processes that use the same (produced) anchor get the same answer
     whatever the head is when they ask, so they can agree on a moment to meet."""
-    header = ledger.block(anchor)
+    header = chain.block(anchor)
     if header is None:
-        head = ledger.block_number()
+        head = chain.block_number()
         raise ValueError(f"anchor block {anchor} is not produced yet (head {head})")
-    return header.timestamp + (block - anchor) * ledger.config.block_time_s
+    return header.timestamp + (block - anchor) * chain.block_time_s
 
 
-def wait_for_block(ledger: Ledger, block: int, *, timeout: float | None = None) -> int:
-    """Poll until the ledger's head reaches `block`; returns the head.
+def wait_for_block(chain: Chain, block: int, *, timeout: float | None = None) -> int:
+    """Poll until the chain's head reaches `block`; returns the head.
 
-    Raises `TimeoutError` naming the ledger when no block arrives for `timeout` seconds
-    (default: 20 block times), which usually means no `tensormine chain run` is running.
+    Raises `TimeoutError` naming the chain when no block arrives for `timeout` seconds
+    (default: 20 block times), which on the local ledger usually means no
+    `tensormine chain run` is running.
     """
-    block_time = ledger.config.block_time_s
+    block_time = chain.block_time_s
     limit = timeout if timeout is not None else max(10.0, 20 * block_time)
-    last_head, last_change = ledger.block_number(), time.monotonic()
+    last_head, last_change = chain.block_number(), time.monotonic()
     while True:
-        head = ledger.block_number()
+        head = chain.block_number()
         if head >= block:
             return head
         if head != last_head:
             last_head, last_change = head, time.monotonic()
         elif time.monotonic() - last_change > limit:
             raise TimeoutError(
-                f"the ledger {ledger.path} made no block for {limit:.0f}s (head {head}); "
-                "is `tensormine chain run` producing blocks?"
+                f"{chain.describe} made no block for {limit:.0f}s (head {head}); "
+                "is it producing blocks (`tensormine chain run` for a local ledger)?"
             )
         time.sleep(min(0.5, block_time / 4))

@@ -48,7 +48,7 @@ import torch
 
 from averaging.compression import CompressionError, decode, expected_specs
 from averaging.parts import WIRE_SCHEME, PartError, decode_payload
-from chain.ledger import ContributionCommitment, Neuron
+from chain.types import ContributionCommitment, Neuron
 from store.api import Store
 from store.backend import ContributionRef
 from store.errors import Rejected

@@ -1,7 +1,7 @@
 """Score bookkeeping: moving averages, strikes and flags per UID, and weights on the ledger.
 
     update_scores(state, roster, rows, alpha=cfg.validation.ema_alpha)   # fills row.ema/weight
-    setter = WeightSetter(ledger, keypair, every=cfg.validation.weights_every)
+    setter = WeightSetter(chain, every=cfg.validation.weights_every)
     report.weights_set = setter.maybe_set(state, window)
 
 After each window every miner of the roster gets its score (0 without an admitted,
@@ -12,19 +12,18 @@ keeps its count) and held-out-rival flags the windows in a row flagged. A UID th
 changed hands (re-registration) starts again from zero on all three. The state is
 `validation.state.ValidatorState`, saved with θ after every window.
 
-Every `validation.weights_every` windows the normalized moving averages go to the ledger
-as this validator's weights (`set_weights`), without waiting for inclusion: submission
-already checks and dry-runs the call, and the receipt is read at the next submission.
+Every `validation.weights_every` windows the normalized moving averages go to the chain
+as this validator's weights (`Chain.set_weights`: committed, and revealed later, where the
+chain runs commit-reveal), without waiting for inclusion: the chain checks the call before
+it takes it into its pool, so the validator's window never waits for a block.
 """
 
 from __future__ import annotations
 
 import logging
 
-from chain.client import LedgerClient
 from chain.errors import ChainError
-from chain.keys import Keypair
-from chain.ledger import Ledger
+from chain.interface import Chain
 from validation.admission import Roster
 from validation.report import MinerRow
 from validation.scoring import OWN_OFF, OWN_PASS, normalized_weights, update_ema
@@ -87,22 +86,15 @@ def update_scores(
 
 
 class WeightSetter:
-    """Submits a validator's weights every `every` windows and reports on the last one."""
+    """Sets a validator's weights every `every` windows."""
 
-    def __init__(self, ledger: Ledger, keypair: Keypair, *, every: int) -> None:
-        self.ledger = ledger
-        self.keypair = keypair
+    def __init__(self, chain: Chain, *, every: int) -> None:
+        self.chain = chain
         self.every = every
-        self.pending: str | None = None  # extrinsic hash of the last set_weights
 
     def maybe_set(self, state: ValidatorState, window: int) -> bool:
         """Submit the normalized moving averages of `state` as weights when they are due
         (recorded in `state.weights_window`); returns whether they were submitted."""
-        if self.pending is not None:
-            receipt = self.ledger.receipt(self.pending)
-            if receipt is not None and not receipt.ok:
-                logger.warning("last set_weights failed in its block: %s", receipt.error)
-            self.pending = None
         last = state.weights_window
         if last is not None and window - last < self.every:
             return False
@@ -112,13 +104,10 @@ class WeightSetter:
             return False
         uids = sorted(weights)
         try:
-            # Not waiting for inclusion: submission already checks and dry-runs the call.
-            xt = LedgerClient(self.ledger, self.keypair).set_weights(
-                uids, [weights[u] for u in uids], wait=False
-            )
+            # Not waiting for inclusion: the chain checks the call before it takes it.
+            self.chain.set_weights(uids, [weights[u] for u in uids], wait=False)
         except ChainError as exc:
             logger.warning("window %d: set_weights refused: %s", window, exc)
             return False
-        self.pending = str(xt)
         state.weights_window = window
         return True

@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from tensormine.schema import StrictModel
+from common.schema import StrictModel
 
 
 class ValidationConfig(StrictModel):

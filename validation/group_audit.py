@@ -39,7 +39,7 @@ from averaging.parts import reduce_parts
 from averaging.round import AverageResult, AveragingFailed
 from averaging.settings import AveragingConfig
 from averaging.weights import LedgerWeights
-from chain.ledger import Ledger
+from chain.interface import Chain
 from tensormine.config import RunConfig
 from train.windows import block_time, meeting_block, start_block, wait_for_block
 from validation.admission import Admitted, Roster
@@ -55,7 +55,7 @@ GroupRound = tuple[GroupResults, dict[str, float]]
 
 def join_groups(
     seat: Participant | None,
-    ledger: Ledger,
+    ledger: Chain,
     cfg: RunConfig,
     weights: LedgerWeights,
     window: int,

@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -76,6 +78,24 @@ __all__ = [
 def validator_secret(seed: bytes) -> bytes:
     """The sampling secret derived from a hotkey's private seed (HMAC-SHA256, one way)."""
     return hmac.new(seed, _SECRET_DOMAIN, hashlib.sha256).digest()
+
+
+def signing_seed(key: object, folder: Path) -> bytes:
+    """The private bytes a validator's sampling secret derives from: its Ed25519 hotkey's
+    seed (so the same key gives the same secret on any machine), or, for keys that do not
+    expose one (a Bittensor wallet's sr25519 hotkey), 32 random bytes kept in
+    ``<folder>/sampling.secret`` (hex, mode 0600), made on first use and reused after a
+    restart. `validation.secret_file` overrides both."""
+    seed = getattr(key, "seed", None)
+    if isinstance(seed, bytes) and len(seed) >= 16:
+        return seed
+    path = folder / "sampling.secret"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(secrets.token_hex(32))
+    return read_secret_file(path)
 
 
 def read_secret_file(path: Path) -> bytes:

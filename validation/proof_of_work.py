@@ -60,7 +60,7 @@ from accelerate import Accelerator
 
 from averaging.compression import decode, encode
 from averaging.parts import WIRE_SCHEME, wire_parts
-from chain.keys import Keypair
+from chain.interface import SigningKey
 from store import layout
 from store.api import Store
 from store.errors import Rejected, StoreError
@@ -190,7 +190,7 @@ class SpotChecker:
     def __init__(
         self,
         cfg: RunConfig,
-        keypair: Keypair,
+        keypair: SigningKey,
         store: Store,
         secret: bytes,
         shards: Sequence[Sequence[str]],

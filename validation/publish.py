@@ -38,7 +38,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from averaging.outer import outer_step
 from averaging.participant import Participant
 from averaging.round import AveragingFailed
-from chain.ledger import Ledger
+from chain.interface import Chain
 from store.api import Store
 from store.checkpoint import Contributor, Provenance
 from store.errors import NotFound, StoreConflict
@@ -123,7 +123,7 @@ class PublishContext:
     shards: list[list[str]]
     shapes: Mapping[int, Mapping[str, Sequence[int]]]
     store: Store
-    ledger: Ledger
+    ledger: Chain
     tokenizer: PreTrainedTokenizerBase
     seat: Participant | None
     pulls: Pulls

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from averaging.outer import load_outer_state, save_outer_state
+from common.errors import TensormineError
 from store.fsio import fsync_dir, write_atomic
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ FORMAT = "tensormine-validator-state/1"
 POINTER = "CURRENT"
 
 
-class StateError(ValueError):
+class StateError(TensormineError, ValueError):
     """A saved state does not fit this run (other model) or is damaged."""
 
 

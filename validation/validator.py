@@ -56,25 +56,27 @@ from rich.console import Console
 
 from averaging.participant import Participant
 from averaging.weights import LedgerWeights
-from chain.errors import ChainError
-from chain.keys import KeyFileError, Keypair, default_keys_dir, load_key
-from chain.ledger import Ledger
+from chain.interface import Chain, Identity, SigningKey
+from common.errors import TensormineError
 from store.api import Store, open_store
 from store.backend import ContributionRef
-from store.errors import StoreError
-from tensormine.config import ConfigError, RunConfig, load_config
+from tensormine.config import RunConfig, load_config
 from tensormine.tracking import Tracker
 from train.corpus import DataError
 from train.data import Pages, load_pages
 from train.model import build_model
 from train.shards import shard_map
 from train.startup import (
+    StartupError,
     align_special_tokens,
     commit_contributions_location,
     data_cache,
     ensure_window_zero,
     join_averaging,
+    load_identity,
     load_tokenizer_from,
+    open_run_chain,
+    register_hint,
 )
 from train.windows import deadline, reveal_deadline, start_block, wait_for_block, window_of
 from validation.admission import Admitted, Roster, admit_window
@@ -94,6 +96,7 @@ from validation.probes import (
     heldout_sample,
     private_heldout_pages,
     read_secret_file,
+    signing_seed,
     validator_secret,
 )
 from validation.proof_of_work import PowVerdict, SpotChecker
@@ -113,7 +116,7 @@ from validation.state import ValidatorState, load_state, save_state
 logger = logging.getLogger("validation.validator")
 
 
-class ValidatorError(RuntimeError):
+class ValidatorError(TensormineError, RuntimeError):
     """The validator cannot go on; the message says what to do."""
 
 
@@ -127,24 +130,35 @@ class Validator:
     """One validator (one hotkey) of a run."""
 
     def __init__(
-        self, cfg: RunConfig, keypair: Keypair, name: str, *, console: Console | None = None
+        self,
+        cfg: RunConfig,
+        identity: Identity | SigningKey,
+        name: str,
+        *,
+        console: Console | None = None,
+        chain: Chain | None = None,
     ) -> None:
         self.cfg = cfg
         self.vcfg = cfg.validation
-        self.keypair = keypair
+        if not isinstance(identity, Identity):
+            identity = Identity.single(identity)
+        self.identity = identity
+        self.keypair = keypair = identity.hotkey
         self.name = name
         self.console = console
         self.dir = cfg.run.dir / "validators" / name
         try:
-            self.ledger = Ledger(cfg.chain.db)
-        except FileNotFoundError as exc:
+            # `chain`: a handle made elsewhere (tests: Bittensor on an in-memory node).
+            self.ledger = (
+                chain if chain is not None else open_run_chain(cfg, identity, state_dir=self.dir)
+            )
+        except StartupError as exc:
             raise ValidatorError(str(exc)) from None
         uid = self.ledger.uid_of(keypair.address)
         if uid is None:
             raise ValidatorError(
-                f"hotkey {name} ({keypair.address}) is not registered on {cfg.chain.db}; "
-                f"register and stake it: `tensormine chain register --key {name}`, "
-                f"`tensormine chain stake add --key {name} --amount ...`"
+                f"hotkey {name} ({keypair.address}) is not registered on "
+                f"{self.ledger.describe}; {register_hint(cfg, name)}, and stake it"
             )
         self.uid = uid
         self.store: Store = open_store(cfg.store)
@@ -153,7 +167,7 @@ class Validator:
         self.secret = (
             read_secret_file(self.vcfg.secret_file)
             if self.vcfg.secret_file is not None
-            else validator_secret(keypair.seed)
+            else validator_secret(signing_seed(keypair, self.dir))
         )
         self.model = build_model(cfg.model, cfg.run.seed, device=self.device)
         self.shards = shard_map(self.model, cfg.model.shards)
@@ -163,14 +177,14 @@ class Validator:
         }
         self.state = ValidatorState(window=-1)
         self.momentum: dict[str, torch.Tensor] = {}
-        self.weight_setter = WeightSetter(self.ledger, keypair, every=self.vcfg.weights_every)
+        self.weight_setter = WeightSetter(self.ledger, every=self.vcfg.weights_every)
         # The last scored window's admitted Δ by UID, for checking hivemind group averages.
         self.last_admitted: dict[int, Admitted] = {}
         self._last_window = -1  # the window `last_admitted` belongs to (replays look back one)
         # What each member of a group weighs in its average: the same ledger field and
         # floor every group member reads (`averaging.weights`).
         self.group_weights = LedgerWeights(
-            cfg.chain.db, cfg.averaging.weights, cfg.averaging.weight_floor
+            self.ledger, cfg.averaging.weights, cfg.averaging.weight_floor
         )
         self.tracker = Tracker.start(
             cfg.wandb, run_dir=self.dir, name=f"validator-{name}", group=cfg.run.name,
@@ -181,14 +195,14 @@ class Validator:
         # miners agree on and checks them against the contributions it admitted.
         self.seat: Participant | None = None
         if cfg.averaging.enabled:
-            self.seat = join_averaging(cfg, self.ledger, keypair, self.dir, self.model, self.shards)
+            self.seat = join_averaging(cfg, self.ledger, self.dir, self.model, self.shards)
         # Proof of work: challenges go into our store, where miners look for them.
         self.checker = SpotChecker(
             cfg, keypair, self.store, self.secret, self.shards, self.shapes,
             self.pages.train, self.device,
         )  # fmt: skip
         if self.checker.enabled:
-            commit_contributions_location(self.ledger, keypair, self.store.contributions_location)
+            commit_contributions_location(self.ledger, self.store.contributions_location)
 
     # ---- start-up ------------------------------------------------------------------------
     @property
@@ -319,7 +333,11 @@ class Validator:
             if self.checker.enabled
             else {}
         )
-        commitments = self.ledger.contribution_commitments(window)
+        # Read as of the reveal deadline: on Bittensor a hotkey's next commitment replaces
+        # this one, and a late one (after the deadline) must still be seen to be refused.
+        commitments = self.ledger.contribution_commitments(
+            window, block=reveal_deadline(window, cfg.window)
+        )
         refs = self.list_contributions(window, roster)
         admitted, refused = admit_window(
             self.store, refs, roster=roster, window=window, shapes=self.shapes,
@@ -486,14 +504,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     validator: Validator | None = None
     try:
         cfg = load_config(args.config, args.overrides)
-        keypair = load_key(
-            Path(args.keys_dir) if args.keys_dir else default_keys_dir(), args.hotkey
-        )
+        identity = load_identity(cfg, args.hotkey, args.keys_dir)
         from tensormine.cli import make_console
 
-        validator = Validator(cfg, keypair, args.hotkey, console=make_console())
+        validator = Validator(cfg, identity, args.hotkey, console=make_console())
         validator.run(args.windows)
-    except (ValidatorError, ConfigError, ChainError, KeyFileError, StoreError, TimeoutError) as exc:
+    except (TensormineError, TimeoutError) as exc:
         logger.error("%s", exc)
         return 2
     except KeyboardInterrupt:

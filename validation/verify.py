@@ -39,7 +39,10 @@ import torch
 from averaging.outer import outer_step
 from averaging.parts import reduce_parts
 from averaging.weights import LedgerWeights
-from chain.ledger import Ledger
+from chain.errors import ChainError
+from chain.factory import open_chain
+from chain.interface import Chain
+from common.errors import TensormineError
 from store.api import Store, open_store
 from store.checkpoint import Provenance
 from store.errors import NotFound
@@ -47,7 +50,7 @@ from tensormine.config import RunConfig
 from train.model import build_model, model_fingerprint
 from train.shards import shard_map
 from train.startup import load_checkpoint_momentum, load_checkpoint_weights
-from train.windows import deadline, start_block
+from train.windows import deadline, reveal_deadline, start_block
 from validation.admission import Admitted, Refused, Roster, admit, run_scheme
 from validation.listing import committed_location
 from validation.next_model import weight_shares
@@ -59,7 +62,7 @@ WITHIN = "within the wire's rounding"
 DIFFERS = "differs"
 
 
-class VerifyError(RuntimeError):
+class VerifyError(TensormineError, RuntimeError):
     """The inputs to recompute θ_{W+1} are not there (a checkpoint, the ledger)."""
 
 
@@ -89,7 +92,7 @@ class VerifyResult:
 
 def _contribution(
     store: Store,
-    ledger: Ledger,
+    ledger: Chain,
     cfg: RunConfig,
     window: int,
     hotkey: str,
@@ -114,7 +117,9 @@ def _contribution(
     scheme, wire = run_scheme(cfg)
     return admit(
         store, refs[0], roster=roster, window=window, shapes=shapes, scheme=scheme,
-        commitment=ledger.contribution_commitment(hotkey, window),
+        commitment=ledger.contribution_commitment(
+            hotkey, window, block=reveal_deadline(window, cfg.window)
+        ),
         deadline_block=deadline(window, cfg.window), wire=wire,
     )  # fmt: skip
 
@@ -123,9 +128,9 @@ def verify_window(cfg: RunConfig, window: int, *, workdir: Path | None = None) -
     """Recompute θ_{window+1} from the store and the ledger; compare with the published one."""
     store = open_store(cfg.store, create=False)
     try:
-        ledger = Ledger(cfg.chain.db)
-    except FileNotFoundError as exc:
-        raise VerifyError(f"no ledger: {exc}") from None
+        ledger = open_chain(cfg.chain)
+    except (FileNotFoundError, ChainError) as exc:
+        raise VerifyError(f"no chain: {exc}") from None
     with ledger, tempfile.TemporaryDirectory(dir=workdir) as tmp:
         # θ_W is W's checkpoint, else the latest one before it (what miners start from).
         start = max((r.window for r in store.list_checkpoints() if r.window <= window), default=-1)
@@ -145,7 +150,7 @@ def verify_window(cfg: RunConfig, window: int, *, workdir: Path | None = None) -
         theta = {n: t.detach().clone() for n, t in model.state_dict().items()}
         published = load_checkpoint_weights(folders[window + 1].path)
         roster = Roster.from_neurons(ledger.neurons(), shards=cfg.model.shards, window=window)
-        pinned = LedgerWeights(ledger.path, cfg.averaging.weights, cfg.averaging.weight_floor)
+        pinned = LedgerWeights(ledger, cfg.averaging.weights, cfg.averaging.weight_floor)
         weights = pinned.table(start_block(window, cfg.window))
         problems: list[str] = []
         by_shard: dict[int, list[tuple[Admitted, float]]] = {}

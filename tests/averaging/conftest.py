@@ -35,6 +35,7 @@ from averaging.weights import LedgerWeights
 from chain.config import RAO_PER_TAO
 from chain.keys import Keypair
 from chain.ledger import Ledger
+from chain.local import LocalChain
 from tests.chain.conftest import do, fast_config, subnet
 
 RUN = "avgtest"
@@ -88,6 +89,11 @@ class Swarm:
     def hotkeys(self) -> list[str]:
         return [kp.address for kp in self.miners]
 
+    @property
+    def chain(self) -> LocalChain:
+        """The `Chain` view of the main-thread ledger handle (what the library takes)."""
+        return LocalChain(self.ledger)
+
     def directory(self, dht: DHT | None = None) -> PeerDirectory:
         return PeerDirectory(self.ledger_path, run=RUN, dht=dht)
 
@@ -109,9 +115,10 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     dhts: list[DHT] = []
     try:
         for kp in miners:
-            dht = start_dht(DHTConfig(), run=RUN, ledger=ledger)
+            dht = start_dht(DHTConfig(), run=RUN, ledger=LocalChain(ledger))
             dhts.append(dht)
-            do(ledger, kp, "commit", {"data": commitment_for(dht, ledger, kp.address, run=RUN)})
+            text = commitment_for(dht, LocalChain(ledger), kp.address, run=RUN)
+            do(ledger, kp, "commit", {"data": text})
         yield Swarm(cfg.db, ledger, miners, dhts, itertools.count(100))
     finally:
         for dht in dhts:

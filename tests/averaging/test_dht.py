@@ -42,6 +42,7 @@ from averaging.identity import PeerKey, b64
 from averaging.settings import DHTConfig
 from chain.keys import Keypair
 from chain.ledger import Ledger
+from chain.local import LocalChain
 from tests.averaging.conftest import RUN, Swarm
 from tests.chain.conftest import do, fast_config
 
@@ -94,7 +95,7 @@ def test_new_identities_are_ed25519_and_old_rsa_files_keep_their_peer_id(tmp_pat
         assert dht.peer_id == key.peer_id
         cfg = fast_config(tmp_path / "ledger.sqlite")
         with Ledger.create(cfg.db, cfg, Keypair.generate().address) as ledger:
-            text = commitment_for(dht, ledger, "5F" + "x" * 46, run=RUN)
+            text = commitment_for(dht, LocalChain(ledger), "5F" + "x" * 46, run=RUN)
         # One address and an RSA proof leave room for other keys (~120 bytes of them).
         assert len(text) < 900, len(text)
     finally:
@@ -104,13 +105,13 @@ def test_new_identities_are_ed25519_and_old_rsa_files_keep_their_peer_id(tmp_pat
 def test_newcomer_joins_through_ledger_commitments_alone(swarm: Swarm) -> None:
     """No bootstrap address in its config: the ledger's commitments are enough."""
     assert swarm.dhts[0].store("discovery-probe", "hello", get_dht_time() + 60)
-    newcomer = start_dht(DHTConfig(), run=RUN, ledger=swarm.ledger)
+    newcomer = start_dht(DHTConfig(), run=RUN, ledger=swarm.chain)
     try:
         found = newcomer.get("discovery-probe", latest=True)
         assert found is not None and found.value == "hello"
     finally:
         newcomer.shutdown()
-    loner = start_dht(DHTConfig(peers_from_ledger=False), ledger=swarm.ledger)
+    loner = start_dht(DHTConfig(peers_from_ledger=False), ledger=swarm.chain)
     try:
         assert loner.get("discovery-probe", latest=True) is None
     finally:
@@ -127,9 +128,9 @@ def test_stale_ledger_peers_fall_back_to_a_new_dht(
         do(ledger, kp, "register", {})
         dead = f"/ip4/127.0.0.1/tcp/9/p2p/{DEAD_PEER}"
         do(ledger, kp, "commit", {"data": json.dumps({"dht": [dead]})})
-        assert ledger_multiaddrs(ledger) == [dead]
+        assert ledger_multiaddrs(LocalChain(ledger)) == [dead]
         with caplog.at_level(logging.WARNING, logger="averaging.dht"):
-            dht = start_dht(DHTConfig(bootstrap_attempts=1), ledger=ledger)
+            dht = start_dht(DHTConfig(bootstrap_attempts=1), ledger=LocalChain(ledger))
         dht.shutdown()
         assert "starting a new DHT alone" in caplog.text
     with pytest.raises(DHTStartError):
@@ -160,7 +161,7 @@ def test_commitment_keeps_other_keys(swarm: Swarm) -> None:
     original, _ = swarm.ledger.commitments()[kp.address]
     try:
         do(swarm.ledger, kp, "commit", {"data": json.dumps({"store": "hub:abc", "dht": []})})
-        text = commitment_for(dht, swarm.ledger, kp.address, run=RUN)
+        text = commitment_for(dht, swarm.chain, kp.address, run=RUN)
         body = json.loads(text)
         assert body.pop("dht_proof").keys() == {"sig"}  # Ed25519: the peer id holds the key
         assert body == {"store": "hub:abc", "dht": visible_maddrs(dht)}
@@ -169,13 +170,13 @@ def test_commitment_keeps_other_keys(swarm: Swarm) -> None:
         with pytest.raises(ValueError, match="no multiaddr"):
             commitment_for(
                 dht,
-                swarm.ledger,
+                swarm.chain,
                 kp.address,
                 run=RUN,
                 maddrs=[f"/ip4/1.2.3.4/tcp/1/p2p/{DEAD_PEER}"],
             )
         with pytest.raises(ValueError, match="cannot prove"):
-            commitment_for(dht, swarm.ledger, kp.address, run=RUN, key=PeerKey.generate())
+            commitment_for(dht, swarm.chain, kp.address, run=RUN, key=PeerKey.generate())
     finally:
         do(swarm.ledger, kp, "commit", {"data": original})
 
@@ -231,13 +232,13 @@ def _without(body: dict[str, Any], *keys: str) -> dict[str, Any]:
 def test_directory_admits_registered_hotkeys_only(swarm: Swarm) -> None:
     """Ledger commitments and DHT records both tie peers; unregistered hotkeys drop."""
     run = RUN
-    directory = PeerDirectory(swarm.ledger, run=run, dht=swarm.dhts[0])
+    directory = PeerDirectory(swarm.chain, run=run, dht=swarm.dhts[0])
     base = {
         d.peer_id.to_base58(): kp.address for d, kp in zip(swarm.dhts, swarm.miners, strict=True)
     }
     assert directory.peers() == base
     # Proofs name the run: the same commitments tie nothing in another run.
-    assert PeerDirectory(swarm.ledger, run="elsewhere").peers() == {}
+    assert PeerDirectory(swarm.chain, run="elsewhere").peers() == {}
 
     # A registered hotkey without a commitment, tied by a DHT record only.
     late, late_peer = Keypair.generate(), PeerKey.generate()
@@ -266,7 +267,7 @@ def test_directory_admits_registered_hotkeys_only(swarm: Swarm) -> None:
 def test_hijacking_a_peer_id_fails(swarm: Swarm) -> None:
     """A registered hotkey that claims another miner's peer id gets nothing, and the victim
     keeps its place: in its ledger commitment and in a DHT record alike."""
-    directory = PeerDirectory(swarm.ledger, run=RUN, dht=swarm.dhts[0])
+    directory = PeerDirectory(swarm.chain, run=RUN, dht=swarm.dhts[0])
     victim = swarm.dhts[1].peer_id.to_base58()
     thief = Keypair.generate()
     do(swarm.ledger, thief, "register", {})
@@ -295,7 +296,7 @@ def test_commitment_proofs(swarm: Swarm) -> None:
     """A valid proof ties; a forged one, or one by another peer's key, does not."""
     kp, dht = swarm.miners[2], swarm.dhts[2]
     peer = dht.peer_id.to_base58()
-    valid = commitment_for(dht, swarm.ledger, kp.address, run=RUN)
+    valid = commitment_for(dht, swarm.chain, kp.address, run=RUN)
     assert committed_peer(valid, hotkey=kp.address, run=RUN) == peer
     assert committed_peer(valid, hotkey=swarm.hotkeys[3], run=RUN) is None  # other hotkey
     assert committed_peer(valid, hotkey=kp.address, run="elsewhere") is None  # other run

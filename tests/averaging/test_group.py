@@ -29,9 +29,9 @@ from averaging.wire import (
     codec_for,
     decode_part,
 )
+from chain.interface import is_epoch_block
 from chain.keys import Keypair
 from chain.ledger import Ledger
-from chain.runtime import is_epoch_block
 from tests.averaging.conftest import (
     FAST,
     RUN,
@@ -330,11 +330,11 @@ def test_ledger_weights(swarm: Swarm) -> None:
     # Every registered hotkey's weight at once (what an unpinned round starting now uses).
     snapshot = stake.table()
     assert {h: snapshot[h] for h in swarm.hotkeys} == {h: stake(h) for h in swarm.hotkeys}
-    assert LedgerWeights(swarm.ledger, "uniform", 1e-3)(swarm.hotkeys[0]) == 1.0
+    assert LedgerWeights(swarm.chain, "uniform", 1e-3)(swarm.hotkeys[0]) == 1.0
     # No epoch has paid incentive yet: every member gets the floor.
-    assert LedgerWeights(swarm.ledger, "incentive", 0.5)(swarm.hotkeys[2]) == 0.5
+    assert LedgerWeights(swarm.chain, "incentive", 0.5)(swarm.hotkeys[2]) == 0.5
     with pytest.raises(ValueError, match="floor"):
-        LedgerWeights(swarm.ledger, "stake", 0.0)
+        LedgerWeights(swarm.chain, "stake", 0.0)
 
 
 def test_group_names() -> None:

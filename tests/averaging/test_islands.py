@@ -16,6 +16,7 @@ from averaging.dht import commitment_for, join_ledger_peers, start_dht
 from averaging.settings import DHTConfig
 from chain.keys import Keypair
 from chain.ledger import Ledger
+from chain.local import LocalChain
 from tests.chain.conftest import do, fast_config, subnet
 
 
@@ -30,12 +31,12 @@ def test_islands_merge_through_the_ledger(tmp_path: Path) -> None:
                     ledger,
                     kp,
                     "commit",
-                    {"data": commitment_for(dht, ledger, kp.address, run="islands")},
+                    {"data": commitment_for(dht, LocalChain(ledger), kp.address, run="islands")},
                 )
             b.store("before", "x", get_dht_time() + 60)
             assert a.get("before") is None
-            assert join_ledger_peers(a, ledger) == 1
-            assert join_ledger_peers(a, ledger) == 0  # already connected: nothing to do
+            assert join_ledger_peers(a, LocalChain(ledger)) == 1
+            assert join_ledger_peers(a, LocalChain(ledger)) == 0  # already connected: nothing to do
             b.store("after", "y", get_dht_time() + 60)
             deadline = time.monotonic() + 10
             while a.get("after") is None and time.monotonic() < deadline:
@@ -54,9 +55,9 @@ import sys, time
 from pathlib import Path
 from averaging.dht import commitment_for, start_dht
 from averaging.settings import DHTConfig
-from chain.ledger import Ledger
+from chain.local import LocalChain
 db, key, hotkey, mode = sys.argv[1:]
-ledger = Ledger(Path(db))
+ledger = LocalChain.open(Path(db))
 started = time.monotonic()
 dht = start_dht(DHTConfig(startup_timeout_s=20), run="restart", ledger=ledger,
                 identity_path=Path(key))

@@ -15,6 +15,8 @@ from averaging.participant import commit_address
 from averaging.round import AveragingFailed, Role
 from averaging.settings import DHTConfig
 from averaging.state import STATE_COUNT, STATE_METADATA, StateTruncated, unwrap_state
+from chain.interface import Identity
+from chain.local import LocalChain
 from tests.averaging.conftest import (
     FAST,
     RUN,
@@ -108,7 +110,8 @@ def test_state_comes_from_the_newest_registered_peer(
 
 def test_commit_is_skipped_when_the_ledger_has_it(swarm: Swarm) -> None:
     # The swarm committed every peer's address already; no extrinsic (and no block) needed.
-    assert commit_address(swarm.ledger, swarm.miners[0], swarm.dhts[0], run=RUN, timeout=1) is False
+    seat_chain = LocalChain(swarm.ledger, Identity.single(swarm.miners[0]))
+    assert commit_address(seat_chain, swarm.dhts[0], run=RUN) is False
 
 
 def test_aux_round_rejects_a_delta(swarm: Swarm, shutdown_later: list[ShardAverager]) -> None:

@@ -15,6 +15,8 @@ TAO = RAO_PER_TAO
 
 
 def fast_config(db: Path, **changes: object) -> ChainConfig:
+    """A quick ledger. Weights take effect at once (`commit_reveal` off): tests of other
+    things set them in one call; `test_commit_reveal.py` turns it on."""
     base: dict[str, object] = {
         "db": db,
         "block_time_s": 0.05,
@@ -23,6 +25,7 @@ def fast_config(db: Path, **changes: object) -> ChainConfig:
         "immunity_period": 5,
         "validator_min_stake_rao": 10 * TAO,
         "faucet_rao": 100_000 * TAO,
+        "commit_reveal": False,
     }
     base.update(changes)
     return ChainConfig.model_validate(base)

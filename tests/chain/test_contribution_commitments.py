@@ -12,9 +12,10 @@ import pytest
 from chain import errors, storage
 from chain.extrinsics import Extrinsic, sign_extrinsic
 from chain.keys import Keypair
-from chain.ledger import ContributionCommitment, Ledger
+from chain.ledger import Ledger
 from chain.replay import replay
 from chain.storage import state_digest
+from chain.types import ContributionCommitment
 from tensormine.cli import main
 
 from .conftest import do, fast_config, subnet

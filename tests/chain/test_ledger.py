@@ -13,10 +13,10 @@ from chain import errors
 from chain.client import LedgerClient, weights_to_wire
 from chain.emission import block_emission
 from chain.extrinsics import Extrinsic, sign_extrinsic
+from chain.interface import is_epoch_block
 from chain.keys import Keypair
 from chain.ledger import Ledger
 from chain.replay import replay
-from chain.runtime import is_epoch_block
 from chain.storage import EPOCH_HISTORY, state_digest
 
 from .conftest import TAO, do, fast_config, fund, subnet

@@ -15,7 +15,7 @@ from tensormine.config import ConfigError, load_config
 def test_demo_config_is_valid_and_quiet() -> None:
     cfg = load_config("configs/demo.yaml")
     assert cfg.subnet.miners == 4 and cfg.subnet.validators == 2
-    assert check(cfg) == []
+    assert check(cfg.subnet, cfg.chain) == []
     # The ledger-only demo reads the chain section of the same file.
     assert cfg.chain.faucet_rao > 0 and cfg.chain.max_validators == cfg.subnet.validators
 
@@ -51,11 +51,13 @@ def test_section_rejects(sets: list[str], message: str) -> None:
 )
 def test_cross_section_checks(sets: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        check(load_config("configs/demo.yaml", sets))
+        cfg = load_config("configs/demo.yaml", sets)
+        check(cfg.subnet, cfg.chain)
 
 
 def test_spare_permit_slots_warn() -> None:
-    warnings = check(load_config("configs/demo.yaml", ["chain.max_validators=64"]))
+    cfg = load_config("configs/demo.yaml", ["chain.max_validators=64"])
+    warnings = check(cfg.subnet, cfg.chain)
     assert any("stops mining" in w for w in warnings)
 
 

@@ -6,6 +6,7 @@ import pytest
 
 from chain.keys import Keypair
 from chain.ledger import Ledger
+from chain.local import LocalChain
 from tests.chain.conftest import fast_config
 from train.config import WindowConfig
 from train.windows import deadline, start_block, wait_for_block, window_of
@@ -24,6 +25,6 @@ def test_waiting_on_a_stalled_ledger_says_why(tmp_path: Path) -> None:
     cfg = fast_config(tmp_path / "l.sqlite")
     with Ledger.create(cfg.db, cfg, Keypair.generate().address) as ledger:
         ledger.produce_block()
-        assert wait_for_block(ledger, 1, timeout=0.2) == 1
+        assert wait_for_block(LocalChain(ledger), 1, timeout=0.2) == 1
         with pytest.raises(TimeoutError, match="chain run"):
-            wait_for_block(ledger, 5, timeout=0.3)
+            wait_for_block(LocalChain(ledger), 5, timeout=0.3)

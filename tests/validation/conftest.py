@@ -25,6 +25,7 @@ from averaging.compression import encode
 from chain.config import RAO_PER_TAO
 from chain.keys import Keypair, create_key
 from chain.ledger import Ledger
+from chain.local import LocalChain
 from store.api import Store, open_store
 from store.manifest import Compression, Trajectory
 from tensormine.config import RunConfig, load_config
@@ -50,6 +51,8 @@ def overrides(run: Path, data: Path, **extra: object) -> list[str]:
         "chain.block_time_s": 0.05,
         "chain.tempo": 9,
         "chain.weights_rate_limit": 0,
+        # The validator's weights count at once: these tests read them from the ledger.
+        "chain.commit_reveal": False,
         # Miners earn stake; keep them below the permit threshold for the whole test.
         "chain.validator_min_stake_rao": 1000 * TAO,
         "chain.faucet_rao": 100_000 * TAO,
@@ -102,6 +105,11 @@ class Subnet:
     keepers: dict[str, TrajectoryKeeper] = field(default_factory=dict)
     responders: dict[str, Responder] = field(default_factory=dict)
 
+    @property
+    def chain(self) -> LocalChain:
+        """The `Chain` view of the ledger handle (what the library takes)."""
+        return LocalChain(self.ledger)
+
     def uid(self, name: str) -> int:
         uid = self.ledger.uid_of(self.miners[name].address)
         assert uid is not None
@@ -113,7 +121,7 @@ class Subnet:
     def to_block(self, block: int) -> None:
         head = self.ledger.block_number()
         if self.producer:
-            wait_for_block(self.ledger, block)
+            wait_for_block(self.chain, block)
         elif head < block:
             self.ledger.advance(block - head)
 
@@ -237,7 +245,7 @@ class Subnet:
         if behaviour != "silent" and name not in self.responders:
             responder = Responder(
                 self.store, kp, keeper, shard_map(model, cfg.model.shards),
-                ledger_db=cfg.chain.db, backend=cfg.store.backend, interval=0.1,
+                chain=self.chain, backend=cfg.store.backend, interval=0.1,
             )  # fmt: skip
             responder.start()
             self.responders[name] = responder

@@ -146,20 +146,20 @@ def test_mixers_find_nothing_and_backdaters_are_late(subnet_factory: Factory) ->
     head = net.ledger.block_number()
     mixer, backdater = net.miners["mixer"].address, net.miners["backdater"].address
     assert (
-        peek_contributions(net.store, net.ledger, window, 0, delta, mixer, until=head, poll_s=0.01)
+        peek_contributions(net.store, net.chain, window, 0, delta, mixer, until=head, poll_s=0.01)
         == []
     )
     assert make_adversarial_delta("mixer", delta, None, g).keys() == delta.keys()
     net.to_block(deadline(window, net.cfg.window))
     net.store.reveal_contribution(prepared)
     found = peek_contributions(
-        net.store, net.ledger, window, 0, delta, backdater, until=head, poll_s=0.01
+        net.store, net.chain, window, 0, delta, backdater, until=head, poll_s=0.01
     )
     assert len(found) == 1  # readable only now, after the deadline
     copy = make_adversarial_delta("backdater", delta, found[0], g)
     net.publish(net.miners["backdater"], net.uid("backdater"), window, 0, copy)
     ref = next(r for r in net.store.list_contributions(window) if r.hotkey == backdater)
-    assert backdate(net.store, ref, net.ledger, start_block(window, net.cfg.window))
+    assert backdate(net.store, ref, net.chain, start_block(window, net.cfg.window))
     net.to_deadline(window)
     report = validator.process_window(window)
     validator.close()

@@ -275,7 +275,7 @@ def test_bad_contributions_score_zero_with_a_named_reason(
     late_ref = next(
         r for r in net.store.list_contributions(window) if r.hotkey == net.miners["late"].address
     )
-    assert backdate(net.store, late_ref, net.ledger, start_block(window, net.cfg.window))
+    assert backdate(net.store, late_ref, net.chain, start_block(window, net.cfg.window))
     net.to_deadline(window)
 
     # This validator's seat in the hivemind group of shard 0: the honest miner averaged
