@@ -51,7 +51,7 @@ from chain.replay import replay
 from chain.reveals import PendingReveals, commit_and_reveal, reveal_due
 from chain.runtime import validate_weight_vector
 from chain.simulate import project
-from tensormine.cli import CliError, add_config_args, make_console
+from common.cli import CliError, add_config_args, make_console
 from tensormine.config import load_config
 
 logger = logging.getLogger(__name__)

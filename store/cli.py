@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from common.cli import CliError, add_config_args
 from store.api import Store, open_source, open_store
 from store.backend import CheckpointRef
 from store.checkpoint import Provenance
 from store.errors import Rejected, StoreError
-from tensormine.cli import CliError, add_config_args
 from tensormine.config import load_config
 
 

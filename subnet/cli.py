@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
+from common.cli import CliError, add_config_args, make_console
 from subnet.config import BEHAVIOURS
-from tensormine.cli import CliError, add_config_args, make_console
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 

@@ -17,8 +17,9 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 
-from rich.console import Console
-
+from common.cli import CliError as CliError  # the name component CLIs and tests import
+from common.cli import add_config_args as add_config_args
+from common.cli import make_console as make_console
 from common.errors import TensormineError
 from tensormine import __version__
 
@@ -33,28 +34,6 @@ COMMAND_MODULES = (
 )
 
 logger = logging.getLogger("tensormine")
-
-
-class CliError(TensormineError):
-    """An expected failure: printed as one line, exit status 2."""
-
-
-def make_console() -> Console:
-    """A rich console; off a terminal (pipes, files, tests) tables get 200 columns, not 80."""
-    return Console() if sys.stdout.isatty() else Console(width=200)
-
-
-def add_config_args(parser: argparse.ArgumentParser) -> None:
-    """The options every command that reads a run config takes."""
-    parser.add_argument("--config", "-c", help="run config YAML (default: built-in defaults)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, e.g. --set chain.tempo=10 (repeatable)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:

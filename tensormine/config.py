@@ -24,9 +24,10 @@ from averaging.settings import AveragingConfig
 from chain.config import ChainConfig
 from common.errors import ConfigError as ConfigError  # the name callers import
 from common.schema import StrictModel
+from common.tracking import WandbConfig
 from store.config import StoreConfig
 from subnet.config import SubnetConfig
-from train.config import DataConfig, ModelConfig, TrainConfig, WandbConfig, WindowConfig
+from train.config import DataConfig, ModelConfig, TrainConfig, WindowConfig
 from validation.config import ValidationConfig
 
 

@@ -36,7 +36,7 @@ from chain.ledger import Ledger
 from chain.node import run_producer
 from chain.replay import replay
 from chain.simulate import Halving, project
-from tensormine.cli import make_console
+from common.cli import make_console
 from tensormine.config import load_config
 
 logger = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def run_subnet(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from tensormine.cli import add_config_args
+    from common.cli import add_config_args
 
     p = sub.add_parser(
         "demo", help="the local subnet demo (= subnet up); `demo ledger`: the ledger alone"

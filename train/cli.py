@@ -28,7 +28,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from tensormine.cli import add_config_args
+    from common.cli import add_config_args
 
     p = sub.add_parser("miner", help="train the assigned shard each window and publish it")
     add_config_args(p)

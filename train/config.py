@@ -140,12 +140,3 @@ class WindowConfig(StrictModel):
         if self.publish_margin >= self.blocks:
             raise ValueError("publish_margin must be smaller than blocks")
         return self
-
-
-class WandbConfig(StrictModel):
-    """Weights & Biases: offline unless an API key is set; `wandb sync` uploads later."""
-
-    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
-    project: str = "tensormine"
-    entity: str | None = None
-    dir: Path | None = Field(default=None, description="default: <run.dir>/wandb")

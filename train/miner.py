@@ -55,10 +55,10 @@ from averaging.round import AverageResult, AveragingFailed
 from chain.errors import ChainError
 from chain.interface import Chain, Identity, SigningKey
 from common.errors import TensormineError
+from common.tracking import Tracker
 from store.api import Store, open_store
 from store.manifest import Compression, Trajectory, commitment_body
 from tensormine.config import RunConfig, load_config
-from tensormine.tracking import Tracker
 from train.adversary import training_rows
 from train.behaviours import BEHAVIOURS, code_spelling
 from train.cheats import backdate

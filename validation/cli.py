@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from tensormine.cli import CliError, add_config_args, make_console
+from common.cli import CliError, add_config_args, make_console
 from tensormine.config import load_config
 from validation.report import read_reports, read_skips, window_table
 

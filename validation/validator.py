@@ -58,10 +58,10 @@ from averaging.participant import Participant
 from averaging.weights import LedgerWeights
 from chain.interface import Chain, Identity, SigningKey
 from common.errors import TensormineError
+from common.tracking import Tracker
 from store.api import Store, open_store
 from store.backend import ContributionRef
 from tensormine.config import RunConfig, load_config
-from tensormine.tracking import Tracker
 from train.corpus import DataError
 from train.data import Pages, load_pages
 from train.model import build_model
@@ -505,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         identity = load_identity(cfg, args.hotkey, args.keys_dir)
-        from tensormine.cli import make_console
+        from common.cli import make_console
 
         validator = Validator(cfg, identity, args.hotkey, console=make_console())
         validator.run(args.windows)

@@ -19,11 +19,22 @@ import logging
 import os
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Literal
 
-from train.config import WandbConfig
+from pydantic import Field
+
+from common.schema import StrictModel
 
 logger = logging.getLogger(__name__)
+
+
+class WandbConfig(StrictModel):
+    """Weights & Biases: offline unless an API key is set; `wandb sync` uploads later."""
+
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "tensormine"
+    entity: str | None = None
+    dir: Path | None = Field(default=None, description="default: <run.dir>/wandb")
 
 
 def resolve_mode(cfg: WandbConfig) -> str:
