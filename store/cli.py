@@ -18,13 +18,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.cli import CliError, add_config_args
-from store.api import Store, open_source, open_store
-from store.backend import CheckpointRef
-from store.checkpoint import Provenance
 from store.errors import Rejected, StoreError
 from tensormine.config import load_config
+
+if TYPE_CHECKING:  # store.api loads torch: not at start-up of every `tensormine` command
+    from store.api import Store
+    from store.backend import CheckpointRef
+    from store.checkpoint import Provenance
 
 
 def _loss(prov: Provenance) -> float | None:
@@ -42,6 +45,8 @@ def human_bytes(n: int) -> str:
 
 
 def _open(args: argparse.Namespace, source: str | None) -> Store:
+    from store.api import open_source, open_store
+
     cfg = load_config(args.config, args.overrides).store
     if source is None:
         return open_store(cfg, create=False)

@@ -36,3 +36,19 @@ def test_chain_never_imports_torch_or_the_packages_above_it() -> None:
     assert not loaded & above, loaded & above
     # Its command line reads a whole run config (every section's schema), still no torch.
     assert "torch" not in loaded_after("chain.cli")
+
+
+def test_the_command_line_starts_without_torch() -> None:
+    """`tensormine chain run` (the block producer every end-to-end test starts, several
+    times in some) and every other command parse their arguments without loading torch
+    (1.7 s of imports); the commands that need it import it when they run."""
+    code = (
+        "import sys\n"
+        "from tensormine.cli import build_parser\n"
+        "build_parser()\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "False"

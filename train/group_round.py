@@ -106,7 +106,7 @@ def start_round(
     the groups meet at the window's meeting block."""
     meet = meeting_block(window, cfg.window)
     start_at = block_time(ledger, meet, anchor=start_block(window, cfg.window))
-    tail = cfg.window.publish_margin * cfg.chain.block_time_s
+    tail = cfg.window.publish_margin * ledger.block_time_s
     timeout = max(start_at - time.time() + tail, cfg.averaging.min_matchmaking_time_s + 0.5)
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="averaging")
     future = pool.submit(

@@ -553,7 +553,7 @@ class Miner:
         try:
             report.committed_block = commit_contribution(
                 self.ledger, window, digest,
-                timeout=blocks * cfg.chain.block_time_s + 10.0,
+                timeout=blocks * self.ledger.block_time_s + 10.0,
             )  # fmt: skip
         except ChainError as exc:
             logger.warning("window %d: the ledger refused our commitment: %s", window, exc)
@@ -598,7 +598,7 @@ class Miner:
         if self.responder is not None and reports and self.cfg.validation.pow_checks > 0:
             # Validators challenge the last window after its reveal deadline: stay to answer.
             wait = self.cfg.validation.pow_answer_s + 4 * self.cfg.window.reveal_blocks * (
-                self.cfg.chain.block_time_s
+                self.ledger.block_time_s
             )
             self.responder.linger(reports[-1].window, timeout=wait + 10.0)
         return reports

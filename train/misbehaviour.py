@@ -54,7 +54,7 @@ def misbehave(
         )  # fmt: skip
         others = peek_contributions(
             store, ledger, window, shard, delta, hotkey,
-            until=until, poll_s=cfg.chain.block_time_s,
+            until=until, poll_s=ledger.block_time_s,
         )  # fmt: skip
         if others:
             other = mean_of(others) if behaviour == "mixer" else others[0]

@@ -119,7 +119,7 @@ def fetch_canonical(
                 "window %d: waiting for the canonical checkpoint until block %d", window, until
             )
             waited = True
-        time.sleep(cfg.chain.block_time_s)
+        time.sleep(ledger.block_time_s)
     if have_own:
         return -1
     earlier = [ref.window for ref in store.list_checkpoints() if ref.window < window]

@@ -65,14 +65,14 @@ def join_groups(
     start, a little before the groups meet at the deadline."""
     if seat is None:
         return None
-    lead = math.ceil((cfg.averaging.min_matchmaking_time_s + 1) / cfg.chain.block_time_s)
+    lead = math.ceil((cfg.averaging.min_matchmaking_time_s + 1) / ledger.block_time_s)
     meeting = meeting_block(window, cfg.window)
     first = start_block(window, cfg.window)
     head = wait_for_block(ledger, max(first, meeting - lead))
     if head >= meeting:
         return None  # too late to meet this window's groups
     start_at = block_time(ledger, meeting, anchor=first)
-    tail = cfg.window.publish_margin * cfg.chain.block_time_s
+    tail = cfg.window.publish_margin * ledger.block_time_s
     timeout = max(start_at - time.time() + tail, cfg.averaging.min_matchmaking_time_s + 0.5)
 
     def meet() -> GroupRound:

@@ -39,7 +39,7 @@ def overrides(run: Path) -> list[str]:
         f"store.root={run}/store",
         f"data.cache_dir={run}/data",
         "chain.block_time_s=0.2",
-        "window.blocks=100",
+        "window.blocks=80",
         "window.publish_margin=5",
         "model.shards=2",
         "data.max_documents=120",
