@@ -41,7 +41,6 @@ import logging
 import os
 import re
 import tempfile
-import threading
 import time
 import weakref
 from collections import defaultdict
@@ -65,8 +64,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from averaging.identity import PeerKey, b64, peer_message, unb64, verify_peer
 from averaging.records import PeerRecordValidator
 from averaging.settings import DHTConfig
-from chain.interface import Chain
-from chain.keys import Keypair, is_address, signing_bytes, verify
+from chain.factory import ChainSource
+from chain.interface import Chain, SigningKey
+from chain.keys import is_address, signing_bytes, verify
 from common.errors import TensormineError
 
 logger = logging.getLogger(__name__)
@@ -308,7 +308,7 @@ class SignedIdentity(IdentityClaim):
         return IdentityClaim.model_validate(self.model_dump(exclude={"signature", "peer_proof"}))
 
 
-def sign_identity(keypair: Keypair, key: PeerKey, run: str, expires: float) -> SignedIdentity:
+def sign_identity(keypair: SigningKey, key: PeerKey, run: str, expires: float) -> SignedIdentity:
     claim = IdentityClaim(
         peer_id=key.peer_id.to_base58(), hotkey=keypair.address, run=run, expires=expires
     )
@@ -365,7 +365,7 @@ class IdentityRecordValidator(RecordValidatorBase):  # type: ignore[misc]
         return bool(record.expiration_time <= claim.expires)
 
 
-def publish_identity(dht: DHT, keypair: Keypair, run: str, ttl: float) -> SignedIdentity:
+def publish_identity(dht: DHT, keypair: SigningKey, run: str, ttl: float) -> SignedIdentity:
     """Store this peer's signed identity record under the run's key (subkey: hotkey)."""
     expires = get_dht_time() + ttl
     signed = sign_identity(keypair, peer_key_of(dht), run, expires)
@@ -393,32 +393,6 @@ def fetch_identities(dht: DHT, run: str) -> dict[str, IdentityClaim]:
         if claim is not None:
             out[hotkey] = claim
     return out
-
-
-class ChainSource:
-    """A handle on the chain for whichever thread asks: `get()` gives each thread its own
-    (`Chain.reopen`), since a handle belongs to the thread that opened it (the local
-    ledger's SQLite connection, the SDK client's event loop) and averaging runs in
-    background threads while the miner trains; its own, too, so it outlives the handle
-    it was made from. A path opens the local ledger there."""
-
-    def __init__(self, chain: Chain | Path | str) -> None:
-        self._base: Chain | None = chain if isinstance(chain, Chain) else None
-        self._path = None if isinstance(chain, Chain) else Path(chain)
-        self._local = threading.local()
-
-    def get(self) -> Chain:
-        chain: Chain | None = getattr(self._local, "chain", None)
-        if chain is None:
-            if self._base is not None:
-                chain = self._base.reopen()
-            else:
-                from chain.local import LocalChain
-
-                assert self._path is not None
-                chain = LocalChain.open(self._path)
-            self._local.chain = chain
-        return chain
 
 
 class PeerDirectory:

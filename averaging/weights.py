@@ -15,8 +15,8 @@ import threading
 from pathlib import Path
 from typing import Literal
 
-from averaging.dht import ChainSource
 from chain.config import RAO_PER_TAO
+from chain.factory import ChainSource
 from chain.interface import Chain
 from chain.types import Neuron
 

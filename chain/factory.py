@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from chain.config import ChainConfig
@@ -27,3 +28,29 @@ def open_chain(
     from chain.bittensor import BittensorChain
 
     return BittensorChain.connect(config, identity)
+
+
+class ChainSource:
+    """A handle on the chain for whichever thread asks: `get()` gives each thread its own
+    (`Chain.reopen`), since a handle belongs to the thread that opened it (the local
+    ledger's SQLite connection, the SDK client's event loop) and averaging runs in
+    background threads while the miner trains; its own, too, so it outlives the handle
+    it was made from. A path opens the local ledger there."""
+
+    def __init__(self, chain: Chain | Path | str) -> None:
+        self._base: Chain | None = chain if isinstance(chain, Chain) else None
+        self._path = None if isinstance(chain, Chain) else Path(chain)
+        self._local = threading.local()
+
+    def get(self) -> Chain:
+        chain: Chain | None = getattr(self._local, "chain", None)
+        if chain is None:
+            if self._base is not None:
+                chain = self._base.reopen()
+            else:
+                from chain.local import LocalChain
+
+                assert self._path is not None
+                chain = LocalChain.open(self._path)
+            self._local.chain = chain
+        return chain

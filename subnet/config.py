@@ -116,6 +116,14 @@ def check(sub: SubnetConfig, chain: ChainConfig) -> list[str]:
     surprise."""
     errors: list[str] = []
     warnings: list[str] = []
+    if chain.backend != "local":
+        # `subnet up` runs a ledger of its own (genesis, faucet, block producer): no real
+        # chain offers that. On Bittensor each miner and validator starts by itself.
+        raise ConfigError(
+            f"subnet up runs a local ledger; chain.backend is {chain.backend!r}. On Bittensor "
+            "start each participant with `tensormine miner` / `tensormine validator` "
+            "(README: On Bittensor)"
+        )
     min_stake = chain.validator_min_stake_rao / RAO_PER_TAO
     if sub.validators > chain.max_validators:
         errors.append(

@@ -47,6 +47,7 @@ def test_section_rejects(sets: list[str], message: str) -> None:
         (["subnet.validator_stake_tao=[50]"], "below chain.validator_min_stake_rao"),
         (["subnet.validator_fund_tao=10"], "validator_fund_tao 10.0 is below"),
         (["chain.faucet_rao=0"], "needs a faucet"),
+        (["chain.backend=bittensor"], "subnet up runs a local ledger"),
     ],
 )
 def test_cross_section_checks(sets: list[str], message: str) -> None:
