@@ -179,7 +179,9 @@ class Chain(ABC):
         """hotkey -> (data, block) of each registered hotkey's latest commitment."""
 
     def max_commitment_bytes(self) -> int:
-        """The longest commitment (UTF-8 bytes) this chain stores."""
+        """The longest commitment (UTF-8 bytes) the components' keys may make: what the
+        chain stores, less any room the backend keeps for its own keys (on Bittensor, each
+        window's contribution commitment)."""
         from chain.extrinsics import MAX_COMMITMENT_BYTES
 
         return MAX_COMMITMENT_BYTES

@@ -155,7 +155,15 @@ def commit_contributions_location(chain: Chain, location: str) -> bool:
     entry = contributions_entry(location)
     if all(body.get(k) == v for k, v in entry.items()):
         return False
-    chain.commit(json.dumps({**body, **entry}, sort_keys=True, separators=(",", ":")), wait=False)
+    text = json.dumps({**body, **entry}, sort_keys=True, separators=(",", ":"))
+    room = chain.max_commitment_bytes()
+    if len(text.encode()) > room:
+        raise StartupError(
+            f"the commitment naming the contributions location {location!r} takes "
+            f"{len(text.encode())} bytes; {chain.describe} leaves {room} for it: use a "
+            "shorter store location (store.root or store.repo_id)"
+        )
+    chain.commit(text, wait=False)
     logger.info("committing contributions location %s", location)
     return True
 

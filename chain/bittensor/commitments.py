@@ -66,6 +66,11 @@ from chain.errors import AlreadyCommitted, CommitmentTooLong, InvalidCall
 RAW_FIELD_BYTES = 128
 MIN_SPACE_PER_COMMIT = 100
 CONTRIBUTION_KEY = "c"
+# The most a window's ``"c": [round, digest]`` adds to the commitment object (a comma,
+# the key, the largest round SQLite and the local ledger accept, a sha256 in hex): the
+# room `BittensorChain.max_commitment_bytes` keeps free for it, so the other components'
+# keys can never leave a window's contribution without space.
+CONTRIBUTION_RESERVE_BYTES = len(',"c":[' + str(2**63 - 1) + ',"' + "0" * 64 + '"]')
 I64_MAX = 2**63 - 1
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 

@@ -18,7 +18,11 @@ from bittensor import BittensorError
 from bittensor import constants as sdk_constants
 from bittensor import storage as sdk_storage
 
-from chain.bittensor.commitments import RAW_FIELD_BYTES, contribution_in
+from chain.bittensor.commitments import (
+    CONTRIBUTION_RESERVE_BYTES,
+    RAW_FIELD_BYTES,
+    contribution_in,
+)
 from chain.bittensor.connection import endpoint_of
 from chain.bittensor.errors import translate
 from chain.bittensor.metagraph import neurons_of, weight_rows
@@ -235,6 +239,7 @@ class SubtensorReads(Chain):
         return self._max_fields_cache
 
     def max_commitment_bytes(self) -> int:
-        """The longest commitment (UTF-8 bytes) this chain stores: ``MaxFields`` Raw
-        fields of `RAW_FIELD_BYTES` (see `chain.bittensor.commitments`)."""
-        return RAW_FIELD_BYTES * self.max_commitment_fields()
+        """Room (UTF-8 bytes) for the components' keys of the commitment: ``MaxFields``
+        Raw fields of `RAW_FIELD_BYTES`, less `CONTRIBUTION_RESERVE_BYTES` kept for each
+        window's contribution key (see `chain.bittensor.commitments`)."""
+        return RAW_FIELD_BYTES * self.max_commitment_fields() - CONTRIBUTION_RESERVE_BYTES

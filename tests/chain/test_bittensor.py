@@ -4,6 +4,7 @@ pruned state and where the SDK's caches land. All on `InMemorySubtensor`, no net
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -14,6 +15,7 @@ import pytest
 from bittensor import calls as bt_calls
 
 from chain.bittensor import BittensorChain
+from chain.bittensor.commitments import CONTRIBUTION_RESERVE_BYTES
 from chain.bittensor.errors import receipt_of
 from chain.bittensor.paths import RUNTIME_CACHE_VARIABLE, SDK_FILE_VARIABLES
 from chain.bittensor.signing import IdentityWallet
@@ -208,11 +210,31 @@ def test_neurons_scale_u16_scores(opener: Opener) -> None:
 
 
 # ---- commitments -----------------------------------------------------------------------
+def test_a_full_commitment_still_takes_a_windows_contribution(opener: Opener) -> None:
+    """Components fill the commitment up to `max_commitment_bytes`; the largest round
+    and a digest still fit beside them, within the chain's 384 bytes."""
+    alice = opener.identity(tao=10)
+    chain = opener(alice)
+    chain.register()
+    room = chain.max_commitment_bytes()
+    filler = json.dumps({"k": ""}, separators=(",", ":"))
+    full = json.dumps({"k": "x" * (room - len(filler))}, separators=(",", ":"))
+    assert len(full.encode()) == room
+    chain.commit(full)
+    chain.commit_contribution(2**63 - 1, "ab" * 32)
+    text = chain.commitments()[alice.address][0]
+    assert 384 - 10 < len(text.encode()) <= 384
+    got = chain.contribution_commitments(2**63 - 1)[alice.address]
+    assert got.digest == "ab" * 32
+
+
 def test_commitment_too_long_is_refused_before_any_submit(opener: Opener) -> None:
     alice = opener.identity(tao=10)
     chain = opener(alice)
     chain.register()
-    assert chain.max_commitment_bytes() == 384
+    # 3 Raw fields of 128 bytes; the components' keys get that less the room kept for a
+    # window's contribution key, which a commitment at the components' limit still fits.
+    assert chain.max_commitment_bytes() == 384 - CONTRIBUTION_RESERVE_BYTES
     calls = len(opener.sub.calls)
     with pytest.raises(CommitmentTooLong, match="384 bytes"):
         chain.commit("x" * 385)
@@ -377,3 +399,23 @@ def test_without_last_epoch_block_the_epoch_schedule_is_computed(opener: Opener)
     opener.sub.stateful_epochs = False
     assert chain.last_epoch_block(chain.block_number()) == first
     assert chain.last_epoch_block(first - 1) is None
+
+
+def test_a_contributions_location_that_leaves_no_room_is_refused_at_start(
+    opener: Opener,
+) -> None:
+    """On subtensor the commitment is small (384 bytes, less a window's contribution key):
+    a miner whose DHT address and store location do not fit together is told at start-up
+    which setting to shorten, before anything is submitted."""
+    from train.startup import StartupError, commit_contributions_location
+
+    alice = opener.identity(tao=10)
+    chain = opener(alice)
+    chain.register()
+    dht_like = {"dht": ["/ip4/203.0.113.7/tcp/31337/p2p/12D3KooW" + "A" * 44], "x": "y" * 120}
+    chain.commit(json.dumps(dht_like, separators=(",", ":")))
+    calls = len(opener.sub.calls)
+    with pytest.raises(StartupError, match="use a shorter store location"):
+        commit_contributions_location(chain, "/" + "long-folder-name/" * 10 + "store")
+    assert len(opener.sub.calls) == calls
+    assert commit_contributions_location(chain, "org/run") is True  # a Hub repo id
