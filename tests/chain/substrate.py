@@ -28,6 +28,7 @@ import copy
 import hashlib
 import os
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,10 +173,20 @@ class InMemorySubtensor:
     """One subnet of a subtensor chain, in memory (see the module docstring)."""
 
     def __init__(
-        self, *, netuid: int = 1, tempo: int = 9, block_time_s: float = 12.0, **state: Any
+        self,
+        *,
+        netuid: int = 1,
+        tempo: int = 9,
+        block_time_s: float = 12.0,
+        wall_clock: bool = False,
+        **state: Any,
     ) -> None:
+        """`wall_clock`: blocks carry the time they were made (as a live node's do; what
+        the averaging's meeting times are computed from) instead of a fixed genesis time
+        plus one block time per block (reproducible hashes for call-level tests)."""
         self.netuid = netuid
         self.block_time_s = block_time_s
+        self.wall_clock = wall_clock
         self.token_symbols: dict[int, str] = {}
         self.calls: list[SubmittedCall] = []
         self.connect_attempts = 0
@@ -244,7 +255,11 @@ class InMemorySubtensor:
     # ---- blocks ----------------------------------------------------------------------
     def _new_block(self, number: int, parent: str, extrinsics: list[dict[str, Any]]) -> Block:
         digest = hashlib.sha256(f"{number}:{parent}".encode()).hexdigest()
-        stamp = GENESIS_MS + int(number * self.block_time_s * 1000)
+        stamp = (
+            int(time.time() * 1000)
+            if self.wall_clock
+            else GENESIS_MS + int(number * self.block_time_s * 1000)
+        )
         inherent = {
             "call": {
                 "call_module": "Timestamp",

@@ -419,3 +419,32 @@ def test_a_contributions_location_that_leaves_no_room_is_refused_at_start(
         commit_contributions_location(chain, "/" + "long-folder-name/" * 10 + "store")
     assert len(opener.sub.calls) == calls
     assert commit_contributions_location(chain, "org/run") is True  # a Hub repo id
+
+
+def test_a_dht_address_and_a_store_location_fit_subtensors_commitment(opener: Opener) -> None:
+    """What a miner commits at start-up on subtensor (a real hivemind DHT's address with
+    its peer key's proof, then its contributions location: a Hub repo, since validators on
+    other hosts cannot read a local folder) fits the room the chain leaves beside a
+    window's contribution key, and the window's key still fits after them. (A local
+    absolute path of ~70 characters does not: 302 bytes of 291.)"""
+    from averaging.dht import commitment_for, start_dht
+    from averaging.participant import commit_address
+    from averaging.settings import DHTConfig
+    from train.startup import commit_contributions_location
+
+    alice = opener.identity(tao=10)
+    chain = opener(alice)
+    chain.register()
+    dht = start_dht(DHTConfig(), run="fits")
+    try:
+        assert commit_address(chain, dht, run="fits")
+        assert len(commitment_for(dht, chain, alice.address, run="fits")) <= (
+            chain.max_commitment_bytes()
+        )
+    finally:
+        dht.shutdown()
+    assert commit_contributions_location(chain, "tensormine-org/subnet-run-2026-12")
+    opener.sub.produce_blocks(1)
+    chain.commit_contribution(12, "cd" * 32)
+    body = json.loads(chain.commitments()[alice.address][0])
+    assert set(body) == {"c", "contributions", "dht", "dht_proof"} and body["dht"]

@@ -140,7 +140,11 @@ def node(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Node]:
     """A `Node` whose subnet runs commit-reveal."""
     isolate_sdk_paths(monkeypatch, tmp_path / "home")
     substrate = InMemorySubtensor(
-        netuid=NETUID, tempo=TEMPO, block_time_s=BLOCK_TIME_S, commit_reveal=True
+        netuid=NETUID,
+        tempo=TEMPO,
+        block_time_s=BLOCK_TIME_S,
+        wall_clock=True,
+        commit_reveal=True,
     )
     made = Node(substrate, run_config(tmp_path / "run"))
     try:
