@@ -12,7 +12,7 @@ on yesterday's best miners.
     run.ratio      # copier's dividend per unit stake / the honest validators' mean
 
 `run_copier` drives a real `Ledger` in `folder` (short tempo, blocks produced in
-process, validators' writes through `chain.client.LedgerClient`, so the same
+process, validators' writes through `chain.local.LocalChain`, so the same
 commit/reveal code as a validator). Per epoch window, as the validators of a subnet do:
 the epoch block runs Yuma; the honest validators set noisy views of the current quality
 (on a commit-reveal ledger: commit them and reveal the commit now due); one block later
@@ -30,13 +30,12 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
-from chain.client import LedgerClient
 from chain.config import RAO_PER_TAO, ChainConfig
 from chain.consensus import yuma_epoch
-from chain.interface import blocks_until_epoch
+from chain.interface import Identity, blocks_until_epoch
 from chain.keys import Keypair
 from chain.ledger import Ledger
-from chain.reveals import PendingReveals
+from chain.local import LocalChain
 
 F64 = NDArray[np.float64]
 
@@ -135,15 +134,9 @@ def run_copier(setup: CopierSetup, *, commit_reveal: bool, seed: int, folder: Pa
     run = CopierRun(commit_reveal, seed)
     with Ledger.create(cfg.db, cfg, Keypair(rng.bytes(32)).address, timestamp=0.0) as ledger:
         _populate(ledger, validators, miners, setup.stake_tao * RAO_PER_TAO)
-        clients = [
-            LedgerClient(
-                ledger,
-                kp,
-                reveals=PendingReveals(ledger.genesis_hash, kp.address),
-                auto_reveal=False,
-            )
-            for kp in validators
-        ]
+        # Reveals only when set_weights is called: each validator sets weights every
+        # epoch window here, so no background revealer is needed.
+        clients = [LocalChain(ledger, Identity.single(kp), auto_reveal=False) for kp in validators]
         latent = rng.standard_normal(setup.miners)
         while blocks_until_epoch(ledger.block_number() + 1, cfg.netuid, cfg.tempo) != 0:
             ledger.produce_block()

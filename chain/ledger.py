@@ -31,6 +31,7 @@ from chain.config import ChainConfig
 from chain.emission import block_emission
 from chain.errors import ChainError, CorruptLedger, InvalidCall, NotIncluded
 from chain.extrinsics import I64_MAX, Extrinsic, parse_args, sign_extrinsic
+from chain.interface import parse_commitment_fields
 from chain.keys import Keypair, is_address, signing_bytes
 from chain.runtime import Account, Runtime
 from chain.storage import (
@@ -291,17 +292,9 @@ class Ledger:
 
     def commitment_fields(self, hotkey: str) -> dict[str, Any]:
         """`hotkey`'s latest commitment as a JSON object, or {} when it has none or it is
-        not one. Components share one commitment by owning keys of it (the averaging's
-        DHT address, the miner's contributions location): read this, change your keys,
-        commit the whole object again."""
+        not one (`chain.interface.parse_commitment_fields`)."""
         current = self.commitments().get(hotkey)
-        if current is None:
-            return {}
-        try:
-            body = json.loads(current[0])
-        except ValueError:
-            return {}
-        return body if isinstance(body, dict) else {}
+        return parse_commitment_fields(None if current is None else current[0])
 
     def contribution_commitments(self, round: int) -> dict[str, ContributionCommitment]:
         """hotkey -> its contribution commitment for training window `round`, hotkeys

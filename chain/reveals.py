@@ -11,7 +11,7 @@ random salt; it returns the commit's extrinsic hash. The salt and the weights st
 folder (a validator's run folder) so that a restarted validator can still reveal.
 
 Stores are shared within a process per (ledger, hotkey): a handle opened again
-(`Chain.reopen`), or a `LedgerClient` made per call, finds the secrets another one
+(`Chain.reopen`), or a `LocalChain` made per call, finds the secrets another one
 committed. A validator that sets weights less often than once per epoch would miss its
 reveal windows; `start_revealer` runs a daemon thread that reveals due commits at each
 new window until nothing is pending (it stops on its own when the ledger stops producing

@@ -28,11 +28,12 @@ from rich.console import Console
 from rich.table import Table
 
 from chain.cli import tao
-from chain.client import LedgerClient
 from chain.config import RAO_PER_TAO
 from chain.emission import schedule
+from chain.interface import Identity
 from chain.keys import Keypair, create_key
 from chain.ledger import Ledger
+from chain.local import LocalChain
 from chain.node import run_producer
 from chain.replay import replay
 from chain.simulate import Halving, project
@@ -78,7 +79,7 @@ def populate(ledger: Ledger, validators: list[Keypair], miners: list[Keypair]) -
         ledger.wait(h)
     miner_uids = [len(validators) + i for i in range(len(miners))]
     for kp, weights in zip(validators, MINER_WEIGHTS, strict=True):
-        LedgerClient(ledger, kp).set_weights(miner_uids, weights)
+        LocalChain(ledger, Identity.single(kp)).set_weights(miner_uids, weights)
 
 
 def watch_epochs(ledger: Ledger, epochs: int, console: Console) -> None:

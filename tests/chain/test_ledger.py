@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 
 from chain import errors
-from chain.client import LedgerClient, weights_to_wire
+from chain.client import weights_to_wire
 from chain.emission import block_emission
 from chain.extrinsics import Extrinsic, sign_extrinsic
-from chain.interface import is_epoch_block
+from chain.interface import Identity, is_epoch_block
 from chain.keys import Keypair
 from chain.ledger import Ledger
+from chain.local import LocalChain
 from chain.replay import replay
 from chain.storage import EPOCH_HISTORY, state_digest
 
@@ -52,7 +53,7 @@ def test_faucet_register_stake_transfer(ledger: Ledger) -> None:
 
 def test_epoch_pays_miners_and_validators(ledger: Ledger) -> None:
     (v0, v1), (m0, _m1) = subnet(ledger, miners=2, validators=[300, 100])
-    client0, client1 = LedgerClient(ledger, v0), LedgerClient(ledger, v1)
+    client0, client1 = (LocalChain(ledger, Identity.single(kp)) for kp in (v0, v1))
     client0.set_weights([2, 3], [3.0, 1.0], wait=False)
     client1.set_weights([2, 3], [3.0, 1.0], wait=False)
     while not is_epoch_block(ledger.produce_block().number, 1, 9):
@@ -82,7 +83,7 @@ def test_epoch_neurons_keep_each_epochs_metagraph(ledger: Ledger) -> None:
     has happened since: what peers reading at different moments can agree on."""
     (v0, v1), _ = subnet(ledger, miners=2, validators=[300, 100])
     assert ledger.epoch_neurons(ledger.block_number()) is None  # no epoch yet
-    client0, client1 = LedgerClient(ledger, v0), LedgerClient(ledger, v1)
+    client0, client1 = (LocalChain(ledger, Identity.single(kp)) for kp in (v0, v1))
     client0.set_weights([2, 3], [3.0, 1.0], wait=False)
     client1.set_weights([2, 3], [3.0, 1.0], wait=False)
     while not is_epoch_block(first := ledger.produce_block().number, 1, 9):
