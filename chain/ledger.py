@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import time
@@ -29,10 +30,10 @@ from typing import Any
 
 from chain.config import ChainConfig
 from chain.emission import block_emission
-from chain.errors import ChainError, CorruptLedger, InvalidCall, NotIncluded
+from chain.errors import BadNonce, ChainError, CorruptLedger, InvalidCall, NotIncluded
 from chain.extrinsics import I64_MAX, Extrinsic, parse_args, sign_extrinsic
-from chain.interface import parse_commitment_fields
-from chain.keys import Keypair, is_address, signing_bytes
+from chain.interface import SigningKey, parse_commitment_fields
+from chain.keys import is_address, signing_bytes
 from chain.runtime import Account, Runtime
 from chain.storage import (
     NEURON_COLUMNS,
@@ -45,7 +46,10 @@ from chain.storage import (
 )
 from chain.types import ContributionCommitment, Neuron, Receipt
 
+logger = logging.getLogger(__name__)
+
 MAX_EXTRINSICS_PER_BLOCK = 1024
+SUBMIT_TRIES = 3  # signing again when another handle of the key took the nonce
 ZERO_HASH = "0" * 64
 U16_MAX = 65535
 
@@ -351,12 +355,19 @@ class Ledger:
             )
         return xt.hash
 
-    def submit_call(self, keypair: Keypair, call: str, args: dict[str, Any]) -> str:
-        """Sign `call` with the signer's next nonce and submit it."""
-        xt = sign_extrinsic(
-            keypair, call, args, self.next_nonce(keypair.address), self.genesis_hash
-        )
-        return self.submit(xt)
+    def submit_call(self, keypair: SigningKey, call: str, args: dict[str, Any]) -> str:
+        """Sign `call` with the signer's next nonce and submit it. Another handle of the
+        same key (a thread, a process) may take that nonce in between: signing again with
+        the next one is retried a few times before the `BadNonce` goes to the caller."""
+        for attempt in range(1, SUBMIT_TRIES + 1):
+            nonce = self.next_nonce(keypair.address)
+            try:
+                return self.submit(sign_extrinsic(keypair, call, args, nonce, self.genesis_hash))
+            except BadNonce as exc:
+                if attempt == SUBMIT_TRIES:
+                    raise
+                logger.info("%s: nonce %d taken meanwhile (%s); signing again", call, nonce, exc)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def receipt(self, xt_hash: str) -> Receipt | None:
         row = self.conn.execute(

@@ -165,12 +165,12 @@ class LocalChain(Chain):
     # ---- writes ----------------------------------------------------------------------
     def _call(self, call: str, args: dict[str, Any], *, timeout: float | None = None) -> Receipt:
         key = self.signer().hotkey
-        xt_hash = self.ledger.submit_call(key, call, args)  # type: ignore[arg-type]
+        xt_hash = self.ledger.submit_call(key, call, args)
         return self.ledger.wait(xt_hash, timeout=self.timeout if timeout is None else timeout)
 
     def submit(self, call: str, args: dict[str, Any]) -> str:
         """Submit without waiting (returns the extrinsic hash; `ledger.wait` it)."""
-        return self.ledger.submit_call(self.signer().hotkey, call, args)  # type: ignore[arg-type]
+        return self.ledger.submit_call(self.signer().hotkey, call, args)
 
     def register(self) -> int:
         address = self.signer().address

@@ -16,8 +16,8 @@ committed. A validator that sets weights less often than once per epoch would mi
 reveal windows; `start_revealer` runs a daemon thread that reveals due commits at each
 new window until nothing is pending (it stops on its own when the ledger stops producing
 blocks). Submissions of the store's reveals and commits hold the store's lock, so the
-thread and the caller do not race each other for nonces; a retry covers a race with the
-key's other calls.
+thread and the caller do not race each other for nonces; `Ledger.submit_call` signs again
+when one of the key's other calls took the nonce.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from chain.commit_reveal import commit_hash, pending_commits, reveal_window
-from chain.errors import BadNonce, ChainError
-from chain.extrinsics import sign_extrinsic
+from chain.errors import ChainError
 from chain.interface import SigningKey
 from chain.ledger import Ledger
 
@@ -43,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "tensormine-pending-reveals"
 SALT_BYTES = 16
-SUBMIT_TRIES = 3
 STALL_BLOCKS = 20  # a revealer stops after this many block times without a new block
 STALL_MIN_S = 60.0
 
@@ -185,20 +183,6 @@ class PendingReveals:
             return len(self._entries)
 
 
-def submit(ledger: Ledger, key: SigningKey, call: str, args: dict[str, Any]) -> str:
-    """Sign with the key's next nonce and submit; retried when another handle of the same
-    key took that nonce in between."""
-    for attempt in range(1, SUBMIT_TRIES + 1):
-        nonce = ledger.next_nonce(key.address)
-        try:
-            return ledger.submit(sign_extrinsic(key, call, args, nonce, ledger.genesis_hash))
-        except BadNonce as exc:
-            if attempt == SUBMIT_TRIES:
-                raise
-            logger.info("%s: nonce %d taken meanwhile (%s); signing again", call, nonce, exc)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
 def reveal_due(ledger: Ledger, key: SigningKey, store: PendingReveals) -> list[str]:
     """Submit a reveal for each stored commit whose reveal window is the next block's and
     forget the commits that can no longer be revealed (revealed, replaced by a later
@@ -233,7 +217,7 @@ def reveal_due(ledger: Ledger, key: SigningKey, store: PendingReveals) -> list[s
                 continue  # its reveal waits in the pool
             args = {"uids": list(entry.uids), "weights": list(entry.weights), "salt": entry.salt}
             try:
-                xt = submit(ledger, key, "reveal_weights", args)
+                xt = ledger.submit_call(key, "reveal_weights", args)
             except ChainError as exc:  # e.g. the window turned meanwhile: the next call says
                 logger.warning("revealing the commit of block %d: %s", commit.block, exc)
                 continue
@@ -268,7 +252,7 @@ def commit_and_reveal(
         reveals = reveal_due(ledger, key, store)
         store.put(entry)
         try:
-            xt = submit(ledger, key, "commit_weights", {"commit_hash": digest})
+            xt = ledger.submit_call(key, "commit_weights", {"commit_hash": digest})
         except ChainError:
             store.drop(digest)
             raise

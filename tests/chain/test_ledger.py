@@ -160,6 +160,34 @@ def test_replayed_and_future_nonces(ledger: Ledger) -> None:
     assert state_digest(ledger.conn) == before
 
 
+def test_submit_call_signs_again_when_another_handle_took_the_nonce(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two handles of one key (a validator's revealer thread and its loop) may read the
+    same next nonce; the one that loses signs again with the next, a few times at most."""
+    alice, bob = Keypair.generate(), Keypair.generate()
+    fund(ledger, alice, 10)
+    other = Ledger(ledger.path)
+    real = ledger.next_nonce
+    taken = {"left": 1}
+
+    def racing(address: str) -> int:
+        nonce = real(address)
+        if taken["left"]:  # another handle submits with that nonce right after we read it
+            taken["left"] -= 1
+            other.submit_call(alice, "transfer", {"dest": bob.address, "amount": TAO})
+        return nonce
+
+    monkeypatch.setattr(ledger, "next_nonce", racing)
+    ledger.submit_call(alice, "transfer", {"dest": bob.address, "amount": 2 * TAO})
+    ledger.produce_block()
+    assert ledger.account(bob.address).balance == 3 * TAO
+    taken["left"] = 10**6  # it keeps losing: the BadNonce reaches the caller
+    with pytest.raises(errors.BadNonce):
+        ledger.submit_call(alice, "transfer", {"dest": bob.address, "amount": TAO})
+    other.close()
+
+
 def test_extrinsic_for_another_ledger(ledger: Ledger, tmp_path: Path, owner: Keypair) -> None:
     other = Ledger.create(
         tmp_path / "other.sqlite", fast_config(tmp_path / "other.sqlite"), owner.address
