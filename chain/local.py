@@ -19,6 +19,8 @@ from chain.client import weights_to_wire
 from chain.errors import ChainError, NotIncluded
 from chain.interface import Chain, Identity
 from chain.ledger import Ledger
+from chain.reveals import PendingReveals, commit_and_reveal, start_revealer, wait_reveals
+from chain.runtime import validate_weight_vector
 from chain.types import BlockInfo, ContributionCommitment, Neuron, Receipt
 
 
@@ -189,9 +191,6 @@ class LocalChain(Chain):
         the earlier commits that are due now, commit these weights and return the commit's
         receipt; they count from the first epoch after their reveal. `wait=False`: a
         pending receipt as soon as the pool took the (commit) extrinsic."""
-        from chain.reveals import PendingReveals, commit_and_reveal, start_revealer, wait_reveals
-        from chain.runtime import validate_weight_vector
-
         wire_uids, wire_weights = weights_to_wire(uids, weights)
         args = {"uids": wire_uids, "weights": wire_weights}
         if not self.ledger.config.commit_reveal:
