@@ -59,9 +59,13 @@ class RoundLog:
     delivered: list[tuple[int, int]] = field(default_factory=list)
     # hotkey -> parts (global index) whose row a reducer refused as not what it committed.
     mismatched: dict[str, set[int]] = field(default_factory=dict)
+    # Why earlier attempts failed: a retry that then finds no group (the others completed
+    # the round without us) reports the cause, not only "could not find a group".
+    failures: list[str] = field(default_factory=list)
 
     def counters(self) -> dict[str, Any]:
         return {
+            "failures": list(self.failures),
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "attempts": self.attempts,

@@ -48,7 +48,7 @@ from hivemind.utils.streaming import combine_from_streaming
 from averaging.allreduce import LedgerAllReduceRunner, RoundLog
 from averaging.gather import Gathered, commitment_problem, parse_gather
 from averaging.matchmaking import LedgerMatchmaking
-from averaging.parts import part_layout
+from averaging.parts import part_count
 from averaging.round import PeerInfo, Role, StateProvider
 from averaging.settings import AveragingConfig
 from averaging.state import STATE_TRIES, StateTruncated, unwrap_state, wrap_state
@@ -88,7 +88,8 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
         # Set before the base class forks the averager process, which needs them.
         # (Names avoid multiprocessing.Process's own attributes such as `_config`.)
         self.tm_config, self.tm_role = config, role
-        self.tm_codec = codec_for(config.wire)
+        # The all-gathered sparseloco wire never hands hivemind a part to compress.
+        self.tm_codec = codec_for("none" if config.wire == "sparseloco" else config.wire)
         self.tm_peers: dict[PeerID, PeerInfo] = {}
         self.tm_log = RoundLog()
         # Bound rounds: (window, shard) of the round, and hotkey -> committed manifest digest
@@ -161,7 +162,10 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
         peers: Mapping[str, PeerInfo],
         target_group_size: int | None,
         bound: tuple[int, int] | None = None,
+        payload: bytes | None = None,
     ) -> None:
+        """Before each round: group bits, admission table, whether it is bound, and (the
+        all-gathered wire) this member's message."""
         future: Any = MPFuture()
         self._outer_pipe.send(
             (
@@ -172,6 +176,7 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
                     "peers": dict(peers),
                     "target": target_group_size,
                     "bound": bound,
+                    "payload": payload,
                     "future": future,
                 },
             )
@@ -318,6 +323,11 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
     async def _round_counters(self, *, future: Any) -> None:
         future.set_result(self.tm_log.counters())
 
+    def _new_round(self, payload: bytes | None) -> None:
+        """Hook for a round's message (`averaging.allgather`); the butterfly has none."""
+        if payload is not None:
+            raise ValueError("this wire all-reduces parts; it takes no message")
+
     def _is_admitted(self, peer: PeerID) -> bool:
         return peer in self.tm_peers and peer not in self.tm_log.blocked
 
@@ -334,9 +344,11 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
         peers: dict[str, PeerInfo],
         target: int | None,
         bound: tuple[int, int] | None,
+        payload: bytes | None,
         future: Any,
     ) -> None:
         try:
+            self._new_round(payload)
             if not isinstance(self._matchmaking, LedgerMatchmaking):
                 self._matchmaking = LedgerMatchmaking(
                     self._p2p,
@@ -356,11 +368,9 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
         except (ValueError, TypeError, AttributeError) as exc:
             future.set_exception(exc)
 
-    async def _aggregate_with_group(
-        self, group_info: Any, min_vector_size: int, **kwargs: Any
-    ) -> dict[str, Any]:
-        log = self.tm_log
-        log.attempts += 1
+    def _admit_group(self, group_info: Any) -> tuple[list[Gathered], list[Role], list[PeerID]]:
+        """The group's announcements, roles and members, once every peer of it is admitted
+        and its members hold some ledger weight; `AllreduceException` otherwise."""
         try:
             gathered = [parse_gather(blob) for blob in group_info.gathered]
         except ValueError as exc:
@@ -370,9 +380,17 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
             raise AllreduceException(f"group contains unadmitted peers {strangers}")
         roles = [g.role for g in gathered]
         members = [p for p, r in zip(group_info.peer_ids, roles, strict=True) if r is Role.MEMBER]
-        log.seen_members.update(members)
+        self.tm_log.seen_members.update(members)
         if sum(self.tm_peers[p].weight for p in members) <= 0:
             raise AllreduceException("no member of the group has ledger weight")
+        return gathered, roles, members
+
+    async def _aggregate_with_group(
+        self, group_info: Any, min_vector_size: int, **kwargs: Any
+    ) -> dict[str, Any]:
+        log = self.tm_log
+        log.attempts += 1
+        gathered, roles, _members = self._admit_group(group_info)
 
         # Equal shares for members, none for aux peers. hivemind would size shares by the
         # bandwidth each peer announces, which lets one peer claim to reduce everything.
@@ -392,6 +410,17 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
             )  # fmt: skip
         # One set in strict mode; without it, everyone who is in some part.
         contributors: frozenset[PeerID] = frozenset().union(*runner.contributor_sets())
+        return self._report(group_info, gathered, roles, contributors)
+
+    def _report(
+        self,
+        group_info: Any,
+        gathered: Sequence[Gathered],
+        roles: Sequence[Role],
+        contributors: frozenset[PeerID],
+    ) -> dict[str, Any]:
+        """What `ShardAverager.average` gets back from a completed attempt."""
+        log = self.tm_log
         by_role = dict(zip(group_info.peer_ids, roles, strict=True))
         bases = {
             self.tm_peers[p].hotkey: base
@@ -421,7 +450,7 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
         table = self.tm_commitments or {}
         window, shard = self.tm_bound
         shapes = [tuple(t.shape) for t in self._averaged_tensors]
-        count = len(part_layout(shapes, self.tm_codec, self.tm_config.wire_part_size_bytes))
+        count = part_count(shapes, self.tm_config.wire, self.tm_config.wire_part_size_bytes)
         out: dict[PeerID, Sequence[str] | None] = {}
         for peer, g in zip(peer_ids, gathered, strict=True):
             if g.role is not Role.MEMBER:
@@ -480,6 +509,7 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
                 self.tm_log.delivered.extend(runner.delivered_spans())
         problem = self._check_outputs(runner)
         if problem is not None:
+            self.tm_log.failures.append(problem)
             raise AllreduceException(problem)
         for tensor, output in zip(tensors, outputs, strict=True):
             tensor.copy_(output)

@@ -39,6 +39,24 @@ class TopKConfig(StrictModel):
     )
 
 
+class SparseLoCoConfig(StrictModel):
+    """The SparseLoCo wire (`averaging.sparseloco`): `k` of every `chunk` values, 2-bit
+    values and packed indices, and the sender's error-feedback buffer decaying by
+    `error_decay` (β) each window."""
+
+    chunk: int = Field(default=4096, ge=64, le=1 << 16, description="values per chunk")
+    k: int = Field(default=64, ge=1, description="values kept per full chunk")
+    error_decay: float = Field(
+        default=0.95, ge=0, le=1, description="β in e ← β·e + Δ (1: nothing is forgotten)"
+    )
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> SparseLoCoConfig:
+        if self.k > self.chunk:
+            raise ValueError(f"k ({self.k}) cannot exceed chunk ({self.chunk})")
+        return self
+
+
 def lift_legacy_topk(data: Any) -> Any:
     """``{"topk_density": d, "topk_chunk": c}`` -> ``{"topk": {"density": d, "chunk": c}}``."""
     if not isinstance(data, dict) or not set(_LEGACY_TOPK) & set(data):

@@ -2,13 +2,15 @@
 that binds a member's parts to its commitment on the ledger.
 
 hivemind's gather blob is msgpack ``(bandwidth, mode, user data)``; our user data is
-``{'role': 'member'|'aux', 'base'?, 'manifest'?}``. The role says whether the peer
+``{'role': 'member'|'aux', 'base'?, 'manifest'?, 'payload'?}``. The role says whether the peer
 contributes a Δ (`averaging.round.Role`). `base` (hex, 8–64 digits) fingerprints the model
 the peer starts the window from; every peer of the final group learns every other's, so
 peers that started from different models find out (`averaging.participant.Participant.
 in_step`). `manifest` is the body of the contribution manifest a member committed to on
 the ledger; once its hash matches the ledger commitment, its part digests say which bytes
-the reducers may accept from that member (`averaging.round.Binding`).
+the reducers may accept from that member (`averaging.round.Binding`). `payload` (sha256,
+hex) names the message a member of an all-gathered round serves (`averaging.allgather`):
+peers fetch it by that digest, from the member or from anyone who already holds it.
 
 Leaders refuse join requests whose metadata does not parse (`averaging.matchmaking`), and
 an averager refuses a group with any malformed entry (`averaging.averager`).
@@ -29,6 +31,7 @@ from averaging.round import Role
 from chain.keys import signing_bytes
 
 _BASE = re.compile(r"^[0-9a-f]{8,64}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 MAX_COMMITMENT_BODY = 1 << 20  # bytes of a gathered manifest body (msgpack)
@@ -42,6 +45,7 @@ class Gathered:
     role: Role
     base: str | None
     manifest: dict[str, Any] | None  # the committed manifest body of a member's Δ
+    payload: str | None = None  # sha256 (hex) of the message it serves (all-gathered wire)
 
 
 def parse_gather(blob: bytes) -> Gathered:
@@ -60,15 +64,19 @@ def parse_gather(blob: bytes) -> Gathered:
         raise ValueError(f"undecodable gather data: {exc}") from exc
     if (
         not isinstance(info, dict)
-        or not {"role"} <= set(info) <= {"role", "base", "manifest"}
+        or not {"role"} <= set(info) <= {"role", "base", "manifest", "payload"}
         or info["role"] not in ("member", "aux")
     ):
         raise ValueError(
-            f"gather data must be {{'role': 'member'|'aux', 'base'?, 'manifest'?}}, got {info!r}"
+            "gather data must be {'role': 'member'|'aux', 'base'?, 'manifest'?, 'payload'?}, "
+            f"got {info!r}"
         )
     base = info.get("base")
     if base is not None and not (isinstance(base, str) and _BASE.match(base)):
         raise ValueError(f"bad base fingerprint {base!r}")
+    payload = info.get("payload")
+    if payload is not None and not (isinstance(payload, str) and _HEX64.match(payload)):
+        raise ValueError(f"bad payload digest {payload!r}")
     manifest = info.get("manifest")
     if manifest is not None and not isinstance(manifest, dict):
         raise ValueError("a gathered manifest must be an object")
@@ -77,11 +85,12 @@ def parse_gather(blob: bytes) -> Gathered:
     ):
         raise ValueError(f"bad bandwidth {bandwidth!r}")
     return Gathered(
-        None if bandwidth is None else float(bandwidth), Role(info["role"]), base, manifest
+        None if bandwidth is None else float(bandwidth),
+        Role(info["role"]),
+        base,
+        manifest,
+        payload,
     )
-
-
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def commitment_problem(

@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import logging
 import math
 import time
@@ -73,6 +74,7 @@ from hivemind.averaging.matchmaking import MatchmakingException
 from hivemind.averaging.partition import AllreduceException
 from hivemind.p2p import P2PDaemonError, P2PHandlerError
 
+from averaging.allgather import GatherAverager
 from averaging.averager import LedgerAverager
 from averaging.dht import check_run_name
 from averaging.parts import wire_parts
@@ -90,6 +92,7 @@ from averaging.round import (
     window_bits,
 )
 from averaging.settings import AveragingConfig
+from averaging.sparseloco import ErrorFeedback, Sent, SparseSpec
 from averaging.wire import TopKSparsifier
 
 logger = logging.getLogger(__name__)
@@ -114,6 +117,7 @@ class ShardAverager:
     """Averages Δ of one shard with that shard's group, once per window."""
 
     averager_class: ClassVar[type[LedgerAverager]] = LedgerAverager
+    gather_class: ClassVar[type[GatherAverager]] = GatherAverager  # the sparseloco wire
 
     def __init__(
         self,
@@ -142,9 +146,20 @@ class ShardAverager:
             if config.wire == "topk"
             else None
         )
-        self._averager = self.averager_class(
-            buffers, dht, prefix=group_prefix(run, shard), config=config, role=role
+        # SparseLoCo's error-feedback buffer (wire = sparseloco), kept like top-k's.
+        self._feedback = (
+            ErrorFeedback(config.sparseloco.error_decay) if config.wire == "sparseloco" else None
         )
+        self._averager: LedgerAverager
+        if config.wire == "sparseloco":
+            self._averager = self.gather_class(
+                buffers, dht, prefix=group_prefix(run, shard), config=config, role=role,
+                names=list(self._shapes),
+            )  # fmt: skip
+        else:
+            self._averager = self.averager_class(
+                buffers, dht, prefix=group_prefix(run, shard), config=config, role=role
+            )
         self._averager.tm_state_provider = state_provider
         self.peer_id = dht.peer_id.to_base58()
 
@@ -200,6 +215,13 @@ class ShardAverager:
         else:
             values = self._check_delta(delta, role)
         peers = self._peer_table(weights)
+        payload, sent = None, None
+        if self._feedback is not None and role is Role.MEMBER:
+            if prepared is not None:
+                payload = prepared.blobs[0]
+            else:
+                sent = self._feedback.compress(values, self._sparse_spec())
+                payload = sent.message.to_bytes()
         if self._sparsifier is not None and role is Role.MEMBER and prepared is None:
             values = self._sparsifier.sparsify(values)
         with self._averager.get_tensors() as buffers:
@@ -210,16 +232,21 @@ class ShardAverager:
                     buffer.zero_()
         if not self._averager.is_alive():
             raise AveragingFailed("the averager process is not running")
-        checked = binding is not None and role is Role.MEMBER
+        # On the all-gathered wire every peer computes the average itself, so auxiliary
+        # peers check the members' commitments too.
+        checked = binding is not None and (role is Role.MEMBER or self._feedback is not None)
         self._averager.configure_round(
             bits=window_bits(window),
             peers=peers,
             target_group_size=expected_peers or self.config.target_group_size,
             bound=(window, self.shard) if checked else None,
+            payload=payload,
         )
         gather: dict[str, Any] = {"role": role.value}
         if base is not None:
             gather["base"] = base
+        if payload is not None:
+            gather["payload"] = hashlib.sha256(payload).hexdigest()
         if checked and binding is not None and binding.manifest is not None:
             gather["manifest"] = binding.manifest
         step = self._averager.step(
@@ -245,7 +272,9 @@ class ShardAverager:
                 if isinstance(exc, AveragingFailed)
                 else AveragingFailed(f"window {window}: {type(exc).__name__}: {exc}")
             )
-            self._after_failure(failed, role, window, time.monotonic() - start, prepared is None)
+            self._after_failure(
+                failed, role, window, time.monotonic() - start, prepared is None, sent
+            )
             if failed is exc:
                 raise
             raise failed from exc
@@ -256,6 +285,8 @@ class ShardAverager:
             }
         if self._sparsifier is not None and role is Role.MEMBER and prepared is None:
             self._sparsifier.commit()
+        if self._feedback is not None and sent is not None:
+            self._feedback.commit(sent)
         if report["mismatched"]:
             logger.warning(
                 "window %d shard %d: parts not as committed from %s",
@@ -312,6 +343,11 @@ class ShardAverager:
         hivemind's parts and serialized. Commit to `part_digest` of each blob, publish the
         blobs, and pass the result to `average(prepared=...)`."""
         values = self._check_delta(delta, Role.MEMBER)
+        if self._feedback is not None:
+            sent = self._feedback.compress(values, self._sparse_spec())
+            self._feedback.commit(sent)
+            message = sent.message
+            return PreparedParts([message.to_bytes()], dict(message.decoded), values)
         if self._sparsifier is not None:
             values = self._sparsifier.sparsify(values)
             self._sparsifier.commit()
@@ -319,6 +355,11 @@ class ShardAverager:
             {n: values[n] for n in self._shapes}, self.config.wire, self.config.wire_part_size_bytes
         )
         return PreparedParts(blobs, decoded, values)
+
+    def _sparse_spec(self) -> SparseSpec:
+        spec = self.config.sparse_spec
+        assert spec is not None, "the sparseloco wire has a spec"
+        return spec
 
     def _check_delta(
         self, delta: Mapping[str, torch.Tensor] | None, role: Role
@@ -375,6 +416,8 @@ class ShardAverager:
     def wire_residual(self) -> dict[str, torch.Tensor]:
         """The top-k error feedback not yet sent (empty without top-k on the wire): save it
         with the model so that a restarted peer still sends what it owes the group."""
+        if self._feedback is not None:
+            return {name: t.clone() for name, t in self._feedback.residual.items()}
         if self._sparsifier is None:
             return {}
         return {name: t.clone() for name, t in self._sparsifier.residual.items()}
@@ -392,9 +435,14 @@ class ShardAverager:
                 )
             if tensor.dtype != torch.float32 or not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"{name}: a residual must be finite fp32")
+        if self._feedback is not None:
+            self._feedback.residual = {name: t.clone() for name, t in tensors.items()}
+            return
         if self._sparsifier is None:
             if tensors:
-                logger.info("shard %d: no top-k on the wire; dropping its residual", self.shard)
+                logger.info(
+                    "shard %d: no error feedback on the wire; dropping its residual", self.shard
+                )
             return
         self._sparsifier.residual = {name: t.clone() for name, t in tensors.items()}
 
@@ -424,6 +472,7 @@ class ShardAverager:
         window: int,
         seconds: float,
         owe_residual: bool = True,
+        sent: Sent | None = None,
     ) -> None:
         """Put the round's counters on `failed`, and keep the error-feedback residual of
         what the group's average holds of our Δ even though the round failed here (a peer
@@ -435,12 +484,22 @@ class ShardAverager:
             failed.bytes_received = int(counters["bytes_received"])
             failed.attempts = int(counters["attempts"])
             failed.mismatched = {str(h): list(p) for h, p in counters["mismatched"].items()}
+            if counters["failures"] and "could not find a group" in str(failed):
+                # The others completed the round without us; say why our attempt failed.
+                failed.args = (
+                    f"{failed} (after an attempt that failed: {counters['failures'][-1]})",
+                )
         spans = list(counters["delivered"]) if counters is not None else []
         if role is not Role.MEMBER or not owe_residual:
             return
         masks = self._masks(spans)
         total = sum(m.numel() for m in masks.values())
         failed.delivered = sum(int(m.sum()) for m in masks.values()) / max(total, 1)
+        if self._feedback is not None and sent is not None:
+            # A message is whole or nothing: once a peer holds it, it may be in an average.
+            if failed.delivered > 0:
+                self._feedback.commit(sent)
+            return
         if self._sparsifier is None:
             return
         if failed.delivered > 0:

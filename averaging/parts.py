@@ -35,6 +35,7 @@ from hivemind.proto import runtime_pb2
 
 from averaging.robust import aggregate
 from averaging.settings import RobustConfig
+from averaging.sparseloco import SparseLoCoError, SparseSpec, decode_bytes, encode
 from averaging.wire import SPARSE_DTYPE_PREFIX, codec_for, decode_part
 from common.errors import TensormineError
 
@@ -160,10 +161,36 @@ def assemble(
     return {n: f.reshape(tuple(shapes[n])) for n, f in zip(names, flat, strict=True)}
 
 
+SPARSELOCO = "sparseloco"
+
+
+def _spec(wire: str, sparse: SparseSpec | None) -> SparseSpec:
+    if sparse is None:
+        raise ValueError(f"the {wire} wire needs its SparseSpec (AveragingConfig.sparse_spec)")
+    return sparse
+
+
+def part_count(shapes: Sequence[Sequence[int]], wire: str, part_size_bytes: int) -> int:
+    """How many parts a shard of these shapes is cut into on this wire: hivemind's parts
+    for the all-reduced codecs, one message for the all-gathered sparseloco."""
+    if wire == SPARSELOCO:
+        return 1
+    return len(part_layout(shapes, codec_for(wire), part_size_bytes))
+
+
 def wire_parts(
-    tensors: Mapping[str, torch.Tensor], wire: str, part_size_bytes: int
+    tensors: Mapping[str, torch.Tensor],
+    wire: str,
+    part_size_bytes: int,
+    *,
+    sparse: SparseSpec | None = None,
 ) -> tuple[list[bytes], dict[str, torch.Tensor]]:
-    """(serialized parts, what they decode to) of fp32 `tensors` in their order."""
+    """(serialized parts, what they decode to) of fp32 `tensors` in their order. The
+    sparseloco wire (`sparse` = its spec) makes one part, the shard's whole message,
+    without error feedback (`averaging.group.ShardAverager.prepare` keeps that)."""
+    if wire == SPARSELOCO:
+        message = encode(tensors, _spec(wire, sparse))
+        return [message.to_bytes()], {n: message.decoded[n] for n in tensors}
     codec = codec_for(wire)
     ordered = [t.detach().to("cpu", torch.float32).contiguous() for t in tensors.values()]
     layout = part_layout([tuple(t.shape) for t in ordered], codec, part_size_bytes)
@@ -186,11 +213,30 @@ def reduce_parts(
     per part, the members' rows in the order given (a group orders them by hotkey) with
     their ledger `weights`, combined by `averaging.robust.aggregate`, encoded once with the
     wire codec and decoded. Anyone with the members' published parts, the pinned weights
-    and the config can recompute a group's average this way."""
+    and the config can recompute a group's average this way.
+
+    On the sparseloco wire every peer holds every member's whole message (an all-gather,
+    `averaging.allgather`): the rows are combined over the whole shard at once, in fp32,
+    and not encoded again."""
     if not rows or len(rows) != len(weights):
         raise ValueError("need one weight per row, and at least one row")
-    codec = codec_for(wire)
     names = list(shapes)
+    if wire == SPARSELOCO:
+        w64 = torch.tensor(list(weights), dtype=torch.float64)
+        stack = torch.stack(
+            [
+                torch.cat([r[n].detach().to("cpu", torch.float32).reshape(-1) for n in names])
+                for r in rows
+            ]
+        )
+        whole = aggregate(stack, w64, robust).to(torch.float32)
+        out, offset = {}, 0
+        for n in names:
+            size = int(torch.Size(tuple(shapes[n])).numel())
+            out[n] = whole[offset : offset + size].reshape(tuple(shapes[n])).clone()
+            offset += size
+        return out
+    codec = codec_for(wire)
     layout = part_layout([shapes[n] for n in names], codec, part_size_bytes)
     flats = [[r[n].detach().to("cpu", torch.float32).reshape(-1) for n in names] for r in rows]
     w = torch.tensor(list(weights), dtype=torch.float64)
@@ -238,10 +284,12 @@ def decode_payload(
     *,
     wire: str,
     part_size_bytes: int,
+    sparse: SparseSpec | None = None,
 ) -> dict[str, torch.Tensor]:
     """The Δ a wire-parts contribution holds, once its params are the run's (`wire`, part
     size, the shard's tensor names in order) and every part is the one its digest names;
-    `PartError` saying what is off otherwise."""
+    `PartError` saying what is off otherwise. (`sparse`: the run's spec on the sparseloco
+    wire, whose one part is a message `averaging.sparseloco.decode_bytes` checks.)"""
     keys = {"scheme", "wire", "part_size_bytes", "names", "parts"}
     if set(params) != keys or params["scheme"] != WIRE_SCHEME:
         raise PartError(f"wire params must have exactly the keys {sorted(keys)}")
@@ -252,12 +300,11 @@ def decode_payload(
         )
     if params["names"] != list(shapes):
         raise PartError("the parts cut other tensors, or in another order, than the shard's")
-    codec = codec_for(wire)
-    layout = part_layout([shapes[n] for n in shapes], codec, part_size_bytes)
+    count = part_count([shapes[n] for n in shapes], wire, part_size_bytes)
     digests = params["parts"]
-    expected = [PART_NAME.format(k) for k in range(len(layout))]
-    if sorted(tensors) != expected or not isinstance(digests, list) or len(digests) != len(layout):
-        raise PartError(f"the shard has {len(layout)} parts, named part.00000 on")
+    expected = [PART_NAME.format(k) for k in range(count)]
+    if sorted(tensors) != expected or not isinstance(digests, list) or len(digests) != count:
+        raise PartError(f"the shard has {count} parts, named part.00000 on")
     blobs = []
     for k, name in enumerate(expected):
         t = tensors[name]
@@ -267,6 +314,14 @@ def decode_payload(
         if part_digest(blob) != digests[k]:
             raise PartError(f"{name} is not the part its digest names")
         blobs.append(blob)
+    if wire == SPARSELOCO:
+        try:
+            got = decode_bytes(blobs[0], shapes, _spec(wire, sparse))
+            return {n: got[n] for n in shapes}
+        except SparseLoCoError as exc:
+            raise PartError(f"part.00000: {exc}") from None
+    codec = codec_for(wire)
+    layout = part_layout([shapes[n] for n in shapes], codec, part_size_bytes)
     # A part is at most its values in fp32 plus the codec's header and lookup table.
     largest = max(span.size for span in layout) * 4 + 4096
     values = decode_parts(blobs, layout, wire, max_part_bytes=largest)

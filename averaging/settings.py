@@ -16,7 +16,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from averaging.config import TopKConfig, lift_legacy_topk
+from averaging.config import SparseLoCoConfig, TopKConfig, lift_legacy_topk
+from averaging.sparseloco import SparseSpec
 from common.schema import StrictModel
 
 
@@ -79,11 +80,18 @@ class AveragingConfig(StrictModel):
         description="average Δ with the shard's group over hivemind; off: each miner alone",
     )
     dht: DHTConfig = Field(default_factory=DHTConfig)
-    wire: Literal["none", "fp16", "int8", "topk"] = Field(
-        default="fp16", description="codec for parts on the wire"
+    wire: Literal["none", "fp16", "int8", "topk", "sparseloco"] = Field(
+        default="fp16",
+        description=(
+            "codec on the wire; the dense ones and topk are all-reduced in hivemind's "
+            "butterfly, sparseloco messages are all-gathered (`averaging.allgather`)"
+        ),
     )
     topk: TopKConfig = Field(
         default_factory=TopKConfig, description="top-k of the wire (wire = topk)"
+    )
+    sparseloco: SparseLoCoConfig = Field(
+        default_factory=SparseLoCoConfig, description="the SparseLoCo wire (wire = sparseloco)"
     )
     robust: RobustConfig = Field(default_factory=RobustConfig)
     weights: Literal["uniform", "stake", "incentive", "trust"] = Field(
@@ -138,6 +146,13 @@ class AveragingConfig(StrictModel):
     @classmethod
     def _legacy_keys(cls, data: Any) -> Any:
         return lift_legacy_topk(data)
+
+    @property
+    def sparse_spec(self) -> SparseSpec | None:
+        """The SparseLoCo message spec when the wire is sparseloco, else None."""
+        if self.wire != "sparseloco":
+            return None
+        return SparseSpec(chunk=self.sparseloco.chunk, k=self.sparseloco.k)
 
     @property
     def wire_part_size_bytes(self) -> int:

@@ -48,6 +48,7 @@ import torch
 
 from averaging.compression import CompressionError, decode, expected_specs
 from averaging.parts import WIRE_SCHEME, PartError, decode_payload
+from averaging.sparseloco import SparseSpec
 from chain.types import ContributionCommitment, Neuron
 from store.api import Store
 from store.backend import ContributionRef
@@ -121,11 +122,16 @@ class Refused:
     detail: str
 
 
-def run_scheme(cfg: RunConfig) -> tuple[str, tuple[str, int] | None]:
-    """(the scheme every contribution of the run must use, (wire codec, part size) when
-    that is ``wire``): with averaging on, a contribution is its wire parts."""
-    if cfg.averaging.enabled:
-        return WIRE_SCHEME, (cfg.averaging.wire, cfg.averaging.wire_part_size_bytes)
+# (wire codec, part size, SparseLoCo spec on the sparseloco wire): how parts are cut and read.
+Wire = tuple[str, int, SparseSpec | None]
+
+
+def run_scheme(cfg: RunConfig) -> tuple[str, Wire | None]:
+    """(the scheme every contribution of the run must use, `Wire` when that is ``wire``):
+    with averaging on, a contribution is its wire parts."""
+    avg = cfg.averaging
+    if avg.enabled:
+        return WIRE_SCHEME, (avg.wire, avg.wire_part_size_bytes, avg.sparse_spec)
     return cfg.compression.scheme, None
 
 
@@ -147,7 +153,7 @@ def admit(
     scheme: str,
     commitment: ContributionCommitment | None,
     deadline_block: int,
-    wire: tuple[str, int] | None = None,
+    wire: Wire | None = None,
 ) -> Admitted | Refused:
     """Run every admission check on `ref` (see the module docstring); never raises
     `Rejected` or `CompressionError`: those become a `Refused` with their reason.
@@ -209,8 +215,9 @@ def admit(
             if wire is None:
                 raise ValueError("the wire scheme needs the run's wire codec and part size")
             delta = decode_payload(
-                verified.tensors, params, shapes[shard], wire=wire[0], part_size_bytes=wire[1]
-            )
+                verified.tensors, params, shapes[shard], wire=wire[0], part_size_bytes=wire[1],
+                sparse=wire[2],
+            )  # fmt: skip
         else:
             delta = decode(verified.tensors, params, shapes[shard])
     except Rejected as exc:

@@ -170,9 +170,9 @@ def end_binding(
     shapes = {n: tuple(t.shape) for n, t in delta.items()}
     if scheme == WIRE_SCHEME:
         assert wire is not None
-        if wire[0] == "topk":
+        if wire[0] in ("topk", "sparseloco"):
             return None
-        _, expected = wire_parts(dict(delta), wire[0], wire[1])
+        _, expected = wire_parts(dict(delta), wire[0], wire[1], sparse=wire[2])
     else:
         if cfg.compression.scheme == "topk" and cfg.compression.error_feedback:
             return None

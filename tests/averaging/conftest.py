@@ -48,7 +48,9 @@ FAST = AveragingConfig(
     wire="none",
     min_matchmaking_time_s=1.5,
     request_timeout_s=0.5,
-    sender_timeout_s=1.0,
+    # 1 s (reducers 2 s) lost a round now and then on a loaded CI runner: a reducer stalled
+    # for 2 s, one member gave up, the others finished without it (issue 15).
+    sender_timeout_s=2.0,
     allreduce_timeout_s=10.0,
     part_size_bytes=1 << 10,
 )

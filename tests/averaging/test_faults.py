@@ -82,7 +82,7 @@ def _die() -> None:
 
 class FaultyRunner(LedgerAllReduceRunner):
     fault: ClassVar[Fault]
-    slow_s: ClassVar[float] = 2.5
+    slow_s: ClassVar[float] = 1.5 * FAST.sender_timeout_s
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -46,6 +46,7 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils.mpfuture import MPFuture
 
 import averaging
+from averaging.allgather import GatherAverager
 from averaging.allreduce import LedgerAllReduceRunner
 from averaging.averager import LedgerAverager
 from averaging.dht import IdentityRecordValidator
@@ -142,6 +143,22 @@ OVERRIDES = (
         "_run_allreduce_inplace_",
         "self tensors group_info group_id kwargs",
     ),
+    Override(
+        GatherAverager,
+        DecentralizedAverager,
+        "__init__",
+        """self averaged_tensors dht start prefix target_group_size min_group_size
+        initial_group_bits min_matchmaking_time request_timeout averaging_alpha part_size_bytes
+        allreduce_timeout next_chunk_timeout sender_timeout reducer_timeout compression
+        state_compression tensor_infos bandwidth min_vector_size auxiliary allow_state_sharing
+        declare_state_period client_mode daemon shutdown_timeout""",
+    ),
+    Override(
+        GatherAverager,
+        DecentralizedAverager,
+        "_aggregate_with_group",
+        "self group_info min_vector_size kwargs",
+    ),
     Override(SparseCodec, CompressionBase, "compress", "self tensor info allow_inplace"),
     Override(SparseCodec, CompressionBase, "extract", "self serialized_tensor"),
     Override(SparseCodec, CompressionBase, "estimate_compression_ratio", "self info"),
@@ -171,7 +188,8 @@ ATTRIBUTES: dict[type, str] = {
     GroupKeyManager: "dht prefix group_bits target_group_size",
     Matchmaking: "group_key_manager potential_leaders target_group_size",
     PotentialLeaders: "target_group_size",
-    ServicerBase: "get_stub remove_p2p_handlers",
+    # `averaging.allgather` adds an RPC handler; hivemind caches them per class.
+    ServicerBase: "get_stub remove_p2p_handlers _rpc_handlers",
     DecentralizedAverager: """dht prefix peer_id client_mode schema_hash matchmaking_kwargs
         total_size get_tensors step shutdown wait_until_ready allow_state_sharing
         state_sharing_priority rpc_download_state _averaged_tensors _running_groups
@@ -240,6 +258,10 @@ CALLERS: tuple[tuple[Callable[..., Any], str], ...] = (
     # `LedgerAverager._download_state` reads the DHT key that state sharers declare.
     (DecentralizedAverager._declare_for_download_periodically, '.all_averagers"'),
     (ServicerBase.add_p2p_handlers, "self._get_handle_name(namespace, handler.method_name)"),
+    # A streaming handler is told by its `typing.AsyncIterator` annotation (`rpc_tm_fetch`).
+    (ServicerBase._strip_iterator_hint, 'hint._name in ("AsyncIterator", "AsyncIterable")'),
+    # The group's runner future, which `GatherAverager` cancels (it runs no butterfly).
+    (DecentralizedAverager._register_allreduce_group, "self._running_groups[group_info.group_id]"),
     (Quantization.compress, "self.quantize("),
 )
 
