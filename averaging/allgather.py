@@ -98,14 +98,29 @@ class GatherAverager(LedgerAverager):
         self.tm_held: dict[bytes, bytes] = {}
         self.tm_held_before: dict[bytes, bytes] = {}
         self.tm_own: bytes | None = None
+        self.tm_served: set[PeerID] = set()  # peers that fetched our message this round
+        # The caller's message reaches the averager's process through shared memory: the
+        # control pipe loses large objects.
+        staging = torch.zeros(self.tm_max_bytes, dtype=torch.uint8)
+        self.tm_staging = staging.share_memory_()  # type: ignore[no-untyped-call]
         super().__init__(averaged_tensors, dht, prefix=prefix, config=config, role=role)
 
-    def _new_round(self, payload: bytes | None) -> None:
-        if payload is not None and len(payload) > self.tm_max_bytes:
+    def stage_payload(self, payload: bytes) -> int:
+        if len(payload) > self.tm_max_bytes:
             raise ValueError(f"a message of {len(payload)} bytes; at most {self.tm_max_bytes}")
+        if payload:
+            self.tm_staging[: len(payload)].copy_(
+                torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+            )
+        return len(payload)
+
+    def _new_round(self, payload_size: int | None) -> None:
         self.tm_held_before, self.tm_held = self.tm_held, {}
-        self.tm_own = None
-        if payload is not None:
+        self.tm_own, self.tm_served = None, set()
+        if payload_size is not None:
+            if not 0 <= payload_size <= self.tm_max_bytes:
+                raise ValueError(f"a staged message of {payload_size} bytes")
+            payload = self.tm_staging[:payload_size].numpy().tobytes()
             self.tm_own = hashlib.sha256(payload).digest()
             self.tm_held[self.tm_own] = payload
 
@@ -134,6 +149,7 @@ class GatherAverager(LedgerAverager):
             # Someone holds our message now: it may be in their average even if this
             # round fails here (`ShardAverager` keeps the error feedback's residual then).
             self.tm_log.delivered = [(0, self.total_size)]
+            self.tm_served.add(context.remote_id)
 
     # -- gathering ------------------------------------------------------------------------
     async def _fetch_from(self, peer: PeerID, digest: bytes) -> bytes | None:
@@ -271,4 +287,13 @@ class GatherAverager(LedgerAverager):
         contributors = frozenset(p for _h, p, _v in rows)
         if self.tm_own is not None and self.peer_id in contributors:
             self.tm_log.delivered = [(0, self.total_size)]
+            await self._until_served(set(sources))
         return self._report(group_info, gathered, roles, contributors)
+
+    async def _until_served(self, peers: set[PeerID]) -> None:
+        """Wait (at most `sender_timeout_s`) until every other peer of the group has
+        fetched our message from us, so that the round's counters hold what we uploaded
+        for it; a peer that got it through a relay never asks, and only costs the wait."""
+        end = time.monotonic() + self.tm_config.sender_timeout_s
+        while not peers <= self.tm_served and time.monotonic() < end:
+            await asyncio.sleep(0.01)

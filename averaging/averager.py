@@ -165,7 +165,9 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
         payload: bytes | None = None,
     ) -> None:
         """Before each round: group bits, admission table, whether it is bound, and (the
-        all-gathered wire) this member's message."""
+        all-gathered wire) this member's message, which goes through `stage_payload`:
+        hivemind's control pipe drops large messages."""
+        payload_size = None if payload is None else self.stage_payload(payload)
         future: Any = MPFuture()
         self._outer_pipe.send(
             (
@@ -176,7 +178,7 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
                     "peers": dict(peers),
                     "target": target_group_size,
                     "bound": bound,
-                    "payload": payload,
+                    "payload_size": payload_size,
                     "future": future,
                 },
             )
@@ -323,10 +325,13 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
     async def _round_counters(self, *, future: Any) -> None:
         future.set_result(self.tm_log.counters())
 
-    def _new_round(self, payload: bytes | None) -> None:
-        """Hook for a round's message (`averaging.allgather`); the butterfly has none."""
-        if payload is not None:
-            raise ValueError("this wire all-reduces parts; it takes no message")
+    def stage_payload(self, payload: bytes) -> int:
+        """Hand a round's message to the averager's process (`averaging.allgather`); the
+        butterfly takes none."""
+        raise ValueError("this wire all-reduces parts; it takes no message")
+
+    def _new_round(self, payload_size: int | None) -> None:
+        """In the averager's process, at `configure_round`: take the staged message."""
 
     def _is_admitted(self, peer: PeerID) -> bool:
         return peer in self.tm_peers and peer not in self.tm_log.blocked
@@ -344,11 +349,11 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
         peers: dict[str, PeerInfo],
         target: int | None,
         bound: tuple[int, int] | None,
-        payload: bytes | None,
+        payload_size: int | None,
         future: Any,
     ) -> None:
         try:
-            self._new_round(payload)
+            self._new_round(payload_size)
             if not isinstance(self._matchmaking, LedgerMatchmaking):
                 self._matchmaking = LedgerMatchmaking(
                     self._p2p,

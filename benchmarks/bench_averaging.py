@@ -118,13 +118,23 @@ class Trainer:
         return out
 
     def heldout(self, theta: Delta) -> float:
+        self.load(theta)
+        return self.heldout_now()
+
+    def load(self, theta: Delta) -> None:
         apply_to_shard(self.model, self.names, theta)
+
+    def heldout_now(self) -> float:
+        """Held-out loss of the model as it is."""
         return mean_loss(self.model, self.evaluation)
 
 
-def setup(documents: int, eval_pages: int) -> Trainer:
+def setup(documents: int, eval_pages: int, seed: int = 0) -> Trainer:
+    """The tiny preset's model (initialized with `seed`, which also seeds the workers'
+    page draws), its pages and the held-out sample."""
     cfg = load_config(
-        "configs/tiny.yaml", [f"run.dir={RUN_DIR}", f"data.max_documents={documents}"]
+        "configs/tiny.yaml",
+        [f"run.dir={RUN_DIR}", f"data.max_documents={documents}", f"run.seed={seed}"],
     )
     cache = f"{RUN_DIR}/data"
     pages, evaluation = pages_and_heldout(cfg, cache, b"bench", eval_pages)

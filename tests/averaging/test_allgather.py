@@ -248,3 +248,18 @@ def test_a_restarted_member_keeps_its_error_feedback(
     (again,) = make(swarm, shutdown_later, shard, [0], config=SPARSE)
     again.restore_wire_residual(saved)
     assert again.prepare(random_delta(2)).blobs == after.blobs
+
+
+def test_a_large_message_reaches_the_averager_and_the_peers(
+    swarm: Swarm, shutdown_later: list[ShardAverager]
+) -> None:
+    # 4 M values: a 119 KB message, more than hivemind's control pipe carries whole.
+    big = {"w": torch.zeros(2048, 2048)}
+    config = SPARSE.model_copy(update={"sparseloco": SparseLoCoConfig()})
+    avgs = make(swarm, shutdown_later, swarm.new_shard(), range(2), config=config, tmpl=big)
+    gen = torch.Generator().manual_seed(5)
+    deltas = [{"w": torch.randn(2048, 2048, generator=gen)} for _ in range(2)]
+    results = ok(run_round(avgs, deltas, window=1, expected_peers=2))
+    assert_all_equal(results)
+    assert results[0].members == sorted(swarm.hotkeys[:2])
+    assert results[0].bytes_received > 100_000

@@ -1,0 +1,299 @@
+"""SparseLoCo wire and overlap (issue 15): held-out loss per window, and bytes per peer.
+
+    .venv/bin/python benchmarks/bench_sparseloco.py --windows 30 --seeds 0 --jobs 2 \
+        --plot benchmarks/results/sparseloco_cpu2.png --json benchmarks/results/sparseloco.json
+    .venv/bin/python benchmarks/bench_sparseloco.py --windows 3 --settings fp32,sparse-overlap
+
+`tiny` preset (5.26 M parameters, one shard), 4 workers, H = `train.inner_steps` AdamW
+steps of 8 × 128 tokens per window, each worker on its own pages (`train.pages.
+assigned_pages`, as miners). Per window the four Δs are combined with the library's own
+wire math — `averaging.parts.wire_parts` + `reduce_parts` for the all-reduced codecs
+(fp32 = ``none``, ``int8``), `averaging.sparseloco.ErrorFeedback` + `reduce_parts` on the
+all-gathered ``sparseloco`` wire — and `averaging.outer.outer_step` gives θ_{w+1}. The
+transport does not change the math (`tests/averaging`: every peer ends bit-identical
+with it).
+
+Settings (`--settings`, comma-separated):
+- ``fp32``, ``int8``: DiLoCo with the tiny preset's outer step (lr 0.7, Nesterov 0.9).
+- ``sparse``: SparseLoCo, 64 of 4,096 values, 2 bits, error feedback β = 0.95, outer
+  lr 1 and no momentum (the buffer's decay plays the momentum's part).
+- ``…-overlap``: the one-step-delayed outer update: the round of window w runs while
+  window w+1 trains, so θ_{w+1} = outer(θ_w, average of window w − 1) and the first window
+  changes nothing. Still one public function of what was committed.
+- ``dp``: synchronous data parallel at equal tokens: one worker, batch 4 × 8 pages (the
+  four workers' pages of each step), the same number of optimizer steps (windows × H), one
+  AdamW and one cosine schedule over the whole run; what a datacenter would run.
+
+Each (setting, seed) runs in its own process with one thread (`--jobs` at a time); the
+loss after every window goes to `--json`, the mean over seeds to the table and `--plot`.
+Bytes per peer per outer step are measured on the encoded bytes of window 0's Δs: the
+butterfly (fp32, int8) sends (n−1)/n of its parts to the reducers and gets (n−1)/n of the
+averaged parts back; the all-gather sends its message to n − 1 peers and gets theirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_averaging import RUN_DIR, WORKERS, Delta, Trainer, setup
+
+from averaging.config import OuterConfig
+from averaging.outer import outer_step
+from averaging.parts import SPARSELOCO, reduce_parts, wire_parts
+from averaging.settings import RobustConfig
+from averaging.sparseloco import ErrorFeedback, SparseSpec
+from train.inner import inner_loop
+from train.pages import assigned_pages
+
+SETTINGS = (
+    "fp32",
+    "fp32-overlap",
+    "int8",
+    "int8-overlap",
+    "sparse",
+    "sparse-overlap",
+    "dp",
+)
+DILOCO = OuterConfig(lr=0.7, momentum=0.9, nesterov=True)
+SPARSE_OUTER = OuterConfig(lr=1.0, momentum=0.0, nesterov=False)
+SPEC = SparseSpec(chunk=4096, k=64)
+BETA = 0.95
+PART_SIZE = 1 << 17  # the library's part_size_bytes
+ROBUST = RobustConfig()
+
+
+class Combiner:
+    """One setting's wire: four Δs in, the average every peer ends with out."""
+
+    def __init__(self, wire: str) -> None:
+        self.wire = wire
+        self.feedback = [ErrorFeedback(BETA) for _ in range(WORKERS)]
+
+    def __call__(self, deltas: list[Delta]) -> Delta:
+        shapes = {n: tuple(t.shape) for n, t in deltas[0].items()}
+        if self.wire == SPARSELOCO:
+            rows = []
+            for feedback, delta in zip(self.feedback, deltas, strict=True):
+                sent = feedback.compress(delta, SPEC)
+                feedback.commit(sent)
+                rows.append(sent.message.decoded)
+        else:
+            rows = [wire_parts(d, self.wire, PART_SIZE)[1] for d in deltas]
+        return reduce_parts(rows, [1.0] * len(rows), shapes, self.wire, PART_SIZE, ROBUST)
+
+
+def run_setting(t: Trainer, setting: str, windows: int, log: Any) -> list[float]:
+    """Held-out loss of θ_0 and after each window."""
+    if setting == "dp":
+        return run_dp(t, windows, log)
+    base = setting.removesuffix("-overlap")
+    overlap = setting.endswith("-overlap")
+    wire = {"fp32": "none", "int8": "int8", "sparse": SPARSELOCO}[base]
+    outer = SPARSE_OUTER if base == "sparse" else DILOCO
+    combine = Combiner(wire)
+    theta, momentum = dict(t.theta0), {}
+    pending: Delta | None = None
+    losses = [t.heldout(theta)]
+    for window in range(windows):
+        average = combine([t.delta(theta, i, window) for i in range(WORKERS)])
+        if overlap:
+            # The round of this window finishes while the next one trains: θ_{w+1} takes
+            # the previous window's average.
+            if pending is not None:
+                theta, momentum = outer_step(theta, pending, momentum, outer)
+            pending = average
+        else:
+            theta, momentum = outer_step(theta, average, momentum, outer)
+        losses.append(t.heldout(theta))
+        log(f"{setting} window {window + 1}/{windows}: held-out {losses[-1]:.4f}")
+    return losses
+
+
+def run_dp(t: Trainer, windows: int, log: Any) -> list[float]:
+    cfg = t.cfg.train
+    h, b = cfg.inner_steps, cfg.batch_size
+    n = t.train_pages.shape[0]
+    steps = []
+    for window in range(windows):
+        orders = [
+            assigned_pages(
+                f"bench-worker-{i}", window, t.cfg.run.seed, n, t.cfg.train.pages_per_window
+            )
+            for i in range(WORKERS)
+        ]
+        for step in range(h):
+            steps += [o[step * b : (step + 1) * b] for o in orders]
+    pages = torch.from_numpy(t.train_pages[[int(p) for chunk in steps for p in chunk]])
+    long = cfg.model_copy(update={"inner_steps": windows * h, "batch_size": WORKERS * b})
+    losses = [t.heldout(t.theta0)]
+
+    def evaluate(step: int, _params: Any, _moments: Any) -> None:
+        losses.append(t.heldout_now())
+        log(f"dp window {step // h}/{windows}: held-out {losses[-1]:.4f}")
+
+    t.load(t.theta0)
+    inner_loop(
+        t.accelerator, t.model, t.names, pages, long,
+        boundaries=set(range(h, windows * h + 1, h)), on_boundary=evaluate,
+    )  # fmt: skip
+    return losses
+
+
+def wire_bytes(t: Trainer) -> dict[str, dict[str, float]]:
+    """Bytes each peer sends (= receives) per outer step on each wire, from window 0's Δs."""
+    deltas = [t.delta(t.theta0, i, 0) for i in range(WORKERS)]
+    shapes = {k: tuple(v.shape) for k, v in deltas[0].items()}
+    n, share = WORKERS, (WORKERS - 1) / WORKERS
+    out = {}
+    for label, wire in (("fp32", "none"), ("int8", "int8")):
+        own = sum(len(b) for b in wire_parts(deltas[0], wire, PART_SIZE)[0])
+        rows = [wire_parts(d, wire, PART_SIZE)[1] for d in deltas]
+        average = reduce_parts(rows, [1.0] * n, shapes, wire, PART_SIZE, ROBUST)
+        back = sum(len(b) for b in wire_parts(average, wire, PART_SIZE)[0])
+        out[label] = {"sent": share * (own + back), "message": own}
+    message = ErrorFeedback(BETA).compress(deltas[0], SPEC).message.to_bytes()
+    out["sparse"] = {"sent": (n - 1) * len(message), "message": len(message)}
+    params = sum(v.numel() for v in deltas[0].values())
+    for row in out.values():
+        row["bits_per_param"] = 8 * row["message"] / params
+        row["vs_fp32"] = out["fp32"]["sent"] / row["sent"]
+    return out
+
+
+def child(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    setting, seed = args.child.split("@")
+    t = setup(args.documents, args.eval_pages, seed=int(seed))
+    started = time.perf_counter()
+
+    def log(text: str) -> None:
+        print(f"  [{time.perf_counter() - started:6.0f} s] seed {seed} {text}", flush=True)
+
+    losses = run_setting(t, setting, args.windows, log)
+    result = {"setting": setting, "seed": int(seed), "losses": losses}
+    if args.bytes:
+        result["bytes"] = wire_bytes(t)
+    out = RUN_DIR / f"sparseloco_{setting}_{seed}.json"
+    out.write_text(json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=30)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--settings", default=",".join(SETTINGS))
+    parser.add_argument("--jobs", type=int, default=2, help="(setting, seed) runs at a time")
+    parser.add_argument("--documents", type=int, default=300, help="stdlib files in the corpus")
+    parser.add_argument("--eval-pages", type=int, default=32)
+    parser.add_argument("--json", type=Path, help="every run's losses and the bytes")
+    parser.add_argument("--plot", type=Path, help="PNG of the mean held-out loss per window")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--bytes", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    settings = args.settings.split(",")
+    unknown = set(settings) - set(SETTINGS)
+    if unknown:
+        parser.error(f"unknown settings {sorted(unknown)}; choose from {SETTINGS}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    setup(args.documents, args.eval_pages)  # builds the tokenizer and pages once
+    jobs = [f"{s}@{seed}" for seed in seeds for s in settings]
+    flags = [
+        f"--windows={args.windows}",
+        f"--documents={args.documents}",
+        f"--eval-pages={args.eval_pages}",
+    ]
+    running: list[tuple[str, subprocess.Popen[bytes]]] = []
+    pending = list(jobs)
+    first = True
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            job = pending.pop(0)
+            extra = ["--bytes"] if first else []
+            first = False
+            running.append(
+                (job, subprocess.Popen([sys.executable, __file__, "--child", job, *flags, *extra]))
+            )
+        time.sleep(2)
+        for job, proc in list(running):
+            if proc.poll() is not None:
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{job} failed ({proc.returncode})")
+                running.remove((job, proc))
+    runs = [
+        json.loads((RUN_DIR / f"sparseloco_{j.replace('@', '_')}.json").read_text()) for j in jobs
+    ]
+    report(runs, settings, args)
+
+
+def report(runs: list[dict[str, Any]], settings: list[str], args: argparse.Namespace) -> None:
+    by_setting: dict[str, list[list[float]]] = {}
+    for run in runs:
+        by_setting.setdefault(run["setting"], []).append(run["losses"])
+    wire = next((r["bytes"] for r in runs if "bytes" in r), None)
+    base = statistics.mean(r[-1] for r in by_setting["fp32"]) if "fp32" in by_setting else None
+    print(f"\n## Held-out loss after {args.windows} windows (mean over seeds {args.seeds})")
+    print(
+        "| setting | seeds | final loss | ± (seeds) | vs fp32 DiLoCo "
+        "| bytes sent per peer per step | vs fp32 |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for s in settings:
+        finals = [r[-1] for r in by_setting[s]]
+        mean = statistics.mean(finals)
+        spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
+        rel = f"{100 * (mean / base - 1):+.2f} %" if base else "—"
+        kind = s.removesuffix("-overlap")
+        sent = wire.get(kind) if wire and kind != "dp" else None
+        sent_text = f"{sent['sent'] / 1e6:.3f} MB" if sent else "—"
+        ratio = f"{sent['vs_fp32']:.0f}×" if sent else "—"
+        print(
+            f"| {s} | {len(finals)} | {mean:.4f} | {spread:.4f} | {rel} | {sent_text} | {ratio} |"
+        )
+    if wire:
+        print(
+            "\nmessage bits per parameter: "
+            + ", ".join(f"{k} {v['bits_per_param']:.3f}" for k, v in wire.items())
+        )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"runs": runs, "bytes": wire}, indent=1))
+    if args.plot:
+        plot(by_setting, settings, args.plot)
+
+
+def plot(by_setting: dict[str, list[list[float]]], settings: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for s in settings:
+        curves = torch.tensor(by_setting[s])
+        mean = curves.mean(0)
+        ax.plot(range(len(mean)), mean, label=f"{s} ({curves.shape[0]} seeds)",
+                linestyle="--" if s.endswith("overlap") else "-")  # fmt: skip
+    ax.set_xlabel("window (outer steps)")
+    ax.set_ylabel("held-out loss (nats)")
+    ax.set_ylim(top=min(8.5, ax.get_ylim()[1]))
+    ax.set_title("tiny preset, 4 workers, H = 20: wire and overlap")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()
