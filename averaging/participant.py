@@ -194,10 +194,12 @@ class Participant:
                     base=base,
                     weights=pinned,
                     prepared=None if bound is None else bound[0],
+                    # An auxiliary peer gets the commitments too (`ShardAverager.average`
+                    # uses them on the all-gathered wire, where it averages by itself).
                     binding=(
                         None
-                        if bound is None or commitments is None
-                        else Binding(bound[1], commitments)
+                        if commitments is None
+                        else Binding(None if bound is None else bound[1], commitments)
                     ),
                 )
             except AveragingFailed as exc:

@@ -41,7 +41,8 @@ from averaging.settings import AveragingConfig
 from averaging.weights import LedgerWeights
 from chain.interface import Chain
 from tensormine.config import RunConfig
-from train.windows import block_time, meeting_block, start_block, wait_for_block
+from train.contribution import committed_digests
+from train.windows import block_time, deadline, meeting_block, start_block, wait_for_block
 from validation.admission import Admitted, Roster
 from validation.report import MinerRow
 from validation.scoring import OWN_FAIL, compare_group_average
@@ -79,9 +80,12 @@ def join_groups(
         # The weights every member's reducer uses: the ledger's as the last epoch at or
         # before the window's first block left them (the miners pin the same block).
         table = weights.table(first)
+        # On the all-gathered wire an auxiliary peer computes the average itself, so it
+        # checks each member's message against its commitment as the members do.
         results = seat.average_window(
-            window, {}, start_at=start_at, timeout=timeout, weights_block=first
-        )
+            window, {}, start_at=start_at, timeout=timeout, weights_block=first,
+            commitments=committed_digests(ledger, window, deadline(window, cfg.window)),
+        )  # fmt: skip
         return results, table
 
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aux-averaging")

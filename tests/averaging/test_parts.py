@@ -7,14 +7,22 @@ import torch
 from hivemind.averaging.partition import TensorPartContainer
 
 from averaging.parts import (
+    SPARSELOCO,
     PartError,
     assemble,
     decode_parts,
+    decode_payload,
     encode_parts,
+    part_count,
     part_digest,
     part_layout,
+    payload_params,
+    payload_tensors,
+    reduce_parts,
     wire_parts,
 )
+from averaging.settings import RobustConfig
+from averaging.sparseloco import SparseSpec, decode_bytes
 from averaging.wire import codec_for
 
 SHAPES = [(300, 7), (5,), (1000,), (3, 3, 3)]
@@ -81,3 +89,36 @@ def test_parts_round_trip_and_bad_parts_are_named() -> None:
     assert poisoned[:-1] == inf_blobs[:-1]
     with pytest.raises(PartError, match="non-finite"):
         decode_parts(poisoned, layout32, "none", max_part_bytes=1 << 14)
+
+
+def test_a_sparseloco_contribution_is_one_part_checked_and_decoded_as_peers_do() -> None:
+    spec = SparseSpec(chunk=256, k=8)
+    g = torch.Generator().manual_seed(2)
+    tensors = {"a": torch.randn(300, 7, generator=g), "b": torch.randn(5, generator=g)}
+    shapes = {n: tuple(t.shape) for n, t in tensors.items()}
+    blobs, decoded = wire_parts(tensors, SPARSELOCO, 1 << 10, sparse=spec)
+    assert len(blobs) == 1 == part_count(list(shapes.values()), SPARSELOCO, 1 << 10)
+    assert list(decoded) == ["a", "b"]
+    params = payload_params(blobs, list(shapes), SPARSELOCO, 1 << 10)
+    got = decode_payload(
+        payload_tensors(blobs), params, shapes, wire=SPARSELOCO, part_size_bytes=1 << 10,
+        sparse=spec,
+    )  # fmt: skip
+    assert list(got) == ["a", "b"] and all(torch.equal(got[n], decoded[n]) for n in shapes)
+    # What the group computes from the messages is what the validators recompute.
+    average = reduce_parts([got, got], [1.0, 3.0], shapes, SPARSELOCO, 0, RobustConfig())
+    assert all(torch.equal(average[n], decode_bytes(blobs[0], shapes, spec)[n]) for n in shapes)
+    # A message that is not its digest's, or that is malformed, is refused by name.
+    with pytest.raises(PartError, match="not the part its digest names"):
+        decode_payload(
+            payload_tensors([blobs[0][:-1] + b"\x01"]), params, shapes, wire=SPARSELOCO,
+            part_size_bytes=1 << 10, sparse=spec,
+        )  # fmt: skip
+    bad = blobs[0][:40]
+    with pytest.raises(PartError, match=r"part\.00000: message truncated"):
+        decode_payload(
+            payload_tensors([bad]), payload_params([bad], list(shapes), SPARSELOCO, 1 << 10),
+            shapes, wire=SPARSELOCO, part_size_bytes=1 << 10, sparse=spec,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="needs its SparseSpec"):
+        wire_parts(tensors, SPARSELOCO, 1 << 10)

@@ -54,6 +54,8 @@ def overrides(run: Path) -> list[str]:
         "averaging.sender_timeout_s=2",
         "averaging.allreduce_timeout_s=10",
         "averaging.state_timeout_s=10",
+        # The all-gathered SparseLoCo wire (the subnet e2e test runs the butterfly, int8).
+        "averaging.wire=sparseloco",
         # No validator here: nobody would challenge the trajectories, so keep none.
         "train.pow_segments=0",
         # DiLoCo's momentum 0.9 overshoots at H = 6: held-out loss swings up and down by up to
