@@ -124,6 +124,14 @@ class GatherAverager(LedgerAverager):
             self.tm_own = hashlib.sha256(payload).digest()
             self.tm_held[self.tm_own] = payload
 
+    def _commitments_wait(self) -> float:
+        # The gather needs at most 2 × sender_timeout_s after the commitments; a chain that
+        # lags the wall clock (the groups meet at the deadline's nominal time) gets the rest.
+        cfg = self.tm_config
+        return max(
+            cfg.allreduce_timeout_s / 2, cfg.allreduce_timeout_s - 2 * cfg.sender_timeout_s - 1
+        )
+
     # -- serving --------------------------------------------------------------------------
     async def rpc_tm_fetch(
         self, request: averaging_pb2.AveragingData, context: P2PContext

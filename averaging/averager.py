@@ -440,6 +440,11 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
             "aux": sorted(self.tm_peers[p].hotkey for p, r in by_role.items() if r is Role.AUX),
         }
 
+    def _commitments_wait(self) -> float:
+        """How long a bound round waits for the ledger's commitments (the deadline block)
+        once its group formed; the rest of `allreduce_timeout_s` is for the all-reduce."""
+        return self.tm_config.allreduce_timeout_s / 2
+
     async def _committed_parts(
         self, peer_ids: Sequence[PeerID], gathered: Sequence[Gathered]
     ) -> dict[PeerID, Sequence[str] | None]:
@@ -447,9 +452,7 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
         that body hashes to its hotkey's commitment on the ledger (None: no valid one)."""
         assert self.tm_bound is not None and self.tm_commitments_ready is not None
         try:
-            await asyncio.wait_for(
-                self.tm_commitments_ready.wait(), self.tm_config.allreduce_timeout_s / 2
-            )
+            await asyncio.wait_for(self.tm_commitments_ready.wait(), self._commitments_wait())
         except TimeoutError:
             raise AllreduceException("the ledger's commitments did not arrive") from None
         table = self.tm_commitments or {}

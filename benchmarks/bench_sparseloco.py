@@ -63,9 +63,20 @@ SETTINGS = (
     "dp",
 )
 DILOCO = OuterConfig(lr=0.7, momentum=0.9, nesterov=True)
+# SparseLoCo's settings; `--k`, `--beta`, `--outer-lr` change them for a sweep.
 SPARSE_OUTER = OuterConfig(lr=1.0, momentum=0.0, nesterov=False)
 SPEC = SparseSpec(chunk=4096, k=64)
 BETA = 0.95
+
+
+def configure_sparse(k: int, beta: float, lr: float) -> str:
+    """Set the sparse settings of this process; returns their label."""
+    global SPEC, BETA, SPARSE_OUTER
+    SPEC, BETA = SparseSpec(chunk=4096, k=k), beta
+    SPARSE_OUTER = OuterConfig(lr=lr, momentum=0.0, nesterov=False)
+    return f"k{k}-b{beta:g}-a{lr:g}"
+
+
 PART_SIZE = 1 << 17  # the library's part_size_bytes
 ROBUST = RobustConfig()
 
@@ -170,6 +181,7 @@ def wire_bytes(t: Trainer) -> dict[str, dict[str, float]]:
 
 def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
+    tag = configure_sparse(args.k, args.beta, args.outer_lr)
     setting, seed = args.child.split("@")
     t = setup(args.documents, args.eval_pages, seed=int(seed))
     started = time.perf_counter()
@@ -178,10 +190,12 @@ def child(args: argparse.Namespace) -> None:
         print(f"  [{time.perf_counter() - started:6.0f} s] seed {seed} {text}", flush=True)
 
     losses = run_setting(t, setting, args.windows, log)
-    result = {"setting": setting, "seed": int(seed), "losses": losses}
+    result: dict[str, Any] = {"setting": setting, "seed": int(seed), "losses": losses}
+    if setting.startswith("sparse"):
+        result["sparse"] = tag
     if args.bytes:
         result["bytes"] = wire_bytes(t)
-    out = RUN_DIR / f"sparseloco_{setting}_{seed}.json"
+    out = RUN_DIR / f"sparseloco_{setting}_{seed}_{tag}.json"
     out.write_text(json.dumps(result))
 
 
@@ -195,6 +209,10 @@ def main() -> None:
     parser.add_argument("--eval-pages", type=int, default=32)
     parser.add_argument("--json", type=Path, help="every run's losses and the bytes")
     parser.add_argument("--plot", type=Path, help="PNG of the mean held-out loss per window")
+    parser.add_argument("--k", type=int, default=64, help="sparse: values kept per 4,096")
+    parser.add_argument("--beta", type=float, default=0.95, help="sparse: error-feedback decay")
+    parser.add_argument("--outer-lr", type=float, default=1.0, help="sparse: outer lr α")
+    parser.add_argument("--report-only", action="store_true", help="tables from earlier runs")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--bytes", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -206,15 +224,21 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown settings {sorted(unknown)}; choose from {SETTINGS}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    setup(args.documents, args.eval_pages)  # builds the tokenizer and pages once
+    if not args.report_only:
+        setup(args.documents, args.eval_pages)  # builds the tokenizer and pages once
     jobs = [f"{s}@{seed}" for seed in seeds for s in settings]
     flags = [
         f"--windows={args.windows}",
         f"--documents={args.documents}",
         f"--eval-pages={args.eval_pages}",
+        f"--k={args.k}",
+        f"--beta={args.beta}",
+        f"--outer-lr={args.outer_lr}",
     ]
+    tag = configure_sparse(args.k, args.beta, args.outer_lr)
     running: list[tuple[str, subprocess.Popen[bytes]]] = []
-    pending = list(jobs)
+    # --report-only: every run is on disk from an earlier call with the same arguments.
+    pending = [] if args.report_only else list(jobs)
     first = True
     while pending or running:
         while pending and len(running) < args.jobs:
@@ -231,7 +255,8 @@ def main() -> None:
                     raise RuntimeError(f"{job} failed ({proc.returncode})")
                 running.remove((job, proc))
     runs = [
-        json.loads((RUN_DIR / f"sparseloco_{j.replace('@', '_')}.json").read_text()) for j in jobs
+        json.loads((RUN_DIR / f"sparseloco_{j.replace('@', '_')}_{tag}.json").read_text())
+        for j in jobs
     ]
     report(runs, settings, args)
 

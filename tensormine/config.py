@@ -12,6 +12,7 @@ scalars, so ``chain.yuma3=true`` is a bool and ``chain.tempo=10`` an int.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from store.config import StoreConfig
 from subnet.config import SubnetConfig
 from train.config import DataConfig, ModelConfig, TrainConfig, WindowConfig
 from validation.config import ValidationConfig
+
+logger = logging.getLogger(__name__)
 
 
 class RunSection(StrictModel):
@@ -55,6 +58,19 @@ class RunConfig(StrictModel):
     wandb: WandbConfig = WandbConfig()
     validation: ValidationConfig = ValidationConfig()
     subnet: SubnetConfig = SubnetConfig()
+
+    @model_validator(mode="after")
+    def _one_momentum(self) -> RunConfig:
+        """SparseLoCo's error feedback already is a momentum; a second one in the outer step
+        is allowed (tests use it) but is rarely what anyone wants."""
+        if self.averaging.enabled and self.averaging.wire == "sparseloco" and self.outer.momentum:
+            logger.warning(
+                "averaging.wire is sparseloco and outer.momentum is %g: the error feedback "
+                "(averaging.sparseloco.error_decay) already acts as the outer momentum; "
+                "SparseLoCo steps with outer.lr and no momentum",
+                self.outer.momentum,
+            )
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -481,7 +481,7 @@ def test_wire_part_contributions_are_checked_part_by_part(subnet_factory: Factor
         outcomes[ref.hotkey] = admit(
             net.store, ref, roster=roster, window=window, shapes=validator.shapes,
             scheme="wire", commitment=commitments.get(ref.hotkey),
-            deadline_block=deadline(window, net.cfg.window), wire=(wire, size),
+            deadline_block=deadline(window, net.cfg.window), wire=(wire, size, None),
         )  # fmt: skip
     validator.close()
     good = outcomes[net.miners["good"].address]
