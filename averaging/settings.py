@@ -12,13 +12,15 @@ Timeouts bound every wait: `ShardAverager.average` returns or raises within
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
 from averaging.config import SparseLoCoConfig, TopKConfig, lift_legacy_topk
-from averaging.sparseloco import SparseSpec
 from common.schema import StrictModel
+
+if TYPE_CHECKING:  # the codec imports torch; configs must load without it
+    from averaging.sparseloco import SparseSpec
 
 
 class DHTConfig(StrictModel):
@@ -152,6 +154,8 @@ class AveragingConfig(StrictModel):
         """The SparseLoCo message spec when the wire is sparseloco, else None."""
         if self.wire != "sparseloco":
             return None
+        from averaging.sparseloco import SparseSpec  # here: it imports torch, configs do not
+
         return SparseSpec(chunk=self.sparseloco.chunk, k=self.sparseloco.k)
 
     @property

@@ -213,6 +213,13 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=0.95, help="sparse: error-feedback decay")
     parser.add_argument("--outer-lr", type=float, default=1.0, help="sparse: outer lr α")
     parser.add_argument("--report-only", action="store_true", help="tables from earlier runs")
+    parser.add_argument(
+        "--extra",
+        nargs="*",
+        default=[],
+        type=Path,
+        help="run files of other sparse settings to show beside (labelled with their tag)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--bytes", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -258,6 +265,12 @@ def main() -> None:
         json.loads((RUN_DIR / f"sparseloco_{j.replace('@', '_')}_{tag}.json").read_text())
         for j in jobs
     ]
+    for path in args.extra:
+        run = json.loads(path.read_text())
+        run["setting"] = f"{run['setting']} ({run.get('sparse', '?')})"
+        if run["setting"] not in settings:
+            settings.append(run["setting"])
+        runs.append(run)
     report(runs, settings, args)
 
 
@@ -278,7 +291,7 @@ def report(runs: list[dict[str, Any]], settings: list[str], args: argparse.Names
         mean = statistics.mean(finals)
         spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
         rel = f"{100 * (mean / base - 1):+.2f} %" if base else "—"
-        kind = s.removesuffix("-overlap")
+        kind = s.split(" ")[0].removesuffix("-overlap")
         sent = wire.get(kind) if wire and kind != "dp" else None
         sent_text = f"{sent['sent'] / 1e6:.3f} MB" if sent else "—"
         ratio = f"{sent['vs_fp32']:.0f}×" if sent else "—"
@@ -308,7 +321,7 @@ def plot(by_setting: dict[str, list[list[float]]], settings: list[str], path: Pa
         curves = torch.tensor(by_setting[s])
         mean = curves.mean(0)
         ax.plot(range(len(mean)), mean, label=f"{s} ({curves.shape[0]} seeds)",
-                linestyle="--" if s.endswith("overlap") else "-")  # fmt: skip
+                linestyle="--" if "overlap" in s else "-")  # fmt: skip
     ax.set_xlabel("window (outer steps)")
     ax.set_ylabel("held-out loss (nats)")
     ax.set_ylim(top=min(8.5, ax.get_ylim()[1]))

@@ -143,6 +143,7 @@ def test_two_miners_train_publish_and_improve(tmp_path: Path) -> None:
             delta = decode_payload(
                 got.tensors, manifest.compression.params, shapes, wire=cfg.averaging.wire,
                 part_size_bytes=cfg.averaging.wire_part_size_bytes,
+                sparse=cfg.averaging.sparse_spec,
             )  # fmt: skip
             # Committed on the ledger before the window's deadline, and this is it.
             with Ledger(cfg.chain.db) as ledger:
