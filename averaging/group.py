@@ -50,7 +50,10 @@ This module is the caller's side, `ShardAverager`:
 
 Wire codecs (`AveragingConfig.wire`): hivemind's `Float16Compression`, its uniform 8-bit
 format (repaired for NumPy 2 in `averaging.wire.Uniform8BitCodec`), and our sparse top-k
-with sender-side error feedback (`averaging.wire`, SparseLoCo arXiv 2508.15706).
+with sender-side error feedback (`averaging.wire`), all in hivemind's butterfly; and
+``sparseloco`` (`averaging.sparseloco`, arXiv 2508.15706: 2-bit values, packed indices,
+error feedback β), whose whole messages every peer all-gathers instead
+(`averaging.allgather.GatherAverager`, picked here by the wire).
 
 Not covered: a reducer that lies (a wrong average, a false contributor set) is caught only
 if it breaks the format; BTARD's verification of reducers by random re-computation is not
