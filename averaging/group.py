@@ -227,12 +227,13 @@ class ShardAverager:
                 payload = sent.message.to_bytes()
         if self._sparsifier is not None and role is Role.MEMBER and prepared is None:
             values = self._sparsifier.sparsify(values)
-        with self._averager.get_tensors() as buffers:
-            for buffer, name in zip(buffers, self._shapes, strict=True):
-                if name in values:
-                    buffer.copy_(values[name])
-                else:
-                    buffer.zero_()
+        if self._feedback is None:  # the all-gather sends the message, not these buffers
+            with self._averager.get_tensors() as buffers:
+                for buffer, name in zip(buffers, self._shapes, strict=True):
+                    if name in values:
+                        buffer.copy_(values[name])
+                    else:
+                        buffer.zero_()
         if not self._averager.is_alive():
             raise AveragingFailed("the averager process is not running")
         # On the all-gathered wire every peer computes the average itself, so auxiliary
