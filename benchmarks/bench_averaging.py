@@ -210,9 +210,11 @@ class PeerArgs:
     lead: float
     sender_timeout: float
     part_size: int
+    min_matchmaking: float = 2.0
 
     def flags(self) -> list[str]:
         return [
+            f"--min-matchmaking={self.min_matchmaking}",
             f"--wires={','.join(self.wires)}",
             f"--rounds={self.rounds}",
             f"--lead={self.lead}",

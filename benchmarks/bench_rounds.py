@@ -25,18 +25,14 @@ import multiprocessing
 import os
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from bench_averaging import WORKERS as PEERS
+from bench_averaging import PeerArgs, run_peers
 from safetensors.torch import save_file
-
-HERE = Path(__file__).resolve().parent
-PEERS = 4
 
 
 def spin() -> None:
@@ -49,43 +45,15 @@ def run(args: argparse.Namespace, folder: Path) -> list[dict[str, Any]]:
     for i in range(PEERS):
         delta = {"w": torch.randn(args.params, generator=gen) * 0.01}
         save_file(delta, folder / f"delta_{i}.safetensors")
-    procs = []
-    for i in range(PEERS):
-        cmd = [
-            sys.executable,
-            str(HERE / "_averaging_peer.py"),
-            f"--index={i}",
-            f"--peers={PEERS}",
-            f"--dir={folder}",
-            f"--wires={args.wire}",
-            f"--rounds={args.rounds}",
-            f"--lead={args.lead}",
-            f"--min-matchmaking={args.min_matchmaking}",
-            f"--sender-timeout={args.sender_timeout}",
-            f"--part-size={args.part_size}",
-        ]
-        log = (folder / f"log_{i}.txt").open("w")
-        procs.append(
-            subprocess.Popen(cmd, stdout=subprocess.PIPE if i == 0 else log, stderr=log, text=True)
-        )
-    started = time.perf_counter()
-    assert procs[0].stdout is not None
-    for done, line in enumerate(procs[0].stdout, start=1):
-        elapsed = time.perf_counter() - started
-        eta = elapsed / done * (args.rounds - done)
-        print(f"  [{elapsed:5.0f} s] {line.strip()} (ETA {eta:.0f} s)", flush=True)
-    rows: list[dict[str, Any]] = []
-    for i, proc in enumerate(procs):
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            proc.wait(30)
-        if proc.returncode != 0:
-            tail = (folder / f"log_{i}.txt").read_text()[-3000:]
-            raise RuntimeError(f"peer {i} exited with {proc.returncode}:\n{tail}")
-        rows += [{"peer": i, **r} for r in json.loads((folder / f"result_{i}.json").read_text())]
-    return rows
+    peer = PeerArgs(
+        wires=[args.wire],
+        rounds=args.rounds,
+        lead=args.lead,
+        sender_timeout=args.sender_timeout,
+        part_size=args.part_size,
+        min_matchmaking=args.min_matchmaking,
+    )
+    return run_peers(folder, peer, shaped=False)
 
 
 def summarize(rows: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
