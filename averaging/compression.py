@@ -24,6 +24,11 @@ Payload tensors, for each parameter `N` (e.g. `model.layers.0.mlp.up_proj.weight
 - `topk`: params `{"scheme": "topk", "chunk": C, "density": d, "values": "float16" or
   "float32"}`; tensors `N::idx` int16 [rows, k] (int32 when the chunk c > 32768) and
   `N::val` [rows, k] of the `values` dtype.
+- `sparseloco`: params `{"scheme": "sparseloco", "chunk": C, "k": K}`; one message for
+  the whole Δ (`averaging.sparseloco`: K of every C values, 2-bit values, packed
+  indices), tensors `sparseloco::idx`, `sparseloco::val`, `sparseloco::lvl`, sized from
+  the caller's shapes. Its error-feedback buffer (e ← β·e + Δ, β =
+  `sparseloco.error_decay`) is the residual.
 
 **int8** is blockwise absmax: the flattened tensor is cut into blocks of `B` values (the
 last may be shorter), `scale = absmax / 127` in fp32 and `q = round(x / scale)` in
@@ -54,13 +59,16 @@ from typing import Any
 
 import torch
 
+from averaging import sparseloco
 from averaging.config import TOPK_CHUNK_RANGE, CompressionConfig
+from averaging.sparseloco import SparseSpec
 from common.errors import TensormineError
 
 logger = logging.getLogger(__name__)
 
 SEP = "::"
-SCHEMES = ("none", "fp16", "int8", "topk")
+SCHEMES = ("none", "fp16", "int8", "topk", "sparseloco")
+SPARSELOCO_KEY = "sparseloco"  # the prefix of a sparseloco payload's three tensors
 INT8_MAX = 127
 FP16_MAX = float(torch.finfo(torch.float16).max)
 # Bounds mirror CompressionConfig's; a payload's params are validated against them.
@@ -122,6 +130,7 @@ def _check_params(params: Any) -> dict[str, Any]:
         "fp16": {"scheme"},
         "int8": {"scheme", "block_size"},
         "topk": {"scheme", "chunk", "density", "values"},
+        "sparseloco": {"scheme", "chunk", "k"},
     }[scheme]
     if set(params) != keys:
         raise CompressionError(
@@ -147,7 +156,14 @@ def _check_params(params: Any) -> dict[str, Any]:
             raise CompressionError("topk params: density must be a number in (0, 1]")
         if params["values"] not in _VALUE_DTYPES:
             raise CompressionError(f"topk params: values must be one of {sorted(_VALUE_DTYPES)}")
+    if scheme == "sparseloco":
+        chunk = integer("chunk", 64, 1 << 16)
+        integer("k", 1, chunk)
     return dict(params)
+
+
+def _sparse_spec(params: Mapping[str, Any]) -> SparseSpec:
+    return SparseSpec(chunk=int(params["chunk"]), k=int(params["k"]))
 
 
 def expected_specs(
@@ -160,6 +176,10 @@ def expected_specs(
     p = _check_params(params)
     scheme = p["scheme"]
     specs: dict[str, Spec] = {}
+    if scheme == "sparseloco":
+        spec = _sparse_spec(p)
+        message = sparseloco.sizes(sparseloco.layout(shapes, spec), spec)
+        return {f"{SPARSELOCO_KEY}{SEP}{key}": dt for key, dt in message.items()}
     for name, raw_shape in shapes.items():
         shape = tuple(int(d) for d in raw_shape)
         numel = _numel(shape)
@@ -221,6 +241,8 @@ def encode(
     feedback; the returned `Encoded.residual` then covers every name of `delta`. Raises
     `CompressionError` for a non-finite Δ or one that fp16 cannot hold.
     """
+    if cfg.scheme == "sparseloco":
+        return _sparseloco_encode(delta, cfg, residual)
     use_feedback = cfg.scheme == "topk" and cfg.error_feedback
     if residual and not use_feedback:
         logger.debug("scheme %s without error feedback: the residual is ignored", cfg.scheme)
@@ -279,6 +301,30 @@ def encode(
         new_residual = {name: accumulated[name] - sent[name] for name in delta}
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     return Encoded(tensors=tensors, params=params, residual=new_residual, nbytes=nbytes)
+
+
+def _sparseloco_encode(
+    delta: Mapping[str, torch.Tensor],
+    cfg: CompressionConfig,
+    residual: Mapping[str, torch.Tensor] | None,
+) -> Encoded:
+    """The whole Δ as one SparseLoCo message; the residual is its error-feedback buffer."""
+    for name, tensor in delta.items():
+        if not bool(torch.isfinite(tensor.detach()).all()):
+            raise CompressionError(f"{name}: the pseudo-gradient holds non-finite values")
+    spec = SparseSpec(chunk=cfg.sparseloco.chunk, k=cfg.sparseloco.k)
+    feedback = sparseloco.ErrorFeedback(cfg.sparseloco.error_decay)
+    feedback.residual = {
+        n: t.detach().to("cpu", torch.float32) for n, t in (residual or {}).items()
+    }
+    try:
+        sent = feedback.compress(delta, spec)
+    except sparseloco.SparseLoCoError as exc:
+        raise CompressionError(str(exc)) from None
+    message = sent.message
+    tensors = {f"{SPARSELOCO_KEY}{SEP}{key}": t for key, t in message.tensors.items()}
+    params = {"scheme": "sparseloco", "chunk": spec.chunk, "k": spec.k}
+    return Encoded(tensors, params, dict(sent.residual), message.nbytes)
 
 
 # ---- decoding -----------------------------------------------------------------------------
@@ -348,6 +394,13 @@ def decode(
     specs = expected_specs(shapes, params)
     _check_tensors(tensors, specs)
     scheme = params["scheme"]
+    if scheme == "sparseloco":
+        prefix = f"{SPARSELOCO_KEY}{SEP}"
+        message = {key.removeprefix(prefix): t for key, t in tensors.items()}
+        try:
+            return sparseloco.decode(message, shapes, _sparse_spec(params))
+        except sparseloco.SparseLoCoError as exc:
+            raise CompressionError(f"{SPARSELOCO_KEY} message: {exc}") from None
     out: dict[str, torch.Tensor] = {}
     for name, raw_shape in shapes.items():
         shape = tuple(int(d) for d in raw_shape)

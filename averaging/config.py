@@ -71,9 +71,13 @@ def lift_legacy_topk(data: Any) -> Any:
 class CompressionConfig(StrictModel):
     """How a pseudo-gradient is encoded for publication."""
 
-    scheme: Literal["none", "fp16", "int8", "topk"] = "none"
+    scheme: Literal["none", "fp16", "int8", "topk", "sparseloco"] = "none"
     int8_block_size: int = Field(default=256, ge=8, le=1 << 20)
     topk: TopKConfig = Field(default_factory=TopKConfig)
+    sparseloco: SparseLoCoConfig = Field(
+        default_factory=SparseLoCoConfig,
+        description="the SparseLoCo message (scheme = sparseloco; its buffer always feeds back)",
+    )
     error_feedback: bool = Field(
         default=True, description="keep what top-k dropped, add it next time"
     )

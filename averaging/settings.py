@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from averaging.config import SparseLoCoConfig, TopKConfig, lift_legacy_topk
 from common.schema import StrictModel
@@ -95,6 +95,15 @@ class AveragingConfig(StrictModel):
     sparseloco: SparseLoCoConfig = Field(
         default_factory=SparseLoCoConfig, description="the SparseLoCo wire (wire = sparseloco)"
     )
+    overlap: Literal["off", "delayed", "eager"] = Field(
+        default="off",
+        description=(
+            "hide the round behind compute: the round of window w runs while w+1 trains and "
+            "θ_{w+1} = outer(θ_w, average of w − 1) (delayed); eager: each miner also starts "
+            "window w from outer(θ_w, its own committed Δ of w − 1) (`train.overlap`); "
+            "no effect with averaging off"
+        ),
+    )
     robust: RobustConfig = Field(default_factory=RobustConfig)
     weights: Literal["uniform", "stake", "incentive", "trust"] = Field(
         default="trust",
@@ -149,6 +158,12 @@ class AveragingConfig(StrictModel):
     def _legacy_keys(cls, data: Any) -> Any:
         return lift_legacy_topk(data)
 
+    @field_validator("overlap", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        """YAML reads a bare `off` as false (`overlap: off`, `--set averaging.overlap=off`)."""
+        return "off" if value is False else value
+
     @property
     def sparse_spec(self) -> SparseSpec | None:
         """The SparseLoCo message spec when the wire is sparseloco, else None."""
@@ -157,6 +172,11 @@ class AveragingConfig(StrictModel):
         from averaging.sparseloco import SparseSpec  # here: it imports torch, configs do not
 
         return SparseSpec(chunk=self.sparseloco.chunk, k=self.sparseloco.k)
+
+    @property
+    def overlap_mode(self) -> str:
+        """`overlap` as it acts: "off" whenever averaging is (no group, no round to hide)."""
+        return self.overlap if self.enabled else "off"
 
     @property
     def wire_part_size_bytes(self) -> int:

@@ -20,6 +20,11 @@ Settings (`--settings`, comma-separated):
 - ``…-overlap``: the one-step-delayed outer update: the round of window w runs while
   window w+1 trains, so θ_{w+1} = outer(θ_w, average of window w − 1) and the first window
   changes nothing. Still one public function of what was committed.
+- ``…-eager``: the same delayed public update, but worker i trains window w from
+  outer(θ_w, its own committed row of window w − 1) — its own message standing in for the
+  average still in flight (eager updates, arXiv 2502.12996) — and its Δ is measured from
+  that start. The start is public (θ_w and i's revealed message), so validators can
+  recompute it; the published model is θ_w, as with ``-overlap``.
 - ``dp``: synchronous data parallel at equal tokens: one worker, batch 4 × 8 pages (the
   four workers' pages of each step), the same number of optimizer steps (windows × H), one
   AdamW and one cosine schedule over the whole run; what a datacenter would run.
@@ -60,6 +65,9 @@ SETTINGS = (
     "int8-overlap",
     "sparse",
     "sparse-overlap",
+    "fp32-eager",
+    "int8-eager",
+    "sparse-eager",
     "dp",
 )
 DILOCO = OuterConfig(lr=0.7, momentum=0.9, nesterov=True)
@@ -87,6 +95,7 @@ class Combiner:
     def __init__(self, wire: str) -> None:
         self.wire = wire
         self.feedback = [ErrorFeedback(BETA) for _ in range(WORKERS)]
+        self.rows: list[Delta] = []  # what each worker sent, decoded (public once revealed)
 
     def __call__(self, deltas: list[Delta]) -> Delta:
         shapes = {n: tuple(t.shape) for n, t in deltas[0].items()}
@@ -98,15 +107,19 @@ class Combiner:
                 rows.append(sent.message.decoded)
         else:
             rows = [wire_parts(d, self.wire, PART_SIZE)[1] for d in deltas]
+        self.rows = [self.dense(r, shapes) for r in rows]
         return reduce_parts(rows, [1.0] * len(rows), shapes, self.wire, PART_SIZE, ROBUST)
+
+    def dense(self, row: Any, shapes: dict[str, tuple[int, ...]]) -> Delta:
+        """One member's row as the Δ it stands for (one member's `reduce_parts`)."""
+        return reduce_parts([row], [1.0], shapes, self.wire, PART_SIZE, ROBUST)
 
 
 def run_setting(t: Trainer, setting: str, windows: int, log: Any) -> list[float]:
     """Held-out loss of θ_0 and after each window."""
     if setting == "dp":
         return run_dp(t, windows, log)
-    base = setting.removesuffix("-overlap")
-    overlap = setting.endswith("-overlap")
+    base, _, mode = setting.partition("-")
     wire = {"fp32": "none", "int8": "int8", "sparse": SPARSELOCO}[base]
     outer = SPARSE_OUTER if base == "sparse" else DILOCO
     combine = Combiner(wire)
@@ -114,8 +127,16 @@ def run_setting(t: Trainer, setting: str, windows: int, log: Any) -> list[float]
     pending: Delta | None = None
     losses = [t.heldout(theta)]
     for window in range(windows):
-        average = combine([t.delta(theta, i, window) for i in range(WORKERS)])
-        if overlap:
+        starts = [theta] * WORKERS
+        if mode == "eager" and combine.rows:
+            # Each worker's own row of the previous window stands in for the average
+            # still in flight; a copy of the momentum, so the public step is untouched.
+            starts = [
+                outer_step(theta, row, {k: v.clone() for k, v in momentum.items()}, outer)[0]
+                for row in combine.rows
+            ]
+        average = combine([t.delta(starts[i], i, window) for i in range(WORKERS)])
+        if mode:
             # The round of this window finishes while the next one trains: θ_{w+1} takes
             # the previous window's average.
             if pending is not None:
@@ -261,10 +282,10 @@ def main() -> None:
                 if proc.returncode != 0:
                     raise RuntimeError(f"{job} failed ({proc.returncode})")
                 running.remove((job, proc))
-    runs = [
-        json.loads((RUN_DIR / f"sparseloco_{j.replace('@', '_')}_{tag}.json").read_text())
-        for j in jobs
-    ]
+    files = [RUN_DIR / f"sparseloco_{j.replace('@', '_')}_{tag}.json" for j in jobs]
+    if args.report_only:  # whatever earlier calls ran: a setting may have fewer seeds
+        files = [f for f in files if f.is_file()]
+    runs = [json.loads(f.read_text()) for f in files]
     for path in args.extra:
         run = json.loads(path.read_text())
         run["setting"] = f"{run['setting']} ({run.get('sparse', '?')})"
@@ -278,6 +299,7 @@ def report(runs: list[dict[str, Any]], settings: list[str], args: argparse.Names
     by_setting: dict[str, list[list[float]]] = {}
     for run in runs:
         by_setting.setdefault(run["setting"], []).append(run["losses"])
+    settings = [s for s in settings if s in by_setting]
     wire = next((r["bytes"] for r in runs if "bytes" in r), None)
     base = statistics.mean(r[-1] for r in by_setting["fp32"]) if "fp32" in by_setting else None
     print(f"\n## Held-out loss after {args.windows} windows (mean over seeds {args.seeds})")
@@ -291,7 +313,7 @@ def report(runs: list[dict[str, Any]], settings: list[str], args: argparse.Names
         mean = statistics.mean(finals)
         spread = statistics.stdev(finals) if len(finals) > 1 else 0.0
         rel = f"{100 * (mean / base - 1):+.2f} %" if base else "—"
-        kind = s.split(" ")[0].removesuffix("-overlap")
+        kind = s.split(" ")[0].split("-")[0]
         sent = wire.get(kind) if wire and kind != "dp" else None
         sent_text = f"{sent['sent'] / 1e6:.3f} MB" if sent else "—"
         ratio = f"{sent['vs_fp32']:.0f}×" if sent else "—"
@@ -320,8 +342,9 @@ def plot(by_setting: dict[str, list[list[float]]], settings: list[str], path: Pa
     for s in settings:
         curves = torch.tensor(by_setting[s])
         mean = curves.mean(0)
-        ax.plot(range(len(mean)), mean, label=f"{s} ({curves.shape[0]} seeds)",
-                linestyle="--" if "overlap" in s else "-")  # fmt: skip
+        seeds = curves.shape[0]
+        ax.plot(range(len(mean)), mean, label=f"{s} ({seeds} seed{'s' * (seeds > 1)})",
+                linestyle="--" if "overlap" in s else ":" if "eager" in s else "-")  # fmt: skip
     ax.set_xlabel("window (outer steps)")
     ax.set_ylabel("held-out loss (nats)")
     ax.set_ylim(top=min(8.5, ax.get_ylim()[1]))

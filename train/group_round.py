@@ -27,6 +27,7 @@ out of step until it loads a peer's state or the store's checkpoint at the next 
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import time
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
@@ -104,10 +105,7 @@ def start_round(
     """Send `parts` (committed as manifest `body`) into the group of `shard` and receive
     the averages of the shards in `receive`, in the background: matchmaking starts now and
     the groups meet at the window's meeting block."""
-    meet = meeting_block(window, cfg.window)
-    start_at = block_time(ledger, meet, anchor=start_block(window, cfg.window))
-    tail = cfg.window.publish_margin * ledger.block_time_s
-    timeout = max(start_at - time.time() + tail, cfg.averaging.min_matchmaking_time_s + 0.5)
+    start_at, timeout = round_times(ledger, cfg, window)
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="averaging")
     future = pool.submit(
         seat.average_window,
@@ -125,6 +123,28 @@ def start_round(
     )
     pool.shutdown(wait=False)
     return future
+
+
+def matchmaking_lead(ledger: Chain, cfg: RunConfig) -> int:
+    """Blocks before the meeting block at which a peer must start matchmaking."""
+    return math.ceil((cfg.averaging.min_matchmaking_time_s + 1) / ledger.block_time_s)
+
+
+def round_times(ledger: Chain, cfg: RunConfig, window: int) -> tuple[float, float]:
+    """(when the groups of `window` meet, how long a peer gives their round from now).
+
+    Without overlap a round ends with its window, so that a failed round never makes a
+    miner late for the next one. With `averaging.overlap` it runs while the next window
+    trains, until a lead before the next window's groups start matchmaking: the same
+    peers' next round never meets this one's stragglers."""
+    first = start_block(window, cfg.window)
+    start_at = block_time(ledger, meeting_block(window, cfg.window), anchor=first)
+    if cfg.averaging.overlap_mode == "off":
+        end = start_block(window + 1, cfg.window)
+    else:
+        end = meeting_block(window + 1, cfg.window) - 2 * matchmaking_lead(ledger, cfg)
+    until = block_time(ledger, end, anchor=first)
+    return start_at, max(until - time.time(), cfg.averaging.min_matchmaking_time_s + 0.5)
 
 
 def in_step(outcomes: Outcomes, shards: Collection[int], hotkey: str) -> bool:
@@ -158,7 +178,20 @@ def outer_steps(
         else:
             continue
         theta = start if s == shard else shard_state(model, names)
-        buffers = {n: momentum[n] for n in names if n in momentum}
-        new_params, new_momentum = outer_step(theta, average, buffers, outer)
-        momentum.update(new_momentum)
-        apply_to_shard(model, names, new_params)
+        step_shard(model, names, momentum, theta, average, outer)
+
+
+def step_shard(
+    model: torch.nn.Module,
+    names: list[str],
+    momentum: dict[str, torch.Tensor],
+    theta: Mapping[str, torch.Tensor],
+    average: Mapping[str, torch.Tensor],
+    outer: OuterConfig,
+) -> None:
+    """The outer step from `theta` (on the shard's tensors `names`) with `average`, into
+    `model` and `momentum` (in place)."""
+    buffers = {n: momentum[n] for n in names if n in momentum}
+    new_params, new_momentum = outer_step(theta, average, buffers, outer)
+    momentum.update(new_momentum)
+    apply_to_shard(model, names, new_params)

@@ -20,7 +20,10 @@ Every window w (ledger blocks [w·B, (w+1)·B)) the miner
 4. at the deadline, all-reduces that Δ with the other miners of its shard over hivemind
    (a member of its shard's group, an auxiliary peer of the other shards' groups, all at
    once) and applies the outer step (Nesterov SGD, DiLoCo) to every shard's average,
-   giving θ_{w+1}, identical on every miner in step (`train.group_round`);
+   giving θ_{w+1}, identical on every miner in step (`train.group_round`); with
+   `averaging.overlap` the round runs on while w + 1 trains, θ_{w+1} steps window w − 1's
+   average, and an eager miner starts w from θ_w with its own Δ of w − 1 stepped in
+   (`train.overlap`);
 5. saves its state atomically (`train.miner_state`: a killed miner restarts into the
    current window), appends a line to ``<run dir>/miners/<name>/windows.jsonl``, and logs
    loss, learning rate, grad norm, tokens/s, step time, bytes published, window, shard
@@ -35,14 +38,12 @@ others as integer tensors and the model as a broadcast of its weights.
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import dataclasses
 import json
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -51,16 +52,15 @@ from accelerate.utils import broadcast
 
 from averaging.outer import load_outer_state
 from averaging.participant import Participant
-from averaging.round import AverageResult, AveragingFailed
 from chain.errors import ChainError
 from chain.interface import Chain, Identity, SigningKey
 from common.errors import TensormineError
 from common.tracking import Tracker
 from store.api import Store, open_store
 from store.manifest import Compression, Trajectory, commitment_body
-from tensormine.config import RunConfig, load_config
+from tensormine.config import RunConfig
 from train.adversary import training_rows
-from train.behaviours import BEHAVIOURS, code_spelling
+from train.behaviours import BEHAVIOURS
 from train.cheats import backdate
 from train.contribution import commit_contribution, committed_digests
 from train.data import Pages, load_pages
@@ -69,9 +69,10 @@ from train.inner import StepStats, inner_loop, mean_loss
 from train.miner_state import StateMismatch, load_state, save_state
 from train.misbehaviour import misbehave, poisoned
 from train.model import build_model, model_fingerprint
+from train.overlap import PendingRound, Rounds, eager_start, step_landed
 from train.pages import heldout_sample
 from train.responder import Responder
-from train.shards import make_trainable, shard_for_miner, shard_map, shard_state
+from train.shards import apply_to_shard, make_trainable, shard_for_miner, shard_map, shard_state
 from train.startup import (
     adopt_checkpoint,
     align_special_tokens,
@@ -79,13 +80,12 @@ from train.startup import (
     data_cache,
     ensure_window_zero,
     join_averaging,
-    load_identity,
     load_tokenizer_from,
     open_run_chain,
     register_hint,
-    resolve_mixed_precision,
 )
 from train.trajectory import TrajectoryKeeper, segment_bounds
+from train.window_report import WindowReport, round_report
 from train.window_start import (
     StateOffer,
     check_canonical,
@@ -102,30 +102,6 @@ EVAL_SAMPLE_KEY = b"tensormine/miner-eval"
 
 class MinerError(TensormineError, RuntimeError):
     """The miner cannot go on; the message says what to do."""
-
-
-@dataclass
-class WindowReport:
-    window: int
-    uid: int
-    shard: int
-    loss: float
-    heldout_before: float  # held-out loss of θ_w, the model the window started from
-    heldout_loss: float  # held-out loss of θ_{w+1}, after the outer step
-    tokens_per_second: float
-    published_bytes: int
-    late: bool
-    fingerprint: str = ""  # of θ_{w+1}: miners in step with their groups agree on it
-    committed_block: int = -1  # the ledger block that took our commitment (-1: none)
-    canonical: str = ""  # the published θ_w vs ours: match, differs, out-of-step, absent
-    synced: bool = False  # every group of the window averaged (θ_{w+1} is the group's)
-    members: list[str] = field(default_factory=list)  # hotkeys averaged in our shard's group
-    dropped: list[str] = field(default_factory=list)
-    averaging_bytes_sent: int = 0
-    averaging_bytes_received: int = 0
-    averaging_seconds: float = 0.0
-    averaging_attempts: int = 0  # groups the rounds went through (> 1 after a retry)
-    averaging_delivered: float = 0.0  # of a failed round: share of our Δ in some average
 
 
 class Miner:
@@ -187,6 +163,9 @@ class Miner:
         self.seat: Participant | None = None
         self.synced = False
         self._start_fingerprint = ""  # of θ_w, the model the current window started from
+        # Overlap (`train.overlap`): the round still running, and the last one that ended.
+        wait_s = cfg.averaging.allreduce_timeout_s + 30
+        self.rounds = Rounds(self.dir / "state", keypair.address, wait_s)
         self.offer: StateOffer | None = None  # our θ for late joiners, while in step
         if self.main and cfg.averaging.enabled:
             self.seat = join_averaging(cfg, self.ledger, self.dir, self.model, self.shards)
@@ -274,6 +253,8 @@ class Miner:
             except ValueError as exc:  # OuterStateError is one too
                 raise MinerError(f"{saved.wire_residual}: {exc}") from None
         self.window = saved.window
+        if self.cfg.averaging.overlap_mode != "off":
+            self.rounds.resume(saved.window, shapes)
         logger.info("resumed %s at window %d from %s", self.name, self.window, saved.folder)
         return True
 
@@ -310,6 +291,8 @@ class Miner:
         )  # fmt: skip
         if source >= 0:
             momentum = adopt_checkpoint(self.model, self.pulls / f"window-{source}")
+            # θ_window itself is the groups' model; an older checkpoint is not.
+            self.synced = self.seat is not None and source == window
             if momentum is not None:
                 logger.info(
                     "window %d: adopted the canonical checkpoint of window %d", window, source
@@ -324,6 +307,23 @@ class Miner:
                 self.window,
             )
         return False
+
+    def _look_ahead(self, window: int, names: list[str]) -> dict[str, torch.Tensor]:
+        """θ_w (main process: on our shard's tensors `names` and those the look-ahead
+        moves); with eager overlap, step our own Δ of window − 1 into the model first
+        (`train.overlap`), on every process. Returns the θ_w kept."""
+        moved = torch.zeros(1, dtype=torch.long)
+        keep: dict[str, torch.Tensor] = {}
+        if self.main:
+            ours = self.rounds.sent_before(window)
+            keep = shard_state(self.model, sorted({*names, *ours}))
+            if self.cfg.averaging.overlap_mode == "eager" and ours:
+                ahead = eager_start(keep, ours, self.momentum, self.cfg.outer)
+                apply_to_shard(self.model, list(ahead), ahead)
+                moved[0] = 1
+        if int(broadcast(moved)[0]):
+            self._sync_ranks()
+        return keep
 
     def _sync_ranks(self) -> None:
         """Copy the main process's weights to the other processes of this miner."""
@@ -359,10 +359,11 @@ class Miner:
         before = self._heldout
         if before is None:
             before = mean_loss(self.model, self.eval_pages, device=self.acc.device)
-        start = shard_state(self.model, names)  # θ_w on the shard
         # Announced to the groups: peers that start from different models learn it.
         self._start_fingerprint = model_fingerprint(self.model.state_dict())
         base = self._start_fingerprint[:16] if self.seat is not None else ""
+        theta_w = self._look_ahead(window, names)
+        start = shard_state(self.model, names)  # where the shard's training starts
         make_trainable(self.model, names)
         rows = training_rows(
             self.behaviour, self.keypair.address, window, cfg.run.seed,
@@ -410,7 +411,7 @@ class Miner:
             late=False,
         )
         if self.main:
-            self._publish_and_step(window, shard, active, start, report, base)
+            self._publish_and_step(window, shard, active, start, report, base, theta_w)
         self._sync_ranks()
         self.window = window + 1
         heldout = mean_loss(self.model, self.eval_pages, device=self.acc.device)
@@ -456,11 +457,18 @@ class Miner:
         start: dict[str, torch.Tensor],
         report: WindowReport,
         base: str,
+        theta_w: dict[str, torch.Tensor],
     ) -> None:
         """Main process: Δ → store, Δ → the groups, outer step on every averaged shard
-        (`train.group_round`)."""
+        (`train.group_round`; with overlap, on the previous window's: `train.overlap`).
+        `theta_w`: θ_w on the tensors that training or the look-ahead moved."""
         cfg = self.cfg
         names = self.shards[shard]
+        overlap = cfg.averaging.overlap_mode != "off" and self.seat is not None
+        landed = None
+        if overlap:  # nobody averaged window − 1 when nobody committed to it (window 0)
+            committed = window > 0 and bool(self.ledger.contribution_commitments(window - 1))
+            landed = self.rounds.land(window, committed)
         trained = shard_state(self.model, names)
         delta = {n: start[n] - trained[n] for n in names}  # pseudo-gradient Δ = θ_w − θ
         if self.behaviour != "honest":
@@ -506,29 +514,39 @@ class Miner:
             report.published_bytes = payload.nbytes
             if self.behaviour == "backdater":
                 backdate(self.store, ref, self.ledger, start_block(window, cfg.window))
-        outcomes: Outcomes = round_.result() if round_ is not None else {}
-        synced = self.seat is not None and in_step(outcomes, {shard, *active}, self.keypair.address)
-        if outcomes and not synced:
-            logger.warning(
-                "window %d: out of step with the groups (a group failed, or our θ_w differs "
-                "from most peers'); loading a peer's state next window",
-                window,
+        if landed is not None:
+            # θ_{w+1} = outer(θ_w, A_{w−1}); this window's round runs on into the next one.
+            # A late Δ was neither sent nor revealed: nobody steps it in, nor do we.
+            sent = {} if report.late else payload.sent
+            self.rounds.start(
+                PendingRound(window, shard, frozenset({shard, *active}), sent, round_)
             )
-        outer_steps(
-            self.model, self.shards, self.momentum, outcomes,
-            shard=shard, sent=payload.sent, start=start, outer=cfg.outer,
-        )  # fmt: skip
+            apply_to_shard(self.model, list(theta_w), theta_w)
+            step_landed(self.model, self.shards, self.momentum, landed, cfg.outer)
+            # In step: θ_w was the groups' (kept in step, a peer's, or the canonical one),
+            # or nobody averaged window − 1 (the run's first window: every miner holds
+            # the same latest checkpoint), and the round landed for every shard.
+            synced = landed.in_step and (self.synced or not landed.shards)
+            outcomes: Outcomes = landed.outcomes or {}
+            shard, report.averaged_window = landed.shard, landed.window
+        else:
+            outcomes = round_.result() if round_ is not None else {}
+            synced = self.seat is not None and in_step(
+                outcomes, {shard, *active}, self.keypair.address
+            )
+            outer_steps(
+                self.model, self.shards, self.momentum, outcomes,
+                shard=shard, sent=payload.sent, start=start, outer=cfg.outer,
+            )  # fmt: skip
+            report.averaged_window = window if outcomes else -1
+        if self.seat is not None and not synced and (outcomes or landed is not None):
+            logger.warning(
+                "window %d: out of step with the groups (a group failed, we missed its "
+                "round, or our θ_w differs from most peers'); loading a peer's state next "
+                "window", window,
+            )  # fmt: skip
         report.canonical = self._check_canonical(window)
-        own = outcomes.get(shard)
-        if isinstance(own, AverageResult):
-            report.members, report.dropped = own.members, own.dropped
-        for outcome in outcomes.values():  # a failed round's bytes were spent all the same
-            report.averaging_bytes_sent += outcome.bytes_sent
-            report.averaging_bytes_received += outcome.bytes_received
-            report.averaging_seconds = max(report.averaging_seconds, outcome.seconds)
-            report.averaging_attempts = max(report.averaging_attempts, outcome.attempts)
-        if isinstance(own, AveragingFailed):
-            report.averaging_delivered = own.delivered
+        round_report(report, outcomes, shard)
         report.synced = self.synced = synced
         report.fingerprint = model_fingerprint(self.model.state_dict())
         if self.offer is not None:
@@ -594,6 +612,11 @@ class Miner:
                 self.acc.wait_for_everyone()
             reports.append(self.train_window(target))
             next_window = target + 1
+        if self.main:
+            # With overlap the last window's round is still running. Its group met at the
+            # deadline, so it is done within the all-gather's wait unless it never formed.
+            avg = self.cfg.averaging
+            self.rounds.finish(2 * avg.sender_timeout_s + avg.min_matchmaking_time_s)
         self.acc.wait_for_everyone()  # no process leaves while another is mid-collective
         if self.responder is not None and reports and self.cfg.validation.pow_checks > 0:
             # Validators challenge the last window after its reveal deadline: stay to answer.
@@ -614,56 +637,11 @@ class Miner:
             torch.distributed.destroy_process_group()
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="train.miner", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", "-c", help="run config YAML")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--hotkey", required=True, help="name of the miner's key")
-    parser.add_argument("--keys-dir", help="key directory (default $TENSORMINE_HOME/keys)")
-    parser.add_argument("--windows", type=int, help="stop after this many windows")
-    parser.add_argument(
-        "--behaviour",
-        default="honest",
-        type=code_spelling,
-        choices=BEHAVIOURS,
-        help="an adversarial miner for demos and tests (the validators must pay it nothing)",
-    )
-    return parser
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_arg_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    miner: Miner | None = None
-    try:
-        cfg = load_config(args.config, args.overrides)
-        identity = load_identity(cfg, args.hotkey, args.keys_dir)
-        # Without a GPU, processes started by `accelerate launch --multi_gpu` form a gloo group.
-        accelerator = Accelerator(
-            cpu=not torch.cuda.is_available(),
-            mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision),
-        )
-        miner = Miner(cfg, identity, args.hotkey, accelerator, behaviour=args.behaviour)
-        miner.run(args.windows)
-    except (TensormineError, TimeoutError) as exc:
-        logger.error("%s", exc if str(exc) else repr(exc), exc_info=not str(exc))
-        return 2
-    except torch.OutOfMemoryError as exc:
-        logger.error(
-            "out of memory (%s): lower train.batch_size (raise train.grad_accum to keep the "
-            "batch), data.seq_len, or use a smaller model preset",
-            exc,
-        )
-        return 3
-    except KeyboardInterrupt:
-        logger.info("interrupted; the last finished window's state is saved")
-        return 130
-    finally:
-        if miner is not None:
-            miner.close()
-    return 0
+    """`python -m train.miner` / `accelerate launch -m train.miner` (`train.miner_main`)."""
+    from train.miner_main import main as run
+
+    return run(argv)
 
 
 if __name__ == "__main__":

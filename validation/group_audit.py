@@ -27,7 +27,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +41,8 @@ from averaging.weights import LedgerWeights
 from chain.interface import Chain
 from tensormine.config import RunConfig
 from train.contribution import committed_digests
-from train.windows import block_time, deadline, meeting_block, start_block, wait_for_block
+from train.group_round import matchmaking_lead, round_times
+from train.windows import deadline, meeting_block, start_block, wait_for_block
 from validation.admission import Admitted, Roster
 from validation.report import MinerRow
 from validation.scoring import OWN_FAIL, compare_group_average
@@ -66,15 +66,12 @@ def join_groups(
     start, a little before the groups meet at the deadline."""
     if seat is None:
         return None
-    lead = math.ceil((cfg.averaging.min_matchmaking_time_s + 1) / ledger.block_time_s)
     meeting = meeting_block(window, cfg.window)
     first = start_block(window, cfg.window)
-    head = wait_for_block(ledger, max(first, meeting - lead))
+    head = wait_for_block(ledger, max(first, meeting - matchmaking_lead(ledger, cfg)))
     if head >= meeting:
         return None  # too late to meet this window's groups
-    start_at = block_time(ledger, meeting, anchor=first)
-    tail = cfg.window.publish_margin * ledger.block_time_s
-    timeout = max(start_at - time.time() + tail, cfg.averaging.min_matchmaking_time_s + 0.5)
+    start_at, timeout = round_times(ledger, cfg, window)
 
     def meet() -> GroupRound:
         # The weights every member's reducer uses: the ledger's as the last epoch at or

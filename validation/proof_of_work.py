@@ -51,7 +51,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -174,7 +174,10 @@ def end_binding(
             return None
         _, expected = wire_parts(dict(delta), wire[0], wire[1], sparse=wire[2])
     else:
-        if cfg.compression.scheme == "topk" and cfg.compression.error_feedback:
+        feeds_back = cfg.compression.scheme == "sparseloco" or (
+            cfg.compression.scheme == "topk" and cfg.compression.error_feedback
+        )
+        if feeds_back:
             return None
         enc = encode(dict(delta), cfg.compression, None)
         expected = decode(enc.tensors, enc.params, shapes)
@@ -262,9 +265,12 @@ class SpotChecker:
         theta: Mapping[str, torch.Tensor],
         *,
         until: float,
+        start_of: Callable[[Admitted], Mapping[str, torch.Tensor]] | None = None,
     ) -> dict[int, PowVerdict]:
         """Wait (until `time.monotonic()` reaches `until`) for each challenged miner's
-        answer and check it; an answer still missing then is ``unanswered``."""
+        answer and check it; an answer still missing then is ``unanswered``. `theta` is
+        θ_w, where every trajectory starts, unless `start_of` gives a miner's own start
+        (eager overlap: `train.overlap.start_for`)."""
         verdicts = {i.admitted.uid: i.verdict for i in issued if i.verdict is not None}
         pending = [i for i in issued if i.verdict is None]
         while pending:
@@ -274,7 +280,8 @@ class SpotChecker:
                 if got is None:
                     waiting.append(item)
                 else:
-                    verdicts[item.admitted.uid] = self._check(window, item, got, theta)
+                    start = theta if start_of is None else start_of(item.admitted)
+                    verdicts[item.admitted.uid] = self._check(window, item, got, start)
             pending = waiting
             if pending and time.monotonic() >= until:
                 for item in pending:

@@ -85,6 +85,9 @@ class WindowReport:
     committed: int = 0  # commitments the ledger holds for the window
     fingerprint: str = ""  # of θ_{w+1} as this validator computed it
     sources: dict[str, str] = field(default_factory=dict)  # "shard<s>" -> "group" | "store"
+    # The window whose average θ_{w+1} stepped (w − 1 with `averaging.overlap`; -1: none);
+    # the group fields and `averaged` in the rows are of its groups.
+    averaged_window: int = -1
     # "shard<s>" -> {"error": relative error, "ok": bool, "members": [UIDs],
     #               "bytes_sent": int, "bytes_received": int} per group
     group_checks: dict[str, dict[str, Any]] = field(default_factory=dict)

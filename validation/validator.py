@@ -27,11 +27,12 @@ before the deadline it joins w's hivemind groups as an auxiliary peer
 5. takes the outer step on each shard's group average (or what the group would have
    sent, rebuilt from the admitted Δ) and publishes θ_{w+1} with provenance; if another
    validator published w+1 first, it adopts that one (`validation.publish`,
-   `validation.next_model`); then it checks the miners' answers to its challenges by
-   recomputing the segments (a failure scores 0, a strike and a reset of the moving
-   average), updates the moving averages, strikes and flags per UID, and every
-   `validation.weights_every` windows sets the normalized moving averages as weights
-   (`validation.bookkeeping`);
+   `validation.next_model`; with `averaging.overlap` the average is window w − 1's,
+   whose groups ran while w trained: `train.overlap`); then it checks the miners'
+   answers to its challenges by recomputing the segments (a failure scores 0, a strike
+   and a reset of the moving average), updates the moving averages, strikes and flags
+   per UID, and every `validation.weights_every` windows sets the normalized moving
+   averages as weights (`validation.bookkeeping`);
 6. saves its state atomically (`validation.state`), checks the group averages against
    the admitted Δ (`validation.group_audit`), appends the window's record to
    ``<run.dir>/validators/<name>/windows.jsonl``, logs it to W&B at step w and prints a
@@ -48,6 +49,7 @@ import math
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,7 @@ from rich.console import Console
 from averaging.participant import Participant
 from averaging.weights import LedgerWeights
 from chain.interface import Chain, Identity, SigningKey
+from chain.types import ContributionCommitment
 from common.errors import TensormineError
 from common.tracking import Tracker
 from store.api import Store, open_store
@@ -65,6 +68,7 @@ from tensormine.config import RunConfig, load_config
 from train.corpus import DataError
 from train.data import Pages, load_pages
 from train.model import build_model
+from train.overlap import start_for
 from train.shards import shard_map
 from train.startup import (
     StartupError,
@@ -79,7 +83,7 @@ from train.startup import (
     register_hint,
 )
 from train.windows import deadline, reveal_deadline, start_block, wait_for_block, window_of
-from validation.admission import Admitted, Roster, admit_window
+from validation.admission import Admitted, Refused, Roster, admit_window
 from validation.bookkeeping import WeightSetter, update_scores
 from validation.evaluate import EvalContext, evaluate
 from validation.group_audit import (
@@ -181,6 +185,8 @@ class Validator:
         # The last scored window's admitted Δ by UID, for checking hivemind group averages.
         self.last_admitted: dict[int, Admitted] = {}
         self._last_window = -1  # the window `last_admitted` belongs to (replays look back one)
+        # With `averaging.overlap`, θ_{w+1} steps window w − 1's average: its inputs wait here.
+        self._waiting: StepInputs | None = None
         # What each member of a group weighs in its average: the same ledger field and
         # floor every group member reads (`averaging.weights`).
         self.group_weights = LedgerWeights(
@@ -287,12 +293,49 @@ class Validator:
         own = self.store.contributions_location
         return list_contributions(self.store, window, self.contribution_sources(roster), own=own)
 
-    def group_audit(self) -> GroupAudit:
-        """What checking group averages reads now: the last scored window's admitted Δ."""
+    def admit(
+        self, window: int, roster: Roster
+    ) -> tuple[
+        dict[str, ContributionCommitment], list[ContributionRef], list[Admitted], list[Refused]
+    ]:
+        """`window`'s commitments, the contributions listed and what admission made of them
+        (`validation.admission.admit_window`)."""
+        cfg = self.cfg
+        # Read as of the reveal deadline: on Bittensor a hotkey's next commitment replaces
+        # this one, and a late one (after the deadline) must still be seen to be refused.
+        commitments = self.ledger.contribution_commitments(
+            window, block=reveal_deadline(window, cfg.window)
+        )
+        refs = self.list_contributions(window, roster)
+        admitted, refused = admit_window(
+            self.store, refs, roster=roster, window=window, shapes=self.shapes,
+            commitments=commitments, deadline_block=deadline(window, cfg.window), cfg=cfg,
+        )  # fmt: skip
+        return commitments, refs, admitted, refused
+
+    def rebuild_step(self, window: int) -> StepInputs:
+        """The inputs of the step that lands window `window`'s average, read back from the
+        store when this validator did not score that window (it started, or restarted,
+        after it): what its groups would have sent, rebuilt from its admitted Δ."""
+        roster = Roster.from_neurons(
+            self.ledger.neurons(), shards=self.cfg.model.shards, window=window
+        )
+        _, _, admitted, _ = self.admit(window, roster)
+        logger.info(
+            "window %d: rebuilding its average from the store (%d admitted) to land it",
+            window, len(admitted),
+        )  # fmt: skip
+        pinned = self.group_weights.table(start_block(window, self.cfg.window))
+        return StepInputs(window, admitted, [], pinned, None)
+
+    def group_audit(self, admitted: Mapping[int, Admitted] | None = None) -> GroupAudit:
+        """What checking group averages reads: `admitted` (UID -> Δ; default the last
+        scored window's)."""
         return GroupAudit(
             shapes=self.shapes, averaging=self.cfg.averaging,
             tolerance=self.vcfg.group_tolerance, weight_of=self.group_weights,
-            admitted=self.last_admitted, hotkeys=self.state.hotkeys,
+            admitted=self.last_admitted if admitted is None else dict(admitted),
+            hotkeys=self.state.hotkeys,
         )  # fmt: skip
 
     def check_group_average(
@@ -333,23 +376,20 @@ class Validator:
             if self.checker.enabled
             else {}
         )
-        # Read as of the reveal deadline: on Bittensor a hotkey's next commitment replaces
-        # this one, and a late one (after the deadline) must still be seen to be refused.
-        commitments = self.ledger.contribution_commitments(
-            window, block=reveal_deadline(window, cfg.window)
-        )
-        refs = self.list_contributions(window, roster)
-        admitted, refused = admit_window(
-            self.store, refs, roster=roster, window=window, shapes=self.shapes,
-            commitments=commitments, deadline_block=deadline(window, cfg.window), cfg=cfg,
-        )  # fmt: skip
+        momentum_w = {k: v.detach().to("cpu") for k, v in self.momentum.items()}
+        commitments, refs, admitted, refused = self.admit(window, roster)
         issued = []
-        if self.checker.enabled:
+        earlier = list(self.last_admitted.values()) if self._last_window == window - 1 else []
+        # Eager miners start from θ_w with their own Δ of w − 1 stepped in: checking their
+        # trajectories needs what we admitted of w − 1 (a restarted validator lacks it).
+        eager = cfg.averaging.overlap_mode == "eager"
+        if self.checker.enabled and (not eager or window == 0 or earlier):
             due = self.ledger.block(deadline(window, cfg.window))
             assert due is not None  # the reveal deadline, later, exists
             issued = self.checker.issue(window, admitted, block=due.number, block_hash=due.hash)
+        elif self.checker.enabled:
+            logger.info("window %d: nothing admitted of %d to check against", window, window - 1)
         answers_due = time.monotonic() + self.vcfg.pow_answer_s
-        earlier = list(self.last_admitted.values()) if self._last_window == window - 1 else []
         self.last_admitted = {a.uid: a for a in admitted}
         self._last_window = window
         eval_started = time.perf_counter()
@@ -371,8 +411,19 @@ class Validator:
         for row in rows:
             row.committed_block = committed_at.get(row.hotkey)
             row.revealed = row.hotkey in revealed
-        got = group_round(cfg, window, groups)
+        now = StepInputs(window, admitted, rows, pinned, groups)
+        step: StepInputs | None = now
+        if cfg.averaging.overlap_mode != "off":
+            # θ_{w+1} = outer(θ_w, A_{w−1}): this window's groups land in the next one.
+            waiting, self._waiting = self._waiting, now
+            if waiting is not None and waiting.window == window - 1:
+                step = waiting
+            else:
+                step = self.rebuild_step(window - 1) if window > 0 else None
+        got = group_round(cfg, step.window, step.groups) if step is not None else None
         if got is not None:
+            # With overlap: what window w − 1's groups say of each miner (a mismatch there
+            # scores 0 here, one window later).
             mark_averaged(rows, got[0])
         report = WindowReport(
             window=window, validator=self.name, block=self.ledger.block_number(),
@@ -384,14 +435,22 @@ class Validator:
             cfg, self.model, self.shards, self.shapes, self.store, self.ledger, self.tokenizer,
             self.seat, self.pulls, self.device,
         )  # fmt: skip
+        report.averaged_window = step.window if step is not None else -1
         self.momentum = next_model(
-            publish, window, admitted, rows, got, report, momentum=self.momentum,
-            pinned=pinned, heldout=held,
+            publish, window, step.admitted if step else [], step.rows if step else [], got,
+            report, momentum=self.momentum, pinned=step.pinned if step else pinned, heldout=held,
         )  # fmt: skip
         # θ_{w+1} is out (proof of work never changes it); now the spot checks gate the
         # scores (the provenance lists the loss-delta scores before them).
         if issued:
-            verdicts = self.checker.settle(window, issued, theta_w, until=answers_due)
+            before = {a.hotkey: a.delta for a in earlier} if eager else {}
+
+            def start_of(a: Admitted) -> Mapping[str, torch.Tensor]:
+                return start_for(theta_w, before.get(a.hotkey), momentum_w, cfg.outer)
+
+            verdicts = self.checker.settle(
+                window, issued, theta_w, until=answers_due, start_of=start_of
+            )
             apply_verdicts(rows, verdicts)
         update_scores(
             self.state, roster, rows, alpha=self.vcfg.ema_alpha,
@@ -400,8 +459,9 @@ class Validator:
         report.weights_set = self.weight_setter.maybe_set(self.state, window)
         self.state.window = window + 1
         save_state(self.dir / "state", self.state, self.model.state_dict(), self.momentum)
-        if got is not None:
-            report.group_checks = check_groups(self.group_audit(), window, roster, got)
+        if got is not None and step is not None:
+            audit = self.group_audit({a.uid: a for a in step.admitted})
+            report.group_checks = check_groups(audit, step.window, roster, got)
         report.seconds = time.perf_counter() - started
         append_report(self.reports_path, report)
         self._log(report, source)
@@ -463,6 +523,19 @@ class Validator:
             self.seat.close()
         self.tracker.finish()
         self.ledger.close()
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """What the outer step of a θ is built from: window `window`'s admitted Δ, its score
+    rows (the provenance's scores), the ledger weights pinned at its start, and this
+    validator's seat in its groups (`join_groups`; None: none)."""
+
+    window: int
+    admitted: list[Admitted]
+    rows: list[MinerRow]
+    pinned: Mapping[str, float]
+    groups: concurrent.futures.Future[GroupRound] | None
 
 
 def apply_verdicts(rows: Sequence[MinerRow], verdicts: Mapping[int, PowVerdict]) -> None:

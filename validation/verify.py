@@ -17,6 +17,9 @@ checkpoint of W+1:
 - each shard's recomputed average goes through the outer step from θ_W with the
   published momentum; the result is compared tensor by tensor with the checkpoint.
 
+With `averaging.overlap` θ_{W+1} steps window W − 1's average (`train.overlap`): its
+contributors are window W − 1's, checked against W − 1's deadline and pinned weights.
+
 "identical" means the same fingerprint. A contribution is the wire parts its miner sent
 into its group (`averaging.parts`), and `reduce_parts` combines them per part as every
 reducer does, so an honest group's average, and the checkpoint built on it, come out the
@@ -149,13 +152,15 @@ def verify_window(cfg: RunConfig, window: int, *, workdir: Path | None = None) -
         shapes = {s: {n: tuple(params[n].shape) for n in names} for s, names in enumerate(shards)}
         theta = {n: t.detach().clone() for n, t in model.state_dict().items()}
         published = load_checkpoint_weights(folders[window + 1].path)
-        roster = Roster.from_neurons(ledger.neurons(), shards=cfg.model.shards, window=window)
+        # With overlap θ_{W+1} steps the average of window W − 1 (`train.overlap`).
+        landed = window - 1 if cfg.averaging.overlap_mode != "off" else window
+        roster = Roster.from_neurons(ledger.neurons(), shards=cfg.model.shards, window=landed)
         pinned = LedgerWeights(ledger, cfg.averaging.weights, cfg.averaging.weight_floor)
-        weights = pinned.table(start_block(window, cfg.window))
+        weights = pinned.table(start_block(max(landed, 0), cfg.window))
         problems: list[str] = []
         by_shard: dict[int, list[tuple[Admitted, float]]] = {}
         for c in prov.contributors:
-            got = _contribution(store, ledger, cfg, window, c.hotkey, roster, shapes)
+            got = _contribution(store, ledger, cfg, landed, c.hotkey, roster, shapes)
             if isinstance(got, Refused):
                 problems.append(
                     f"UID {c.uid} ({c.hotkey[:8]}…) is in it but {got.reason}: {got.detail}"

@@ -164,7 +164,7 @@ def test_byte_ratios_on_the_tiny_model() -> None:
     delta = {n: torch.randn(s, generator=g) * 1e-3 for n, s in shapes.items()}
     fp32 = sum(t.numel() * 4 for t in delta.values())
     ratios = {}
-    for scheme in ("none", "fp16", "int8", "topk"):
+    for scheme in ("none", "fp16", "int8", "topk", "sparseloco"):
         enc = encode(delta, CompressionConfig.model_validate({"scheme": scheme}))
         assert enc.nbytes == sum(t.numel() * t.element_size() for t in enc.tensors.values())
         ratios[scheme] = enc.nbytes / fp32
@@ -172,10 +172,12 @@ def test_byte_ratios_on_the_tiny_model() -> None:
     assert ratios["none"] == 1.0 and ratios["fp16"] == 0.5
     assert ratios["int8"] == pytest.approx(0.25 + 1 / 256, rel=1e-3)  # q + one fp32 per block
     assert ratios["topk"] == pytest.approx(0.02, rel=0.02)  # 2 % of values, 2 + 2 bytes each
+    # 64 of every 4,096: 12-bit positions, 2-bit values, two fp16 levels = 928 bits a chunk.
+    assert ratios["sparseloco"] == pytest.approx(928 / 4096 / 32, rel=0.01)
 
 
 def test_payload_survives_safetensors_and_json(tmp_path: Path) -> None:
-    for scheme in ("none", "fp16", "int8", "topk"):
+    for scheme in ("none", "fp16", "int8", "topk", "sparseloco"):
         enc = encode(make_delta(), CompressionConfig.model_validate({"scheme": scheme}))
         path = tmp_path / f"{scheme}.safetensors"
         save_file(enc.tensors, str(path))
@@ -333,3 +335,55 @@ def test_malformed_dense_payloads_raise(scheme: str) -> None:
         decode(enc.tensors, enc.params, {**SHAPES, N: (40, 48)})
     with pytest.raises(CompressionError, match="must be a mapping"):
         decode(enc.tensors, ["none"], SHAPES)  # type: ignore[arg-type]
+
+
+def test_sparseloco_publication_feeds_its_buffer_back() -> None:
+    """`compression.scheme: sparseloco` (averaging off): one message for the whole Δ; what
+    was sent plus the new buffer is Δ plus the decayed old buffer, bit for bit up to fp32
+    rounding, and the buffer carries over to the next window."""
+    cfg = CompressionConfig.model_validate({"scheme": "sparseloco", "sparseloco": {"k": 64}})
+    beta = cfg.sparseloco.error_decay
+    first, second = make_delta(1), make_delta(2)
+    enc = encode(first, cfg)
+    assert enc.params == {"scheme": "sparseloco", "chunk": 4096, "k": 64}
+    assert sorted(enc.tensors) == ["sparseloco::idx", "sparseloco::lvl", "sparseloco::val"]
+    sent = decode(enc.tensors, enc.params, SHAPES)
+    assert enc.residual is not None
+    for n in SHAPES:
+        torch.testing.assert_close(sent[n] + enc.residual[n], first[n], rtol=0, atol=1e-6)
+    again = encode(second, cfg, enc.residual)
+    sent2 = decode(again.tensors, again.params, SHAPES)
+    assert again.residual is not None
+    for n in SHAPES:
+        want = second[n] + beta * enc.residual[n]
+        torch.testing.assert_close(sent2[n] + again.residual[n], want, rtol=0, atol=1e-6)
+    # 64 of every 4,096 values; a tensor shorter than a chunk keeps ⌈64·L/4096⌉ of its L.
+    kept = sum(int(t.ne(0).sum()) for t in sent.values())
+    assert kept == sum(math.ceil(64 * math.prod(s) / 4096) for s in SHAPES.values())
+
+
+@pytest.mark.parametrize(
+    ("fault", "match"),
+    [
+        ("keys", "exactly the keys"),
+        ("k", "k must be an integer"),
+        ("truncated", "shape"),
+        ("dtype", "dtype"),
+        ("lvl", "levels"),
+    ],
+)
+def test_malformed_sparseloco_payloads_raise(fault: str, match: str) -> None:
+    enc = encode(make_delta(), CompressionConfig(scheme="sparseloco"))
+    tensors, params = dict(enc.tensors), dict(enc.params)
+    if fault == "keys":
+        params["density"] = 0.1
+    elif fault == "k":
+        params["k"] = params["chunk"] + 1
+    elif fault == "truncated":
+        tensors["sparseloco::idx"] = tensors["sparseloco::idx"][:-1]
+    elif fault == "dtype":
+        tensors["sparseloco::val"] = tensors["sparseloco::val"].to(torch.int8)
+    else:
+        tensors["sparseloco::lvl"] = tensors["sparseloco::lvl"].flip(1) + 1
+    with pytest.raises(CompressionError, match=match):
+        decode(tensors, params, SHAPES)

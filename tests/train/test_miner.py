@@ -6,6 +6,7 @@ import json
 import logging
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,21 @@ from tensormine.config import RunConfig, load_config
 from train.miner import Miner, main
 from train.model import build_model, model_fingerprint
 from train.windows import start_block, wait_for_block
+
+
+@contextmanager
+def producing(cfg: RunConfig) -> Iterator[None]:
+    """Blocks made by a producer thread on the run's ledger meanwhile."""
+    stop = threading.Event()
+    producer = threading.Thread(
+        target=lambda: run_producer(Ledger(cfg.chain.db), stop=stop), daemon=True
+    )
+    producer.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        producer.join(timeout=10)
 
 
 def small_config(run: Path, **extra: str) -> list[str]:
@@ -85,13 +101,8 @@ def test_bad_setups_fail_with_a_clear_message(
 def test_restart_resumes_from_the_saved_state(setup: tuple[RunConfig, list[str], Path]) -> None:
     _, sets, keys = setup
     # Top-k on the wire: the error feedback owed to the group is part of the state.
-    cfg = load_config("configs/tiny.yaml", [*sets, "averaging.wire=topk"])
-    stop = threading.Event()
-    producer = threading.Thread(
-        target=lambda: run_producer(Ledger(cfg.chain.db), stop=stop), daemon=True
-    )
-    producer.start()
-    try:
+    cfg = load_config("configs/tiny.yaml", [*sets, "averaging.wire=topk", "averaging.overlap=off"])
+    with producing(cfg):
         first = Miner(cfg, load_key(keys, "m0"), "m0", Accelerator(cpu=True))
         reports = first.run(max_windows=1)
         saved = model_fingerprint(first.model.state_dict())
@@ -119,9 +130,6 @@ def test_restart_resumes_from_the_saved_state(setup: tuple[RunConfig, list[str],
         again = second.seat.wire_residuals()
         assert set(again) == set(owed) and all(torch.equal(owed[n], again[n]) for n in owed)
         second.close()
-    finally:
-        stop.set()
-        producer.join(timeout=10)
     lines = (cfg.run.dir / "miners" / "m0" / "windows.jsonl").read_text().splitlines()
     assert [json.loads(line)["window"] for line in lines] == [reports[0].window]
     # A half-written state folder from a kill mid-save is ignored: CURRENT still points home.
@@ -204,3 +212,48 @@ def test_out_of_step_miner_waits_for_the_canonical_checkpoint(
         miner.close()
         stop.set()
         producer.join(timeout=10)
+
+
+def test_restart_keeps_the_round_in_flight(setup: tuple[RunConfig, list[str], Path]) -> None:
+    """With overlap a window's round runs on after the window: a miner that stops (or is
+    killed) before it lands finds it on disk when it restarts — the round's averages once
+    it ended, and its own Δ for the eager start — next to its error feedback."""
+    _, sets, keys = setup
+    cfg = load_config(
+        "configs/tiny.yaml",
+        # Windows long enough to commit in time beside a busy test run (a late Δ is not sent).
+        [
+            *sets,
+            "averaging.wire=sparseloco",
+            "averaging.overlap=eager",
+            "window.blocks=200",
+            "averaging.sender_timeout_s=2",
+            "averaging.allreduce_timeout_s=10",
+            "averaging.min_matchmaking_time_s=3",
+            "averaging.request_timeout_s=1",
+        ],
+    )
+    with producing(cfg):
+        first = Miner(cfg, load_key(keys, "m0"), "m0", Accelerator(cpu=True))
+        (report,) = first.run(max_windows=1)
+        pending = first.rounds.pending
+        assert pending is not None and pending.window == report.window and pending.sent
+        assert first.seat is not None
+        residual = first.seat.wire_residuals()
+        first.close()
+        assert (first.state_dir / f"landed-{report.window}.safetensors").is_file()
+        second = Miner(cfg, load_key(keys, "m0"), "m0", Accelerator(cpu=True))
+        assert second.load_state() and second.window == report.window + 1
+        kept = second.rounds.kept
+        assert kept is not None and kept.window == report.window
+        assert set(kept.sent) == set(pending.sent)
+        assert all(torch.equal(kept.sent[n], pending.sent[n]) for n in pending.sent)
+        # Alone on the subnet its round found no group: nothing averaged, so out of step.
+        assert kept.averages == {} and not kept.in_step
+        sent = second.rounds.sent_before(report.window + 1)
+        assert all(torch.equal(sent[n], pending.sent[n]) for n in pending.sent)
+        assert second.seat is not None
+        again = second.seat.wire_residuals()
+        assert set(again) == set(residual)
+        assert all(torch.equal(again[n], residual[n]) for n in residual)
+        second.close()

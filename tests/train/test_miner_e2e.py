@@ -53,6 +53,8 @@ def overrides(run: Path) -> list[str]:
         "train.eval_pages=8",
         "averaging.min_matchmaking_time_s=3",
         "averaging.request_timeout_s=1",
+        # The synchronous round (the averaging e2e test runs the tiny preset's overlap).
+        "averaging.overlap=off",
         "wandb.mode=offline",
         # 4 kept states of the whole model per window (2-step segments), not 8: the disk
         # writes inside the inner loop slowed both miners enough to miss a round once.

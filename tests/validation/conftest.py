@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 
 from averaging.compression import encode
+from averaging.parts import payload_params, payload_tensors, wire_parts
 from chain.config import RAO_PER_TAO
 from chain.keys import Keypair, create_key
 from chain.ledger import Ledger
@@ -104,6 +105,9 @@ class Subnet:
     tiny: float = 0.0  # a free rider's Δ: tiny × what it trained (0: a zero Δ, no training)
     keepers: dict[str, TrajectoryKeeper] = field(default_factory=dict)
     responders: dict[str, Responder] = field(default_factory=dict)
+    # name -> the whole model a miner of `tests.validation.work` starts from instead of θ_w
+    # (an eager-overlap miner's own start, `train.overlap.start_for`)
+    starts: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def chain(self) -> LocalChain:
@@ -234,7 +238,7 @@ class Subnet:
         behaviour, uid = name.split("-")[0], self.uid(name)
         shard = roster.shard_of(uid)  # type: ignore[attr-defined]
         names_s = shard_map(model, cfg.model.shards)[shard]
-        model.load_state_dict(theta)
+        model.load_state_dict(self.starts.get(name, theta))
         count = cfg.train.pages_per_window
         train = pages.train  # type: ignore[attr-defined]
         rows = training_rows("honest", kp.address, window, cfg.run.seed, train, train, count)
@@ -268,6 +272,17 @@ class Subnet:
         delta: dict[str, torch.Tensor],
         trajectory: Trajectory | None = None,
     ) -> None:
+        avg = self.cfg.averaging
+        if avg.enabled:  # the wire's parts, as a miner of a group publishes them
+            assert avg.wire != "sparseloco", "these miners publish the dense wires only"
+            size = avg.wire_part_size_bytes
+            blobs, _ = wire_parts(delta, avg.wire, size)
+            params = payload_params(blobs, list(delta), avg.wire, size)
+            self.publish_to(
+                self.store, kp, uid, window, shard, payload_tensors(blobs),
+                Compression(scheme="wire", params=params), trajectory,
+            )  # fmt: skip
+            return
         encoded = encode(delta, self.cfg.compression, None)
         compression = Compression(scheme=self.cfg.compression.scheme, params=encoded.params)
         self.publish_to(

@@ -3,13 +3,17 @@ each cheat of `tests.validation.work` fails its checks and earns nothing."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
+import torch
 
 from store.proofs import Answer, Challenge, SegmentAnswer, sign_message
 from tests.validation.conftest import Subnet
 from tests.validation.work import POW_BEHAVIOURS
+from train.overlap import start_for
+from train.windows import deadline
 from validation.admission import Admitted
 from validation.proof_of_work import Issued
 
@@ -75,4 +79,34 @@ def test_answers_for_another_window_or_other_segments_are_refused(
         )
         verdict = validator.checker._check(2, Issued(admitted, challenge), answer, {})
         assert not verdict.ok and verdict.reason == reason, verdict
+    validator.close()
+
+
+def test_an_eager_miner_is_checked_from_its_own_start(subnet_factory: Factory) -> None:
+    """With `averaging.overlap: eager` a miner trains window w from θ_w with its own Δ of
+    w − 1 stepped in (`train.overlap.start_for`): checked from that start its trajectory
+    passes; checked from θ_w, as if it had started there, it does not."""
+    net = subnet_factory(["honest"], key_seed="eager", **WORK)
+    validator = net.validator()
+    window = 1
+    theta = net.theta(window)
+    names = validator.shards[0]
+    g = torch.Generator().manual_seed(5)
+    earlier = {n: 2e-2 * torch.randn(theta[n].shape, generator=g) for n in names}
+    start = dict(start_for(theta, earlier, {}, net.cfg.outer))
+    assert any(not torch.equal(start[n], theta[n]) for n in names)
+    net.starts["honest"] = start
+    net.mine(window)
+    net.to_deadline(window)
+    _, _, admitted, refused = validator.admit(window, validator.roster(window))
+    assert len(admitted) == 1 and not refused, refused
+    due = net.ledger.block(deadline(window, net.cfg.window))
+    assert due is not None
+    issued = validator.checker.issue(window, admitted, block=due.number, block_hash=due.hash)
+    until = time.monotonic() + 20
+    uid = admitted[0].uid
+    ours = validator.checker.settle(window, issued, theta, until=until, start_of=lambda a: start)
+    assert ours[uid].ok, ours[uid]
+    naive = validator.checker.settle(window, issued, theta, until=until)
+    assert not naive[uid].ok and naive[uid].reason in ("recompute", "end_mismatch"), naive[uid]
     validator.close()

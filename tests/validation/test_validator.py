@@ -492,3 +492,21 @@ def test_wire_part_contributions_are_checked_part_by_part(subnet_factory: Factor
     assert "is not the part its digest names" in forged_out.detail
     codec_out = outcomes[net.miners["codec"].address]
     assert isinstance(codec_out, Refused) and "the run uses 'int8'" in codec_out.detail
+
+
+def test_sparseloco_publications_are_admitted_and_stepped(subnet_factory: Factory) -> None:
+    """With averaging off, `compression.scheme: sparseloco` publishes one SparseLoCo message
+    per contribution (error feedback kept by the miner): admitted, scored and stepped."""
+    net = subnet_factory(["honest", "noise"], **{"compression.scheme": "sparseloco"})
+    uids = {name: net.uid(name) for name in ("honest", "noise")}
+    validator = net.validator()
+    net.mine(1)
+    net.to_deadline(1)
+    before = net.theta(1)
+    report = validator.process_window(1)
+    validator.close()
+    rows = {r.uid: r for r in report.miners}
+    assert rows[uids["honest"]].status == "scored" and rows[uids["honest"]].score > 0, rows
+    assert report.admitted == 2 and report.published == "window-2"
+    after = net.theta(2)
+    assert any(not torch.equal(after[n], before[n]) for n in before)

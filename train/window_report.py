@@ -1,0 +1,55 @@
+"""What a miner records of each window: one line of ``windows.jsonl`` and W&B's window metrics.
+
+report = WindowReport(window=w, uid=uid, shard=s, ...)
+round_report(report, outcomes, shard)    # members, bytes, seconds of a round
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from averaging.round import AverageResult, AveragingFailed
+from train.group_round import Outcomes
+
+
+@dataclass
+class WindowReport:
+    """One window of one miner. With `averaging.overlap` the averaging fields (members,
+    bytes, seconds, synced) are those of the round that landed in this window, the one of
+    `averaged_window` = window − 1."""
+
+    window: int
+    uid: int
+    shard: int
+    loss: float
+    heldout_before: float  # held-out loss of θ_w, the model the window started from
+    heldout_loss: float  # held-out loss of θ_{w+1}, after the outer step
+    tokens_per_second: float
+    published_bytes: int
+    late: bool
+    fingerprint: str = ""  # of θ_{w+1}: miners in step with their groups agree on it
+    committed_block: int = -1  # the ledger block that took our commitment (-1: none)
+    canonical: str = ""  # the published θ_w vs ours: match, differs, out-of-step, absent
+    synced: bool = False  # every group of the window averaged (θ_{w+1} is the group's)
+    members: list[str] = field(default_factory=list)  # hotkeys averaged in our shard's group
+    dropped: list[str] = field(default_factory=list)
+    averaging_bytes_sent: int = 0
+    averaging_bytes_received: int = 0
+    averaging_seconds: float = 0.0
+    averaging_attempts: int = 0  # groups the rounds went through (> 1 after a retry)
+    averaging_delivered: float = 0.0  # of a failed round: share of our Δ in some average
+    averaged_window: int = -1  # the window whose round the averaging fields describe
+
+
+def round_report(report: WindowReport, outcomes: Outcomes, shard: int) -> None:
+    """Fill `report`'s averaging fields from a round's `outcomes` (`shard`: ours in it)."""
+    own = outcomes.get(shard)
+    if isinstance(own, AverageResult):
+        report.members, report.dropped = own.members, own.dropped
+    for outcome in outcomes.values():  # a failed round's bytes were spent all the same
+        report.averaging_bytes_sent += outcome.bytes_sent
+        report.averaging_bytes_received += outcome.bytes_received
+        report.averaging_seconds = max(report.averaging_seconds, outcome.seconds)
+        report.averaging_attempts = max(report.averaging_attempts, outcome.attempts)
+    if isinstance(own, AveragingFailed):
+        report.averaging_delivered = own.delivered
