@@ -169,16 +169,29 @@ def outer_steps(
     """θ_{w+1} in `model` (and the outer `momentum`, updated in place): the outer step on
     every shard's group average; on our own `shard` without one, on our Δ alone (`sent`)
     from `start` (θ_w on it); other shards without an average stay θ_w."""
-    for s, names in enumerate(shards):
-        outcome = outcomes.get(s)
-        if isinstance(outcome, AverageResult):
-            average: Mapping[str, torch.Tensor] = outcome.tensors
-        elif s == shard:
-            average = sent
-        else:
-            continue
-        theta = start if s == shard else shard_state(model, names)
-        step_shard(model, names, momentum, theta, average, outer)
+    averages: dict[int, Mapping[str, torch.Tensor]] = {
+        s: o.tensors for s, o in outcomes.items() if isinstance(o, AverageResult)
+    }
+    averages.setdefault(shard, sent)
+    step_averages(model, shards, momentum, averages, outer, starts={shard: start})
+
+
+def step_averages(
+    model: torch.nn.Module,
+    shards: list[list[str]],
+    momentum: dict[str, torch.Tensor],
+    averages: Mapping[int, Mapping[str, torch.Tensor]],
+    outer: OuterConfig,
+    *,
+    starts: Mapping[int, Mapping[str, torch.Tensor]] | None = None,
+) -> None:
+    """The outer step on every shard of `averages` (shard -> average), from `starts`' θ of
+    that shard when given, else the model's; shards without an average stay as they are."""
+    for s, average in sorted(averages.items()):
+        if s < len(shards):
+            names = shards[s]
+            theta = (starts or {}).get(s)
+            step_shard(model, names, momentum, theta or shard_state(model, names), average, outer)
 
 
 def step_shard(

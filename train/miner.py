@@ -64,12 +64,19 @@ from train.behaviours import BEHAVIOURS
 from train.cheats import backdate
 from train.contribution import commit_contribution, committed_digests
 from train.data import Pages, load_pages
-from train.group_round import Outcomes, contribution_payload, in_step, outer_steps, start_round
+from train.group_round import (
+    Outcomes,
+    contribution_payload,
+    in_step,
+    outer_steps,
+    start_round,
+    step_averages,
+)
 from train.inner import StepStats, inner_loop, mean_loss
 from train.miner_state import StateMismatch, load_state, save_state
 from train.misbehaviour import misbehave, poisoned
 from train.model import build_model, model_fingerprint
-from train.overlap import PendingRound, Rounds, eager_start, step_landed
+from train.overlap import PendingRound, Rounds, eager_start
 from train.pages import heldout_sample
 from train.responder import Responder
 from train.shards import apply_to_shard, make_trainable, shard_for_miner, shard_map, shard_state
@@ -309,12 +316,13 @@ class Miner:
         return False
 
     def _look_ahead(self, window: int, names: list[str]) -> dict[str, torch.Tensor]:
-        """θ_w (main process: on our shard's tensors `names` and those the look-ahead
-        moves); with eager overlap, step our own Δ of window − 1 into the model first
-        (`train.overlap`), on every process. Returns the θ_w kept."""
+        """With overlap, keep θ_w (main process: on our shard's tensors `names` and those
+        the look-ahead moves; empty otherwise) and, eager, step our own Δ of window − 1
+        into the model (`train.overlap`), on every process. Returns the θ_w kept."""
         moved = torch.zeros(1, dtype=torch.long)
         keep: dict[str, torch.Tensor] = {}
-        if self.main:
+        # The synchronous round steps from `start`; only overlap restores θ_w afterwards.
+        if self.main and self.cfg.averaging.overlap_mode != "off" and self.seat is not None:
             ours = self.rounds.sent_before(window)
             keep = shard_state(self.model, sorted({*names, *ours}))
             if self.cfg.averaging.overlap_mode == "eager" and ours:
@@ -467,8 +475,12 @@ class Miner:
         overlap = cfg.averaging.overlap_mode != "off" and self.seat is not None
         landed = None
         if overlap:  # nobody averaged window − 1 when nobody committed to it (window 0)
-            committed = window > 0 and bool(self.ledger.contribution_commitments(window - 1))
-            landed = self.rounds.land(window, committed)
+            landed = self.rounds.land(
+                window,
+                committed=lambda: (
+                    window > 0 and bool(self.ledger.contribution_commitments(window - 1))
+                ),
+            )
         trained = shard_state(self.model, names)
         delta = {n: start[n] - trained[n] for n in names}  # pseudo-gradient Δ = θ_w − θ
         if self.behaviour != "honest":
@@ -522,7 +534,7 @@ class Miner:
                 PendingRound(window, shard, frozenset({shard, *active}), sent, round_)
             )
             apply_to_shard(self.model, list(theta_w), theta_w)
-            step_landed(self.model, self.shards, self.momentum, landed, cfg.outer)
+            step_averages(self.model, self.shards, self.momentum, landed.averages, cfg.outer)
             # In step: θ_w was the groups' (kept in step, a peer's, or the canonical one),
             # or nobody averaged window − 1 (the run's first window: every miner holds
             # the same latest checkpoint), and the round landed for every shard.

@@ -34,7 +34,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +44,7 @@ from averaging.config import OuterConfig
 from averaging.outer import outer_step
 from averaging.round import AverageResult
 from common.errors import TensormineError
-from train.group_round import Outcomes, in_step, step_shard
-from train.shards import shard_state
+from train.group_round import Outcomes, in_step
 
 logger = logging.getLogger(__name__)
 
@@ -151,16 +150,17 @@ class Rounds:
             except concurrent.futures.TimeoutError:
                 logger.info("window %d: the last round did not end in time", self.pending.window)
 
-    def land(self, window: int, committed: bool) -> Landed:
+    def land(self, window: int, committed: Callable[[], bool]) -> Landed:
         """The round of window − 1, waited for (it had all of this window to end in), or as
         the miner we restarted from kept it; an empty one when we took no part (in step
-        only if nobody could have: `committed` says whether anyone committed to window − 1)."""
+        only if nobody could have: `committed()` says whether anyone committed to window − 1,
+        asked only then)."""
         pending, self.pending = self.pending, None
         if pending is not None and pending.window == window - 1:
             return pending.land(self.hotkey, timeout=self.wait_s)
         if self.kept is not None and self.kept.window == window - 1:
             return self.kept
-        return Landed(window - 1, -1, frozenset(), {}, not committed, {})
+        return Landed(window - 1, -1, frozenset(), {}, not committed(), {})
 
 
 def eager_start(
@@ -192,21 +192,6 @@ def start_for(
     for n, t in moved.items():
         out[n] = t.to(theta[n].dtype)
     return out
-
-
-def step_landed(
-    model: torch.nn.Module,
-    shards: list[list[str]],
-    momentum: dict[str, torch.Tensor],
-    landed: Landed,
-    outer: OuterConfig,
-) -> None:
-    """θ_{w+1} = outer(θ_w, A_{w−1}) in `model` (holding θ_w) and `momentum`, on every
-    shard whose average the round of `landed.window` gave; the others stay θ_w."""
-    for s, average in sorted(landed.averages.items()):
-        if s < len(shards):
-            names = shards[s]
-            step_shard(model, names, momentum, shard_state(model, names), average, outer)
 
 
 # ---- on disk -----------------------------------------------------------------------------

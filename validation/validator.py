@@ -376,13 +376,17 @@ class Validator:
             if self.checker.enabled
             else {}
         )
-        momentum_w = {k: v.detach().to("cpu") for k, v in self.momentum.items()}
         commitments, refs, admitted, refused = self.admit(window, roster)
         issued = []
         earlier = list(self.last_admitted.values()) if self._last_window == window - 1 else []
         # Eager miners start from θ_w with their own Δ of w − 1 stepped in: checking their
         # trajectories needs what we admitted of w − 1 (a restarted validator lacks it).
         eager = cfg.averaging.overlap_mode == "eager"
+        momentum_w = (
+            {k: v.detach().to("cpu") for k, v in self.momentum.items()}
+            if eager and self.checker.enabled
+            else {}
+        )
         if self.checker.enabled and (not eager or window == 0 or earlier):
             due = self.ledger.block(deadline(window, cfg.window))
             assert due is not None  # the reveal deadline, later, exists

@@ -132,15 +132,15 @@ def test_rounds_give_the_previous_window_only(tmp_path: Path) -> None:
     assert rounds.sent_before(7) == {}  # window 5's Δ is no look-ahead for window 7
     assert torch.equal(rounds.sent_before(6)["a"], sent["a"])
     # A miner that skipped a window took no part in its round.
-    empty = rounds.land(7, committed=True)
+    empty = rounds.land(7, committed=lambda: True)
     assert (empty.window, empty.averages, empty.in_step) == (6, {}, False)
     # Nobody committed to the window before: nobody averaged it, θ_{w+1} = θ_w is in step.
-    assert Rounds(tmp_path, "hk", 1).land(1, committed=False).in_step
+    assert Rounds(tmp_path, "hk", 1).land(1, committed=lambda: False).in_step
     # A restarted miner takes the round the last one kept on disk.
     restarted = Rounds(tmp_path, "hk", wait_s=1)
     restarted.resume(6, SHAPES)
     assert torch.equal(restarted.sent_before(6)["a"], sent["a"])
-    landed = restarted.land(6, committed=True)
+    landed = restarted.land(6, committed=lambda: True)
     assert landed.in_step and landed.window == 5 and sorted(landed.averages) == [0]
 
 
