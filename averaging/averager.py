@@ -29,7 +29,9 @@ import math
 import signal
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+
+# hivemind tells streams by `typing.AsyncIterator`'s `_name`; the collections.abc one has none.
+from typing import Any, AsyncIterator, ClassVar  # noqa: UP035
 
 import msgpack
 import torch
@@ -38,9 +40,9 @@ from hivemind.averaging import DecentralizedAverager
 from hivemind.averaging.load_balancing import load_balance_peers
 from hivemind.averaging.partition import AllreduceException
 from hivemind.compression import deserialize_torch_tensor
-from hivemind.p2p import P2PDaemonError, P2PHandlerError, PeerID
+from hivemind.p2p import P2PContext, P2PDaemonError, P2PHandlerError, PeerID
 from hivemind.proto import averaging_pb2
-from hivemind.utils.asyncio import enter_asynchronously
+from hivemind.utils.asyncio import achain, anext, as_aiter, enter_asynchronously
 from hivemind.utils.mpfuture import MPFuture
 from hivemind.utils.serializer import MSGPackSerializer
 from hivemind.utils.streaming import combine_from_streaming
@@ -337,6 +339,28 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
 
     def _new_round(self, payload_size: int | None) -> None:
         """In the averager's process, at `configure_round`: take the staged message."""
+
+    async def rpc_aggregate_part(
+        self, stream: AsyncIterator[averaging_pb2.AveragingData], context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.AveragingData]:
+        """hivemind's handler for a groupmate's part, except that it waits for our runner
+        through a shield. hivemind awaits the group's future bare, so a sender that hung up
+        (or died) while we were still preparing the round (commitments, shares, tensors)
+        cancelled the future itself with its handler; our own `set_result` then raised
+        `InvalidStateError` and we dropped out of an attempt the others completed (seen
+        under load in the fault tests and in CI, issue 15). hivemind reads the stream's
+        message types from these annotations, so they stay concrete."""
+        request = await anext(stream)
+        if request.group_id not in self._running_groups:
+            # The leader's answer may reach us after a groupmate's first part does.
+            await self._pending_groups_registered.wait()
+        future = self._running_groups.get(request.group_id)
+        if future is None:
+            yield averaging_pb2.AveragingData(code=averaging_pb2.BAD_GROUP_ID)
+            return
+        runner = await asyncio.shield(future)
+        async for message in runner.rpc_aggregate_part(achain(as_aiter(request), stream), context):
+            yield message
 
     def _is_admitted(self, peer: PeerID) -> bool:
         return peer in self.tm_peers and peer not in self.tm_log.blocked

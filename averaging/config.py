@@ -49,6 +49,11 @@ class SparseLoCoConfig(StrictModel):
     error_decay: float = Field(
         default=0.95, ge=0, le=1, description="β in e ← β·e + Δ (1: nothing is forgotten)"
     )
+    positions: Literal["packed", "rice"] = Field(
+        default="rice",
+        description="kept positions as fixed-width indices (the paper's 12 bits) or as "
+        "Rice-coded gaps (~7.5 bits, lossless; `averaging.sparseloco`)",
+    )
 
     @model_validator(mode="after")
     def _k_fits(self) -> SparseLoCoConfig:
@@ -75,7 +80,7 @@ class CompressionConfig(StrictModel):
     int8_block_size: int = Field(default=256, ge=8, le=1 << 20)
     topk: TopKConfig = Field(default_factory=TopKConfig)
     sparseloco: SparseLoCoConfig = Field(
-        default_factory=SparseLoCoConfig,
+        default_factory=lambda: SparseLoCoConfig(positions="packed"),
         description="the SparseLoCo message (scheme = sparseloco; its buffer always feeds back)",
     )
     error_feedback: bool = Field(
@@ -85,4 +90,20 @@ class CompressionConfig(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _legacy_keys(cls, data: Any) -> Any:
-        return lift_legacy_topk(data)
+        data = lift_legacy_topk(data)
+        # A publication's message packs its positions unless told otherwise (the wire's
+        # default, Rice, does not fit a manifest; see below).
+        if isinstance(data, dict) and isinstance(data.get("sparseloco"), dict):
+            data = {**data, "sparseloco": {"positions": "packed", **data["sparseloco"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _packed_positions(self) -> CompressionConfig:
+        # A publication's manifest lists every tensor's exact shape before the file is read
+        # (`averaging.compression.expected_specs`); Rice-coded positions vary in length.
+        if self.sparseloco.positions != "packed":
+            raise ValueError(
+                "compression.sparseloco.positions must be packed: a publication's tensors "
+                "have fixed sizes (Rice-coded positions are for averaging.sparseloco, the wire)"
+            )
+        return self

@@ -171,7 +171,8 @@ class AveragingConfig(StrictModel):
             return None
         from averaging.sparseloco import SparseSpec  # here: it imports torch, configs do not
 
-        return SparseSpec(chunk=self.sparseloco.chunk, k=self.sparseloco.k)
+        cfg = self.sparseloco
+        return SparseSpec(chunk=cfg.chunk, k=cfg.k, positions=cfg.positions)
 
     @property
     def overlap_mode(self) -> str:

@@ -44,6 +44,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +74,14 @@ SETTINGS = (
 DILOCO = OuterConfig(lr=0.7, momentum=0.9, nesterov=True)
 # SparseLoCo's settings; `--k`, `--beta`, `--outer-lr` change them for a sweep.
 SPARSE_OUTER = OuterConfig(lr=1.0, momentum=0.0, nesterov=False)
-SPEC = SparseSpec(chunk=4096, k=64)
+SPEC = SparseSpec(chunk=4096, k=64, positions="rice")  # the wire's default
 BETA = 0.95
 
 
 def configure_sparse(k: int, beta: float, lr: float) -> str:
     """Set the sparse settings of this process; returns their label."""
     global SPEC, BETA, SPARSE_OUTER
-    SPEC, BETA = SparseSpec(chunk=4096, k=k), beta
+    SPEC, BETA = SparseSpec(chunk=4096, k=k, positions="rice"), beta
     SPARSE_OUTER = OuterConfig(lr=lr, momentum=0.0, nesterov=False)
     return f"k{k}-b{beta:g}-a{lr:g}"
 
@@ -96,15 +97,22 @@ class Combiner:
         self.wire = wire
         self.feedback = [ErrorFeedback(BETA) for _ in range(WORKERS)]
         self.rows: list[Delta] = []  # what each worker sent, decoded (public once revealed)
+        # Per window, each worker's message in bytes, Rice-coded (sent) and packed (the
+        # paper's 12-bit indices, the same values: encoded beside it for the count only).
+        self.message_bytes: list[dict[str, list[int]]] = []
 
     def __call__(self, deltas: list[Delta]) -> Delta:
         shapes = {n: tuple(t.shape) for n, t in deltas[0].items()}
         if self.wire == SPARSELOCO:
-            rows = []
+            rows, sizes = [], {"rice": [], "packed": []}
+            packed = replace(SPEC, positions="packed")
             for feedback, delta in zip(self.feedback, deltas, strict=True):
                 sent = feedback.compress(delta, SPEC)
+                sizes["packed"].append(len(feedback.compress(delta, packed).message.to_bytes()))
+                sizes["rice"].append(len(sent.message.to_bytes()))
                 feedback.commit(sent)
                 rows.append(sent.message.decoded)
+            self.message_bytes.append(sizes)
         else:
             rows = [wire_parts(d, self.wire, PART_SIZE)[1] for d in deltas]
         self.rows = [self.dense(r, shapes) for r in rows]
@@ -115,10 +123,12 @@ class Combiner:
         return reduce_parts([row], [1.0], shapes, self.wire, PART_SIZE, ROBUST)
 
 
-def run_setting(t: Trainer, setting: str, windows: int, log: Any) -> list[float]:
-    """Held-out loss of θ_0 and after each window."""
+def run_setting(
+    t: Trainer, setting: str, windows: int, log: Any
+) -> tuple[list[float], list[dict[str, list[int]]]]:
+    """Held-out loss of θ_0 and after each window; the sparse messages' bytes per window."""
     if setting == "dp":
-        return run_dp(t, windows, log)
+        return run_dp(t, windows, log), []
     base, _, mode = setting.partition("-")
     wire = {"fp32": "none", "int8": "int8", "sparse": SPARSELOCO}[base]
     outer = SPARSE_OUTER if base == "sparse" else DILOCO
@@ -146,7 +156,7 @@ def run_setting(t: Trainer, setting: str, windows: int, log: Any) -> list[float]
             theta, momentum = outer_step(theta, average, momentum, outer)
         losses.append(t.heldout(theta))
         log(f"{setting} window {window + 1}/{windows}: held-out {losses[-1]:.4f}")
-    return losses
+    return losses, combine.message_bytes
 
 
 def run_dp(t: Trainer, windows: int, log: Any) -> list[float]:
@@ -191,8 +201,9 @@ def wire_bytes(t: Trainer) -> dict[str, dict[str, float]]:
         average = reduce_parts(rows, [1.0] * n, shapes, wire, PART_SIZE, ROBUST)
         back = sum(len(b) for b in wire_parts(average, wire, PART_SIZE)[0])
         out[label] = {"sent": share * (own + back), "message": own}
-    message = ErrorFeedback(BETA).compress(deltas[0], SPEC).message.to_bytes()
-    out["sparse"] = {"sent": (n - 1) * len(message), "message": len(message)}
+    for label, spec in (("sparse", SPEC), ("sparse-packed", replace(SPEC, positions="packed"))):
+        message = ErrorFeedback(BETA).compress(deltas[0], spec).message.to_bytes()
+        out[label] = {"sent": (n - 1) * len(message), "message": len(message)}
     params = sum(v.numel() for v in deltas[0].values())
     for row in out.values():
         row["bits_per_param"] = 8 * row["message"] / params
@@ -210,8 +221,10 @@ def child(args: argparse.Namespace) -> None:
     def log(text: str) -> None:
         print(f"  [{time.perf_counter() - started:6.0f} s] seed {seed} {text}", flush=True)
 
-    losses = run_setting(t, setting, args.windows, log)
+    losses, message_bytes = run_setting(t, setting, args.windows, log)
     result: dict[str, Any] = {"setting": setting, "seed": int(seed), "losses": losses}
+    if message_bytes:
+        result["message_bytes"] = message_bytes
     if setting.startswith("sparse"):
         result["sparse"] = tag
     if args.bytes:
@@ -325,6 +338,22 @@ def report(runs: list[dict[str, Any]], settings: list[str], args: argparse.Names
             "\nmessage bits per parameter: "
             + ", ".join(f"{k} {v['bits_per_param']:.3f}" for k, v in wire.items())
         )
+    sized = [r for r in runs if r.get("message_bytes")]
+    if sized and wire:
+        fp32 = wire["fp32"]["sent"]
+        print("\n## Sparse messages over the run: bytes each peer sends per outer step")
+        print("| setting | seed | coding | mean | largest window | vs fp32 (mean / worst) |")
+        print("| --- | ---: | --- | ---: | ---: | ---: |")
+        for r in sized:
+            for coding in ("rice", "packed"):
+                per_window = [
+                    (WORKERS - 1) * statistics.mean(w[coding]) for w in r["message_bytes"]
+                ]
+                mean, worst = statistics.mean(per_window), max(per_window)
+                print(
+                    f"| {r['setting']} | {r['seed']} | {coding} | {mean / 1e6:.4f} MB "
+                    f"| {worst / 1e6:.4f} MB | {fp32 / mean:.1f}× / {fp32 / worst:.1f}× |"
+                )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"runs": runs, "bytes": wire}, indent=1))

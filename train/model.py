@@ -35,7 +35,7 @@ from train.config import ModelConfig
 try:  # transformers >= 5
     from transformers.initialization import no_init_weights
 except ImportError:  # transformers 4.x
-    from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
+    from transformers.modeling_utils import no_init_weights
 
 logger = logging.getLogger(__name__)
 

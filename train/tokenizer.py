@@ -75,7 +75,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
     backend.train_from_iterator(counted(), trainer)
     if seen["docs"] == 0:
         raise DataError("no training text for the tokenizer: the corpus's train split is empty")
-    return PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
+    return PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD
     )
 

@@ -17,7 +17,7 @@ from averaging.config import SparseLoCoConfig
 from averaging.group import ShardAverager
 from averaging.parts import SPARSELOCO, part_digest, reduce_parts
 from averaging.round import AverageResult, AveragingFailed, Binding, PreparedParts, Role
-from averaging.sparseloco import ErrorFeedback, SparseSpec, decode_bytes
+from averaging.sparseloco import ErrorFeedback, decode_bytes
 from chain.keys import signing_bytes
 from tests.averaging.conftest import (
     FAST,
@@ -34,7 +34,8 @@ from tests.averaging.test_faults import _die
 SPARSE = FAST.model_copy(
     update={"wire": "sparseloco", "sparseloco": SparseLoCoConfig(chunk=256, k=8, error_decay=0.9)}
 )
-SPEC = SparseSpec(chunk=256, k=8)
+SPEC = SPARSE.sparse_spec  # Rice-coded positions, the wire's default
+assert SPEC is not None
 SHAPES = {n: tuple(t.shape) for n, t in template().items()}
 
 
@@ -253,12 +254,12 @@ def test_a_restarted_member_keeps_its_error_feedback(
 def test_a_large_message_reaches_the_averager_and_the_peers(
     swarm: Swarm, shutdown_later: list[ShardAverager]
 ) -> None:
-    # 4 M values: a 119 KB message, more than hivemind's control pipe carries whole.
-    big = {"w": torch.zeros(2048, 2048)}
+    # 6.3 M values: a 123 KB message, more than hivemind's control pipe carries whole.
+    big = {"w": torch.zeros(2048, 3072)}
     config = SPARSE.model_copy(update={"sparseloco": SparseLoCoConfig()})
     avgs = make(swarm, shutdown_later, swarm.new_shard(), range(2), config=config, tmpl=big)
     gen = torch.Generator().manual_seed(5)
-    deltas = [{"w": torch.randn(2048, 2048, generator=gen)} for _ in range(2)]
+    deltas = [{"w": torch.randn(2048, 3072, generator=gen)} for _ in range(2)]
     results = ok(run_round(avgs, deltas, window=1, expected_peers=2))
     assert_all_equal(results)
     assert results[0].members == sorted(swarm.hotkeys[:2])

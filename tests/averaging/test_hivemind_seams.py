@@ -130,6 +130,9 @@ OVERRIDES = (
     ),
     Override(LedgerAverager, DecentralizedAverager, "run", "self"),
     Override(LedgerAverager, DecentralizedAverager, "_shutdown", "self timeout"),
+    # hivemind's, but awaiting the group's runner through a shield (a sender that hangs up
+    # must not cancel the group's future for everyone).
+    Override(LedgerAverager, DecentralizedAverager, "rpc_aggregate_part", "self stream context"),
     Override(LedgerAverager, DecentralizedAverager, "get_current_state", "self"),
     Override(
         LedgerAverager,
@@ -193,7 +196,7 @@ ATTRIBUTES: dict[type, str] = {
     DecentralizedAverager: """dht prefix peer_id client_mode schema_hash matchmaking_kwargs
         total_size get_tensors step shutdown wait_until_ready allow_state_sharing
         state_sharing_priority rpc_download_state _averaged_tensors _running_groups
-        _outer_pipe _p2p _matchmaking""",
+        _outer_pipe _p2p _matchmaking _pending_groups_registered""",
     Quantization: "n_bins indices_dtype codebook_dtype",
     Uniform8BitQuantization: "RANGE_IN_SIGMAS",
     CompressionBase: "compression_type",
