@@ -143,6 +143,33 @@ def plot_scores(snap: Snapshot, path: Path) -> bool:
     return True
 
 
+def plot_shard_scores(snap: Snapshot, path: Path) -> bool:
+    """Per shard, the sum of its miners' scores each window (mean over validators): for a
+    mixture of experts, what each expert group earned. Drawn when there are 2+ shards."""
+    by_shard: dict[int, dict[int, list[float]]] = {}
+    for rows in snap.validators.values():
+        for r in rows:
+            for shard, score in r.shard_scores().items():
+                by_shard.setdefault(shard, {}).setdefault(r.window, []).append(score)
+    if len(by_shard) < 2:
+        return False
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for shard in sorted(by_shard):
+        points = sorted((w, sum(v) / len(v)) for w, v in by_shard[shard].items())
+        ax.plot(*zip(*points, strict=True), marker="o", label=snap.shard_label(shard))
+    _integer_windows(ax)
+    ax.set_xlabel("window")
+    ax.set_ylabel("sum of the shard's miners' scores")
+    ax.set_title("scores per shard per window")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def write_plots(snap: Snapshot, history: list[dict[str, Any]], folder: Path) -> list[Path]:
     """Write the PNGs that have data; returns their paths."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -151,6 +178,7 @@ def write_plots(snap: Snapshot, history: list[dict[str, Any]], folder: Path) -> 
         "heldout_loss.png": plot_heldout(snap, folder / "heldout_loss.png"),
         "emission.png": plot_emission(snap, history, folder / "emission.png"),
         "scores.png": plot_scores(snap, folder / "scores.png"),
+        "shard_scores.png": plot_shard_scores(snap, folder / "shard_scores.png"),
     }
     for name, ok in drawn.items():
         if ok:

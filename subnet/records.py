@@ -117,6 +117,15 @@ class ValidatorWindow:
     weights: dict[int, float]
     verdicts: dict[int, str]
     published: str | None
+    shards: dict[int, int] = field(default_factory=dict)  # uid -> the shard it sent
+    shard_labels: dict[str, str] = field(default_factory=dict)  # "<s>" -> "experts 0–1", …
+
+    def shard_scores(self) -> dict[int, float]:
+        """Shard -> the sum of its miners' scores in this window."""
+        out: dict[int, float] = {}
+        for uid, shard in self.shards.items():
+            out[shard] = out.get(shard, 0.0) + self.scores.get(uid, 0.0)
+        return dict(sorted(out.items()))
 
     @classmethod
     def parse(cls, row: Mapping[str, Any]) -> ValidatorWindow | None:
@@ -127,6 +136,12 @@ class ValidatorWindow:
         items = [m for m in miners if isinstance(m, Mapping)] if isinstance(miners, list) else []
         verdicts = {int(m["uid"]): verdict_of(m) for m in items if isinstance(m.get("uid"), int)}
         published = row.get("published")
+        shards = {
+            int(m["uid"]): int(m["shard"])
+            for m in items
+            if isinstance(m.get("uid"), int) and isinstance(m.get("shard"), int)
+        }
+        labels = row.get("shard_labels")
         return cls(
             window=window,
             heldout_loss=first_number(row, "heldout_loss"),
@@ -136,6 +151,10 @@ class ValidatorWindow:
             weights=per_uid(row, "miners", inner=("weight",)),
             verdicts=verdicts,
             published=published if isinstance(published, str) else None,
+            shards=shards,
+            shard_labels=(
+                {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
+            ),
         )
 
 
@@ -208,6 +227,28 @@ class Snapshot:
                     acc[i].append(table[uid])
         s, e, w = (sum(a) / len(a) if a else None for a in acc)
         return s, e, w
+
+    def shard_label(self, shard: int) -> str:
+        """The validators' name for a shard ("experts 2–3"), or its index."""
+        for rows in self.validators.values():
+            for row in reversed(rows):
+                if str(shard) in row.shard_labels:
+                    return f"{shard} ({row.shard_labels[str(shard)]})"
+        return str(shard)
+
+    def shard_scores(self) -> tuple[int, dict[int, float]] | None:
+        """The newest window any validator scored: per shard the sum of its miners'
+        scores, averaged over the validators that scored it."""
+        latest = [rows[-1] for rows in self.validators.values() if rows]
+        if not latest:
+            return None
+        window = max(r.window for r in latest)
+        acc: dict[int, list[float]] = {}
+        for row in latest:
+            if row.window == window:
+                for shard, score in row.shard_scores().items():
+                    acc.setdefault(shard, []).append(score)
+        return window, {s: sum(v) / len(v) for s, v in sorted(acc.items())}
 
     def latest_verdict(self, uid: int) -> str:
         """The verdicts on `uid`'s newest contribution, one per validator that judged it."""

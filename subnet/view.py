@@ -4,8 +4,9 @@
         live.update(render(next_snap, members, ...))
 
 The header says where the subnet is (block, window, held-out loss, issuance, next halving,
-canonical checkpoints); the table has one row per process: UID, role, the miner's last
-window (shard, train and held-out loss), the validators' score, moving average and
+canonical checkpoints, and with several shards what each shard's miners scored — per
+expert group for a mixture of experts); the table has one row per process: UID, role,
+the miner's last window (shard, train and held-out loss), the validators' score, moving average and
 weight and verdict on its last contribution, the emission it received so far, and
 whether the process still runs.
 """
@@ -57,6 +58,13 @@ def header(snap: Snapshot, *, block_time_s: float, title: str) -> Table:
         "checkpoints",
         "none yet" if not ckpts else f"{len(ckpts)}: windows {ckpts[0]}–{ckpts[-1]}",
     )
+    per_shard = snap.shard_scores()
+    if per_shard is not None and len(per_shard[1]) > 1:
+        window, scores = per_shard
+        grid.add_row(
+            f"scores per shard (window {window})",
+            ", ".join(f"{snap.shard_label(s)} {v:.3f}" for s, v in scores.items()),
+        )
     return grid
 
 
@@ -77,7 +85,7 @@ def members_table(snap: Snapshot, members: list[Member]) -> Table:
             windows, shard, train, held = str(done), "", "", ""
         else:
             windows = str(len(rows))
-            shard = str(last.get("shard", "–"))
+            shard = snap.shard_label(last["shard"]) if isinstance(last.get("shard"), int) else "–"
             train = _fmt(first_number(last, "loss"))
             held = _fmt(first_number(last, "heldout_loss"))
         status = snap.status.get(m.name, "")

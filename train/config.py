@@ -15,9 +15,11 @@ from common.schema import StrictModel
 
 
 class ModelConfig(StrictModel):
-    """A Llama-architecture causal LM built from this config (no weight download)."""
+    """A causal LM built from this config (no weight download): a Llama, or with
+    ``arch: mixtral`` a Mixtral mixture of experts whose experts can be shards
+    (`train.moe`; `intermediate_size` is then each expert's)."""
 
-    arch: Literal["llama"] = "llama"
+    arch: Literal["llama", "mixtral"] = "llama"
     vocab_size: int = Field(default=4096, ge=259, le=262144)
     hidden_size: int = Field(default=256, ge=8)
     intermediate_size: int = Field(default=688, ge=8)
@@ -27,7 +29,17 @@ class ModelConfig(StrictModel):
     max_seq_len: int = Field(default=256, ge=8)
     rope_theta: float = Field(default=10000.0, gt=0)
     init_std: float = Field(default=0.02, gt=0)
-    shards: int = Field(default=1, ge=1, description="S: shards of whole layers; 1 = data parallel")
+    shards: int = Field(
+        default=1,
+        ge=1,
+        description="S: shards of whole layers (mixtral: the shared parameters, then S − 1 "
+        "equal groups of experts); 1 = data parallel",
+    )
+    num_experts: int = Field(default=8, ge=2, le=256, description="mixtral: experts per layer")
+    experts_per_token: int = Field(default=2, ge=1, description="mixtral: top-k routing")
+    router_aux_loss_coef: float = Field(
+        default=0.01, ge=0, description="mixtral: weight of the load-balancing loss in training"
+    )
 
     @model_validator(mode="after")
     def _heads(self) -> ModelConfig:
@@ -39,6 +51,17 @@ class ModelConfig(StrictModel):
             raise ValueError(
                 f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}"
             )
+        if self.arch == "mixtral":
+            if self.experts_per_token > self.num_experts:
+                raise ValueError(
+                    f"experts_per_token {self.experts_per_token} > num_experts {self.num_experts}"
+                )
+            if self.shards > 1 and self.num_experts % (self.shards - 1):
+                raise ValueError(
+                    f"shards {self.shards}: the shared shard plus {self.shards - 1} expert "
+                    f"groups, which must divide num_experts {self.num_experts}"
+                )
+            return self
         if self.shards > self.num_layers + 2:
             raise ValueError(
                 f"shards {self.shards} > {self.num_layers + 2} units "

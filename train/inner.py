@@ -28,6 +28,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from train.config import TrainConfig
+from train.moe import expert_usage
 from train.trajectory import BoundaryHook, load_moments, read_moments
 
 logger = logging.getLogger(__name__)
@@ -41,11 +42,22 @@ class StepStats:
     grad_norm: float
     tokens: int  # tokens this step consumed on all processes
     seconds: float
+    aux_loss: float | None = None  # mixture of experts: the load-balancing term (unweighted)
 
 
 @dataclass
 class InnerStats:
     steps: list[StepStats] = field(default_factory=list)
+    # Mixture of experts: [layers, experts] share of routed token slots per expert, summed
+    # over the steps of this process (`train.moe.expert_usage`); None for a dense model.
+    usage_sum: torch.Tensor | None = None
+
+    @property
+    def expert_usage(self) -> torch.Tensor | None:
+        """Each expert's share of its layer's routed token slots over the steps."""
+        if self.usage_sum is None or not self.steps:
+            return None
+        return self.usage_sum / len(self.steps)
 
     @property
     def tokens(self) -> int:
@@ -151,6 +163,11 @@ def inner_loop(
         )
     stats = InnerStats()
     device = accelerator.device
+    # A mixture of experts returns its router logits, and transformers adds the weighted
+    # load-balancing loss to `.loss` (`train.moe`); evaluation elsewhere stays plain LM loss.
+    moe = getattr(getattr(model, "config", None), "model_type", None) == "mixtral"
+    extra = {"output_router_logits": True} if moe else {}
+    top_k = int(getattr(getattr(model, "config", None), "num_experts_per_tok", 1))
     try:
         for step in range(start_step, stop):
             started = time.perf_counter()
@@ -159,6 +176,7 @@ def inner_loop(
                 group["lr"] = lr
             batch = pages[step * cfg.batch_size : (step + 1) * cfg.batch_size][mine]
             total = torch.zeros((), device=device)
+            aux = torch.zeros((), device=device)
             for k in range(cfg.grad_accum):
                 ids = batch[k * micro : (k + 1) * micro].to(device, dtype=torch.long)
                 # DDP syncs gradients only on the last micro-batch of the step.
@@ -168,9 +186,15 @@ def inner_loop(
                     else contextlib.nullcontext()
                 ):
                     with accelerator.autocast():
-                        loss = wrapped(input_ids=ids, labels=ids).loss / cfg.grad_accum
+                        out = wrapped(input_ids=ids, labels=ids, **extra)
+                        loss = out.loss / cfg.grad_accum
                     accelerator.backward(loss)
                 total += loss.detach()
+                if moe:
+                    aux += out.aux_loss.detach() / cfg.grad_accum
+                    usage = expert_usage(out.router_logits, top_k)
+                    part = usage / cfg.grad_accum
+                    stats.usage_sum = part if stats.usage_sum is None else stats.usage_sum + part
             norm = accelerator.clip_grad_norm_(params, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -182,6 +206,7 @@ def inner_loop(
                 grad_norm=float(norm) if norm is not None else float("nan"),
                 tokens=cfg.batch_size * pages.shape[1],
                 seconds=time.perf_counter() - started,
+                aux_loss=float(accelerator.reduce(aux, reduction="mean")) if moe else None,
             )
             stats.steps.append(stat)
             if not math.isfinite(stat.loss):

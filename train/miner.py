@@ -92,7 +92,7 @@ from train.startup import (
     register_hint,
 )
 from train.trajectory import TrajectoryKeeper, segment_bounds
-from train.window_report import WindowReport, round_report
+from train.window_report import WindowReport, moe_report, round_report
 from train.window_start import (
     StateOffer,
     check_canonical,
@@ -418,6 +418,7 @@ class Miner:
             published_bytes=0,
             late=False,
         )
+        expert_metrics = moe_report(report, stats)
         if self.main:
             self._publish_and_step(window, shard, active, start, report, base, theta_w)
         self._sync_ranks()
@@ -439,6 +440,7 @@ class Miner:
                 "averaging/seconds": report.averaging_seconds,
                 "averaging/attempts": report.averaging_attempts,
                 "averaging/delivered": report.averaging_delivered,
+                **expert_metrics,
             },
             step=self.global_step,
         )

@@ -25,12 +25,21 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
 
 from train.config import ModelConfig
+from train.moe import is_moe, mixtral_config, unfuse_experts
 
 try:  # transformers >= 5
     from transformers.initialization import no_init_weights
@@ -49,12 +58,31 @@ def llama_config(
     bos_token_id: int | None = None,
     eos_token_id: int | None = None,
     pad_token_id: int | None = None,
-) -> LlamaConfig:
-    """The transformers `LlamaConfig` for `cfg` (no download); `vocab_size` overrides the cfg's.
+) -> PretrainedConfig:
+    """The transformers config for `cfg` (no download): a `LlamaConfig`, or a
+    `MixtralConfig` for ``arch: mixtral``; `vocab_size` overrides the cfg's.
 
     Token ids default to None (transformers' defaults 1/2 would name tokens that a trained
     BPE tokenizer may not have); pass the tokenizer's ids when saving a checkpoint.
     """
+    common: dict[str, Any] = dict(
+        vocab_size=cfg.vocab_size if vocab_size is None else vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_seq_len,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        initializer_range=cfg.init_std,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    if is_moe(cfg):
+        return mixtral_config(cfg, **common)
     return LlamaConfig(
         vocab_size=cfg.vocab_size if vocab_size is None else vocab_size,
         hidden_size=cfg.hidden_size,
@@ -95,10 +123,19 @@ def init_parameters(model: nn.Module, std: float, seed: int) -> None:
                 param.zero_()
 
 
+def _instantiate(config: PretrainedConfig) -> PreTrainedModel:
+    if isinstance(config, MixtralConfig):
+        model = MixtralForCausalLM(config)
+        unfuse_experts(model, config)  # experts as separate tensors: they are shards
+        return model
+    return LlamaForCausalLM(config)
+
+
 def build_model(
     cfg: ModelConfig, seed: int, *, device: str | torch.device = "cpu"
-) -> LlamaForCausalLM:
-    """A fresh fp32 `LlamaForCausalLM` for `cfg`, identical for the same `(cfg, seed)`.
+) -> PreTrainedModel:
+    """A fresh fp32 `LlamaForCausalLM` (or `MixtralForCausalLM` with unfused experts,
+    `train.moe`) for `cfg`, identical for the same `(cfg, seed)`.
 
     `device="meta"` builds the structure only (no memory, no values), for counting and
     shapes; any other device gets the weights drawn on the CPU, then moved there.
@@ -106,11 +143,11 @@ def build_model(
     config = llama_config(cfg)
     if torch.device(device).type == "meta":
         with torch.device("meta"):
-            return LlamaForCausalLM(config)
+            return _instantiate(config)
     # transformers' own init would consume (and depend on) the global RNG; it is skipped
     # because every parameter is overwritten below anyway.
     with torch.random.fork_rng(devices=[]), no_init_weights():
-        model = LlamaForCausalLM(config)
+        model = _instantiate(config)
     init_parameters(model, cfg.init_std, seed)
     model.train()
     logger.debug("built %s parameters (seed %d)", f"{count_parameters(model):,}", seed)

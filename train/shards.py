@@ -1,4 +1,5 @@
-"""Model shards: the parameters split into `S` contiguous groups of whole layers.
+"""Model shards: the parameters split into `S` contiguous groups of whole layers (or, for a
+mixture of experts, the shared parameters and groups of experts).
 
     from train.shards import shard_map, shard_for_miner, make_trainable, shard_state
 
@@ -21,6 +22,13 @@ of the squared group sizes (so the other groups are as even as they can be), wit
 fixed tie-break (the last group starts as early as possible, recursively). The result is
 a pure function of the units' sizes and `S`, so every process computes the same map; no
 group exceeds `total / S + largest unit`. Names inside a group are sorted.
+
+**Experts as shards** (``arch: mixtral``, `train.moe`). A mixture of experts is cut along
+its experts instead: shard 0 holds every shared parameter (embeddings, attention, norms,
+routers, head) and shards 1 … S − 1 hold equal contiguous groups of experts, each expert
+with its tensors in every layer (shard g + 1 holds experts g·E/(S−1) … (g+1)·E/(S−1) − 1).
+A miner of an expert shard keeps and moves only those experts' optimizer state and Δ;
+the router that picks them is shared. S = 1 is the whole model, as for a dense one.
 
 **Assignment.** `shard_for_miner` ranks the miner UIDs (sorted, so every process agrees)
 and gives rank `r` the shard `(r + window) mod S`: each shard gets ⌊M/S⌋ or ⌈M/S⌉ of the
@@ -45,6 +53,7 @@ logger = logging.getLogger(__name__)
 ParamShapes = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_EXPERT = re.compile(r"^model\.layers\.\d+\.mlp\.experts\.(\d+)\.")
 _EMBED_PREFIX = "model.embed_tokens."
 _HEAD_PREFIXES = ("model.norm.", "lm_head.")
 
@@ -152,6 +161,9 @@ def shard_map(source: nn.Module | ModelConfig | Mapping[str, Any], shards: int) 
     one shard; `shards = 1` is the whole model.
     """
     sizes = _sizes(source)
+    experts = _experts(sizes)
+    if experts and shards > 1:
+        return _expert_map(sizes, experts, shards)
     units = shard_units(sizes)
     if not 1 <= shards <= len(units):
         raise ValueError(f"shards must be in 1..{len(units)} (the model's units), got {shards}")
@@ -164,6 +176,51 @@ def shard_map(source: nn.Module | ModelConfig | Mapping[str, Any], shards: int) 
         "shard sizes for S=%d: %s", shards, [sum(sizes[n] for n in group) for group in result]
     )
     return result
+
+
+def _experts(names: Iterable[str]) -> dict[int, list[str]]:
+    """Expert index -> its parameters (every layer), for a model with unfused experts."""
+    out: dict[int, list[str]] = {}
+    for name in names:
+        match = _EXPERT.match(name)
+        if match:
+            out.setdefault(int(match.group(1)), []).append(name)
+    return out
+
+
+def _expert_map(
+    sizes: Mapping[str, int], experts: Mapping[int, list[str]], shards: int
+) -> list[list[str]]:
+    count = len(experts)
+    if sorted(experts) != list(range(count)):
+        raise ValueError(f"expert indices are not 0..E-1: {sorted(experts)}")
+    groups = shards - 1
+    if count % groups:
+        raise ValueError(
+            f"shards {shards}: the shared shard plus {groups} expert groups, which must "
+            f"divide the {count} experts"
+        )
+    per = count // groups
+    owned = {n for names in experts.values() for n in names}
+    result = [sorted(n for n in sizes if n not in owned)]
+    for g in range(groups):
+        result.append(sorted(n for j in range(g * per, (g + 1) * per) for n in experts[j]))
+    logger.debug(
+        "expert shard sizes for S=%d: %s", shards, [sum(sizes[n] for n in grp) for grp in result]
+    )
+    return result
+
+
+def shard_labels(cfg: ModelConfig) -> list[str]:
+    """A short name per shard for reports and views: for a mixture of experts "shared" and
+    "experts a–b"; for a dense model "shard k"."""
+    if cfg.arch == "mixtral" and cfg.shards > 1:
+        per = cfg.num_experts // (cfg.shards - 1)
+        return ["shared"] + [
+            f"expert {g * per}" if per == 1 else f"experts {g * per}–{(g + 1) * per - 1}"
+            for g in range(cfg.shards - 1)
+        ]
+    return [f"shard {k}" for k in range(cfg.shards)]
 
 
 def shard_for_miner(uid: int, miner_uids: Sequence[int], window: int, shards: int) -> int:

@@ -44,6 +44,7 @@ from store.errors import NotFound, StoreConflict
 from store.sources import contributions_entry
 from tensormine.config import RunConfig
 from train.model import model_fingerprint
+from train.moe import from_checkpoint_names
 from train.shards import shard_state
 from train.tokenizer import load_tokenizer
 
@@ -220,7 +221,7 @@ def load_checkpoint_weights(folder: Path) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {}
     for name in files:
         weights.update(load_file(str(folder / name)))
-    return {k: v.float() for k, v in weights.items()}
+    return {k: v.float() for k, v in from_checkpoint_names(weights).items()}
 
 
 def load_checkpoint_momentum(folder: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:

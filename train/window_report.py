@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from averaging.round import AverageResult, AveragingFailed
 from train.group_round import Outcomes
+from train.inner import InnerStats
 
 
 @dataclass
@@ -39,6 +40,28 @@ class WindowReport:
     averaging_attempts: int = 0  # groups the rounds went through (> 1 after a retry)
     averaging_delivered: float = 0.0  # of a failed round: share of our Δ in some average
     averaged_window: int = -1  # the window whose round the averaging fields describe
+    # Mixture of experts: [layer][expert] share of routed token slots over the window's
+    # inner steps (rows sum to 1; an even router gives 1/E each), and the mean
+    # load-balancing loss (unweighted). Empty / None for a dense model.
+    expert_usage: list[list[float]] = field(default_factory=list)
+    aux_loss: float | None = None
+
+
+def moe_report(report: WindowReport, stats: InnerStats) -> dict[str, float]:
+    """Fill `report`'s expert fields from the inner loop's stats; the W&B metrics for them
+    (each expert's share averaged over layers, the largest share anywhere, the aux loss)."""
+    usage = stats.expert_usage
+    if usage is None:
+        return {}
+    report.expert_usage = [[round(float(v), 5) for v in row] for row in usage.cpu()]
+    aux = [s.aux_loss for s in stats.steps if s.aux_loss is not None]
+    report.aux_loss = sum(aux) / len(aux) if aux else None
+    per_expert = usage.mean(dim=0)
+    metrics = {f"moe/expert_{j}_share": float(v) for j, v in enumerate(per_expert)}
+    metrics["moe/max_share"] = float(usage.max())
+    if report.aux_loss is not None:
+        metrics["moe/aux_loss"] = report.aux_loss
+    return metrics
 
 
 def round_report(report: WindowReport, outcomes: Outcomes, shard: int) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 from common.cli import CliError, add_config_args, make_console
 from tensormine.config import load_config
-from validation.report import read_reports, read_skips, window_table
+from validation.report import read_reports, read_skips, shard_table, window_table
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -51,6 +51,8 @@ def _report(args: argparse.Namespace) -> int:
         table = window_table(reports)
         table.title = f"validator {name}: last {len(reports)} window(s)"
         console.print(table)
+        if any(len({r.shard for r in rep.miners}) > 1 for rep in reports):
+            console.print(shard_table(reports))  # sharded runs: what each shard earned
         for rep in reports:
             published = rep.published or (f"adopted {rep.adopted}" if rep.adopted else "-")
             after = rep.heldout_loss if rep.next_heldout_loss is None else rep.next_heldout_loss

@@ -92,6 +92,13 @@ class WindowReport:
     #               "bytes_sent": int, "bytes_received": int} per group
     group_checks: dict[str, dict[str, Any]] = field(default_factory=dict)
     miners: list[MinerRow] = field(default_factory=list)
+    # "<s>" -> the shard's name (`train.shards.shard_labels`: "shared", "experts 2–3", …)
+    shard_labels: dict[str, str] = field(default_factory=dict)
+
+    def label(self, shard: int | None) -> str:
+        if shard is None:
+            return "-"
+        return self.shard_labels.get(str(shard), f"shard {shard}")
 
     def to_json(self) -> dict[str, Any]:
         body = dataclasses.asdict(self)
@@ -114,6 +121,46 @@ def verdict(row: MinerRow) -> str:
     if row.score <= 0:
         return "no_gain"
     return "ok"
+
+
+@dataclass(frozen=True)
+class ShardSummary:
+    """One shard of one window: what its miners sent and earned."""
+
+    shard: int
+    label: str
+    contributions: int  # rows of the window for this shard (refused ones included)
+    scored: int
+    mean_loss_delta: float | None  # over scored rows
+    score: float  # the shard's miners' scores, summed
+
+
+def shard_summaries(report: WindowReport) -> list[ShardSummary]:
+    """Per shard of the window (by shard index): its contributions, mean ΔL, total score.
+    For a mixture of experts this is the score per expert group."""
+    by_shard: dict[int, list[MinerRow]] = {}
+    for row in report.miners:
+        if row.shard is not None:
+            by_shard.setdefault(row.shard, []).append(row)
+    out = []
+    for shard in sorted(by_shard):
+        rows = by_shard[shard]
+        deltas = [
+            r.loss_delta
+            for r in rows
+            if r.status == SCORED and r.loss_delta is not None and math.isfinite(r.loss_delta)
+        ]
+        out.append(
+            ShardSummary(
+                shard=shard,
+                label=report.label(shard),
+                contributions=len(rows),
+                scored=sum(1 for r in rows if r.status == SCORED),
+                mean_loss_delta=sum(deltas) / len(deltas) if deltas else None,
+                score=sum(r.score for r in rows),
+            )
+        )
+    return out
 
 
 def window_metrics(report: WindowReport) -> dict[str, float | int]:
@@ -165,6 +212,12 @@ def window_metrics(report: WindowReport) -> dict[str, float | int]:
             metrics[f"{prefix}/revealed"] = int(row.revealed)
         if row.averaged is not None:
             metrics[f"{prefix}/averaged/{row.averaged.split(':')[0]}"] = 1
+    for summary in shard_summaries(report):
+        prefix = f"shard/{summary.label.replace(' ', '_')}"
+        metrics[f"{prefix}/score"] = summary.score
+        metrics[f"{prefix}/scored"] = summary.scored
+        if summary.mean_loss_delta is not None:
+            metrics[f"{prefix}/loss_delta"] = summary.mean_loss_delta
     return metrics
 
 
@@ -264,7 +317,11 @@ def window_table(reports: Sequence[WindowReport]) -> Table:
                 str(rep.window) if first else "",
                 f"{rep.heldout_loss:.4f}" if first else "",
                 "-" if row.uid is None else str(row.uid),
-                "-" if row.shard is None else str(row.shard),
+                "-"
+                if row.shard is None
+                else f"{row.shard} ({rep.label(row.shard)})"
+                if rep.shard_labels
+                else str(row.shard),
                 committed + ("" if row.revealed is not False else ", unrevealed"),
                 row.averaged or "-",
                 row.pow or "-",
@@ -276,6 +333,28 @@ def window_table(reports: Sequence[WindowReport]) -> Table:
                 f"{row.score:.4f}",
                 f"{row.ema:.4f}",
                 f"{row.weight:.3f}",
+            )
+            first = False
+        table.add_section()
+    return table
+
+
+def shard_table(reports: Sequence[WindowReport]) -> Table:
+    """One row per (window, shard): contributions, scored, mean ΔL and the shard's total
+    score — for a mixture of experts, what each expert group earned."""
+    table = Table(title="scores per shard", show_lines=False)
+    for name in ("window", "shard", "contributions", "scored", "mean ΔL", "score"):
+        table.add_column(name, justify="left" if name == "shard" else "right")
+    for rep in reports:
+        first = True
+        for summary in shard_summaries(rep):
+            table.add_row(
+                str(rep.window) if first else "",
+                f"{summary.shard} ({summary.label})",
+                str(summary.contributions),
+                str(summary.scored),
+                _num(summary.mean_loss_delta),
+                f"{summary.score:.4f}",
             )
             first = False
         table.add_section()

@@ -69,7 +69,7 @@ from train.corpus import DataError
 from train.data import Pages, load_pages
 from train.model import build_model
 from train.overlap import start_for
-from train.shards import shard_map
+from train.shards import shard_labels, shard_map
 from train.startup import (
     StartupError,
     align_special_tokens,
@@ -175,6 +175,11 @@ class Validator:
         )
         self.model = build_model(cfg.model, cfg.run.seed, device=self.device)
         self.shards = shard_map(self.model, cfg.model.shards)
+        labels = shard_labels(cfg.model)
+        # Named in the reports only where a name says more than the index (experts).
+        self.shard_labels = (
+            {str(k): v for k, v in enumerate(labels)} if cfg.model.arch == "mixtral" else {}
+        )
         params = dict(self.model.named_parameters())
         self.shapes = {
             s: {n: tuple(params[n].shape) for n in names} for s, names in enumerate(self.shards)
@@ -433,7 +438,7 @@ class Validator:
             window=window, validator=self.name, block=self.ledger.block_number(),
             heldout_loss=base_loss, contributions=len(refs), admitted=len(admitted),
             seconds=0.0, eval_seconds=eval_seconds, miners=rows,
-            committed=len(commitments),
+            committed=len(commitments), shard_labels=self.shard_labels,
         )  # fmt: skip
         publish = PublishContext(
             cfg, self.model, self.shards, self.shapes, self.store, self.ledger, self.tokenizer,

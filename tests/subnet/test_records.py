@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from subnet.plots import write_plots
@@ -92,3 +93,46 @@ def test_view_and_plots_render(tmp_path: Path) -> None:
     assert sorted(p.name for p in written) == ["emission.png", "heldout_loss.png", "scores.png"]
     assert all(p.stat().st_size > 1000 for p in written)
     json.dumps([str(p) for p in written])
+
+
+def test_scores_per_expert_shard_in_the_report_view_and_plots(tmp_path: Path) -> None:
+    """A mixture-of-experts run: the validator names its shards, and the report's summary,
+    W&B metrics, live view and plots add up each expert group's miners."""
+    from validation.report import shard_summaries, shard_table, window_metrics
+
+    labels = {"0": "shared", "1": "experts 0–1", "2": "experts 2–3"}
+    rows = [
+        MinerRow(uid=1, hotkey="a", shard=0, status="scored", loss_delta=0.3, score=0.3),
+        MinerRow(uid=2, hotkey="b", shard=1, status="scored", loss_delta=0.2, score=0.2),
+        MinerRow(uid=3, hotkey="c", shard=1, status="scored", loss_delta=0.1, score=0.05),
+        MinerRow(uid=4, hotkey="d", shard=2, status="refused", reason="missing"),
+    ]
+    rep = report(3, rows, 7.5)
+    rep.shard_labels = labels
+    summaries = {s.label: s for s in shard_summaries(rep)}
+    assert summaries["experts 0–1"].score == 0.25 and summaries["experts 0–1"].scored == 2
+    assert summaries["experts 0–1"].mean_loss_delta == pytest.approx(0.15)
+    assert summaries["experts 2–3"].contributions == 1 and summaries["experts 2–3"].score == 0
+    assert summaries["experts 2–3"].mean_loss_delta is None
+    metrics = window_metrics(rep)
+    assert metrics["shard/experts_0–1/score"] == 0.25 and metrics["shard/shared/scored"] == 1
+    console = Console(width=200, record=True)
+    console.print(shard_table([rep]))
+    assert "1 (experts 0–1)" in console.export_text()
+
+    path = tmp_path / "windows.jsonl"
+    append_report(path, rep)
+    parsed = ValidatorWindow.parse(read_jsonl(path)[0])
+    assert parsed is not None and parsed.shard_scores() == {0: 0.3, 1: 0.25, 2: 0.0}
+    moe = snap()
+    moe.validators = {"validator-0": [parsed]}
+    assert moe.shard_label(1) == "1 (experts 0–1)" and moe.shard_label(7) == "7"
+    assert moe.shard_scores() == (3, {0: 0.3, 1: 0.25, 2: 0.0})
+    members = [Member("miner-0", "miner", "honest", "a")]
+    console = Console(width=240, record=True)
+    console.print(render(moe, members, block_time_s=0.25, title="t", notes=[]))
+    text = console.export_text()
+    assert "scores per shard (window 3)" in text and "2 (experts 2–3) 0.000" in text
+    history = [{"window": w, "earned": {"2": w * 10**9}} for w in range(4)]
+    written = write_plots(moe, history, tmp_path / "plots")
+    assert "shard_scores.png" in {p.name for p in written}
