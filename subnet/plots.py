@@ -117,6 +117,29 @@ def plot_emission(snap: Snapshot, history: list[dict[str, Any]], path: Path) -> 
     return True
 
 
+def _lines(series: dict[str, list[tuple[int, float]]], path: Path, ylabel: str, title: str) -> None:
+    """One line per series over the windows, written to `path`."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, points in series.items():
+        ax.plot(*zip(*sorted(points), strict=True), marker="o", label=label)
+    _integer_windows(ax)
+    ax.set_xlabel("window")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _mean_per_window(
+    by_key: dict[int, dict[int, list[float]]],
+) -> dict[int, list[tuple[int, float]]]:
+    return {k: [(w, sum(v) / len(v)) for w, v in by_key[k].items()] for k in sorted(by_key)}
+
+
 def plot_scores(snap: Snapshot, path: Path) -> bool:
     by_uid: dict[int, dict[int, list[float]]] = {}
     for rows in snap.validators.values():
@@ -125,21 +148,14 @@ def plot_scores(snap: Snapshot, path: Path) -> bool:
                 by_uid.setdefault(uid, {}).setdefault(r.window, []).append(score)
     if not by_uid:
         return False
-    plt = _pyplot()
     labels = _labels(snap)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for uid in sorted(by_uid):
-        points = sorted((w, sum(v) / len(v)) for w, v in by_uid[uid].items())
-        ax.plot(*zip(*points, strict=True), marker="o", label=labels.get(uid, f"uid {uid}"))
-    _integer_windows(ax)
-    ax.set_xlabel("window")
-    ax.set_ylabel("score (held-out loss delta, mean over validators)")
-    ax.set_title("scores per UID per window")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    series = {labels.get(u, f"uid {u}"): p for u, p in _mean_per_window(by_uid).items()}
+    _lines(
+        series,
+        path,
+        "score (held-out loss delta, mean over validators)",
+        "scores per UID per window",
+    )
     return True
 
 
@@ -153,20 +169,8 @@ def plot_shard_scores(snap: Snapshot, path: Path) -> bool:
                 by_shard.setdefault(shard, {}).setdefault(r.window, []).append(score)
     if len(by_shard) < 2:
         return False
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for shard in sorted(by_shard):
-        points = sorted((w, sum(v) / len(v)) for w, v in by_shard[shard].items())
-        ax.plot(*zip(*points, strict=True), marker="o", label=snap.shard_label(shard))
-    _integer_windows(ax)
-    ax.set_xlabel("window")
-    ax.set_ylabel("sum of the shard's miners' scores")
-    ax.set_title("scores per shard per window")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    series = {snap.shard_label(s): p for s, p in _mean_per_window(by_shard).items()}
+    _lines(series, path, "sum of the shard's miners' scores", "scores per shard per window")
     return True
 
 

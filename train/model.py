@@ -83,24 +83,7 @@ def llama_config(
     )
     if is_moe(cfg):
         return mixtral_config(cfg, **common)
-    return LlamaConfig(
-        vocab_size=cfg.vocab_size if vocab_size is None else vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_seq_len,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        initializer_range=cfg.init_std,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        attention_bias=False,
-        mlp_bias=False,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-    )
+    return LlamaConfig(**common, attention_bias=False, mlp_bias=False)
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
