@@ -79,7 +79,14 @@ from train.model import build_model, model_fingerprint
 from train.overlap import PendingRound, Rounds, eager_start
 from train.pages import heldout_sample
 from train.responder import Responder
-from train.shards import apply_to_shard, make_trainable, shard_for_miner, shard_map, shard_state
+from train.shards import (
+    apply_to_shard,
+    make_trainable,
+    shard_for_miner,
+    shard_map,
+    shard_state,
+    trained_shards,
+)
 from train.startup import (
     adopt_checkpoint,
     align_special_tokens,
@@ -353,8 +360,8 @@ class Miner:
                     "validator permit)"
                 )
             decision[0] = shard_for_miner(self.uid, miners, window, n_shards)
-            for uid in miners:
-                decision[1 + shard_for_miner(uid, miners, window, n_shards)] = 1
+            for s in trained_shards(miners, window, n_shards):
+                decision[1 + s] = 1
         decision = broadcast(decision)
         return int(decision[0]), [s for s in range(n_shards) if int(decision[1 + s])]
 

@@ -237,6 +237,11 @@ def shard_for_miner(uid: int, miner_uids: Sequence[int], window: int, shards: in
     return (rank + window) % shards
 
 
+def trained_shards(miner_uids: Sequence[int], window: int, shards: int) -> set[int]:
+    """The shards some miner trains in `window` (all of them unless S > miners)."""
+    return {shard_for_miner(uid, miner_uids, window, shards) for uid in set(miner_uids)}
+
+
 def _params(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Parameter]:
     by_name = dict(model.named_parameters())
     missing = [n for n in names if n not in by_name]

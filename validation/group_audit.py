@@ -42,6 +42,7 @@ from chain.interface import Chain
 from tensormine.config import RunConfig
 from train.contribution import committed_digests
 from train.group_round import matchmaking_lead, round_times
+from train.shards import trained_shards
 from train.windows import deadline, meeting_block, start_block, wait_for_block
 from validation.admission import Admitted, Roster
 from validation.report import MinerRow
@@ -77,11 +78,17 @@ def join_groups(
         # The weights every member's reducer uses: the ledger's as the last epoch at or
         # before the window's first block left them (the miners pin the same block).
         table = weights.table(first)
+        # Only the shards some miner trains (as the miners decide it): with more shards
+        # than miners (experts as shards) the others' groups would hold auxiliary peers
+        # alone and fail, retrying until the deadline, for nothing.
+        miners = [n.uid for n in ledger.neurons() if not n.validator_permit]
+        trained = trained_shards(miners, window, cfg.model.shards) if miners else None
         # On the all-gathered wire an auxiliary peer computes the average itself, so it
         # checks each member's message against its commitment as the members do.
         results = seat.average_window(
             window, {}, start_at=start_at, timeout=timeout, weights_block=first,
             commitments=committed_digests(ledger, window, deadline(window, cfg.window)),
+            receive=trained,
         )  # fmt: skip
         return results, table
 

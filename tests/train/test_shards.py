@@ -20,6 +20,7 @@ from train.shards import (
     shard_map,
     shard_state,
     shard_units,
+    trained_shards,
 )
 
 CFG = ModelConfig(
@@ -194,3 +195,10 @@ def test_apply_rejects_bad_tensors_without_changing_anything(
 def test_make_trainable_rejects_unknown_names(model: torch.nn.Module) -> None:
     with pytest.raises(KeyError):
         make_trainable(model, ["model.layers.99.mlp.up_proj.weight"])
+
+
+def test_trained_shards_are_those_some_miner_holds() -> None:
+    # Ranks 0, 1, 2 (UIDs 2, 5, 9) take shards (r + w) mod S.
+    assert trained_shards([5, 9, 2], window=1, shards=5) == {1, 2, 3}
+    assert trained_shards([5, 9, 2], window=4, shards=5) == {4, 0, 1}
+    assert trained_shards([5, 9, 2, 7], window=0, shards=2) == {0, 1}
