@@ -73,16 +73,17 @@ def join_groups(
     if head >= meeting:
         return None  # too late to meet this window's groups
     start_at, timeout = round_times(ledger, cfg, window)
+    # Only the shards some miner trains (as the miners decide it): with more shards than
+    # miners (experts as shards) the others' groups would hold auxiliary peers alone and
+    # fail, retrying until the deadline, for nothing. Read here: the ledger's connection
+    # belongs to this thread.
+    miners = [n.uid for n in ledger.neurons() if not n.validator_permit]
+    trained = trained_shards(miners, window, cfg.model.shards) if miners else None
 
     def meet() -> GroupRound:
         # The weights every member's reducer uses: the ledger's as the last epoch at or
         # before the window's first block left them (the miners pin the same block).
         table = weights.table(first)
-        # Only the shards some miner trains (as the miners decide it): with more shards
-        # than miners (experts as shards) the others' groups would hold auxiliary peers
-        # alone and fail, retrying until the deadline, for nothing.
-        miners = [n.uid for n in ledger.neurons() if not n.validator_permit]
-        trained = trained_shards(miners, window, cfg.model.shards) if miners else None
         # On the all-gathered wire an auxiliary peer computes the average itself, so it
         # checks each member's message against its commitment as the members do.
         results = seat.average_window(
