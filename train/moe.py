@@ -71,13 +71,13 @@ class UnfusedExperts(nn.ModuleList):
     """`MixtralExperts`' computation over one module per expert (see the module doc)."""
 
     def __init__(self, config: MixtralConfig) -> None:
+        if config.hidden_act != "silu":
+            raise ValueError(f"unsupported expert activation {config.hidden_act!r}")
         super().__init__(
             _Expert(config.hidden_size, config.intermediate_size)
             for _ in range(config.num_local_experts)
         )
-        self.act_fn = nn.SiLU() if config.hidden_act == "silu" else None
-        if self.act_fn is None:
-            raise ValueError(f"unsupported expert activation {config.hidden_act!r}")
+        self.act_fn = nn.SiLU()
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -94,7 +94,6 @@ class UnfusedExperts(nn.ModuleList):
                     out = out + 0.0 * sum(p.sum() for p in expert.parameters())
                 continue
             x = hidden_states[token_idx]
-            assert self.act_fn is not None
             y = expert.w2(self.act_fn(expert.w1(x)) * expert.w3(x))
             y = y * top_k_weights[token_idx, slot, None]
             out.index_add_(0, token_idx, y.to(out.dtype))
