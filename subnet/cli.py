@@ -22,6 +22,7 @@ import yaml
 
 from common.cli import CliError, add_config_args, make_console
 from subnet.config import BEHAVIOURS
+from tensormine.config import read_yaml
 
 DEFAULT_CONFIG = "configs/demo.yaml"
 
@@ -43,7 +44,10 @@ def preset_overrides(preset: str) -> list[str]:
     )
     if not path.is_file():
         raise CliError(f"--preset {preset}: no such preset ({path})")
-    tree: Any = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        tree: Any = read_yaml(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise CliError(f"--preset {preset}: {path} is not valid YAML: {exc}") from exc
     model = tree.get("model") if isinstance(tree, dict) else None
     if not isinstance(model, dict):
         raise CliError(f"--preset {preset}: {path} has no model: section")

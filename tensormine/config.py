@@ -72,6 +72,18 @@ class RunConfig(StrictModel):
             )
         return self
 
+    @model_validator(mode="after")
+    def _affinity_needs_experts(self) -> RunConfig:
+        if self.data.expert_affinity > 0 and (
+            self.model.arch != "mixtral" or self.model.shards < 2
+        ):
+            raise ValueError(
+                "data.expert_affinity draws an expert group's pages from its partition: it "
+                f"needs model.arch mixtral and model.shards >= 2 (got {self.model.arch}, "
+                f"{self.model.shards} shard(s))"
+            )
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _files_under_run_dir(cls, data: Any) -> Any:
@@ -146,6 +158,29 @@ def _describe(exc: ValidationError, source: str, tree: Mapping[str, Any]) -> str
     return "\n".join(lines)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key twice in one mapping is an error: PyYAML
+    keeps the last silently, so a second `model:` section would replace the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"found the key {key!r} twice (first on line {seen[key].start_mark.line + 1})",
+                    key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str) -> Any:
+    """YAML as `yaml.safe_load` reads it, with duplicate keys refused (`yaml.YAMLError`)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no Python objects
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> RunConfig:
     """Read `path` (or the built-in defaults when None), apply overrides, validate."""
     source = "defaults" if path is None else str(path)
@@ -155,7 +190,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         if not file.is_file():
             raise ConfigError(f"{source}: no such config file")
         try:
-            loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+            loaded = read_yaml(file.read_text(encoding="utf-8"))
         except yaml.YAMLError as exc:
             raise ConfigError(f"{source}: not valid YAML: {exc}") from exc
         if loaded is None:

@@ -26,6 +26,16 @@ def test_unknown_key_names_the_file_and_the_key(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_a_key_twice_is_refused_with_both_lines(tmp_path: Path) -> None:
+    # PyYAML would keep the second section silently (configs/moe.yaml once had tiny's
+    # `model:` above its own).
+    text = "model:\n  hidden_size: 64\ntrain:\n  lr: 0.1\nmodel:\n  hidden_size: 32\n"
+    with pytest.raises(ConfigError, match=r"(?s)not valid YAML.*'model' twice \(first on line 1\)"):
+        load_config(write(tmp_path, text))
+    with pytest.raises(ConfigError, match=r"(?s)'lr' twice"):
+        load_config(write(tmp_path, "train:\n  lr: 0.1\n  lr: 0.2\n"))
+
+
 def test_wrong_type_and_range(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"chain\.tempo: .*integer"):
         load_config(write(tmp_path, "chain:\n  tempo: ten\n"))

@@ -47,24 +47,31 @@ import numpy as np
 import torch
 
 from train.behaviours import BEHAVIOURS
-from train.pages import assigned_pages, heldout_sample, unassigned_pages
+from train.pages import Affinity, assigned_pages, heldout_sample, unassigned_pages
 
 WRONG_DATA_SALT = b"tensormine/adversary/wrong-data"
 HELDOUT_KEY = b"tensormine/adversary/heldout"
 
 
 def training_pages(
-    behaviour: str, hotkey: str, window: int, seed: int, n_train_pages: int, count: int
+    behaviour: str,
+    hotkey: str,
+    window: int,
+    seed: int,
+    n_train_pages: int,
+    count: int,
+    affinity: Affinity | None = None,
 ) -> np.ndarray:
     """The train pages a miner of `behaviour` trains on (every behaviour but `wrong_data`
-    uses its assignment)."""
+    uses its assignment; `affinity` is its shard's, `train.data.shard_affinities`)."""
     if behaviour not in BEHAVIOURS:
         raise ValueError(f"unknown behaviour {behaviour!r}; one of {', '.join(BEHAVIOURS)}")
     if behaviour == "wrong_data":
         return unassigned_pages(
-            hotkey, window, seed, n_train_pages, count, WRONG_DATA_SALT, assigned_count=count
-        )
-    return assigned_pages(hotkey, window, seed, n_train_pages, count)
+            hotkey, window, seed, n_train_pages, count, WRONG_DATA_SALT, assigned_count=count,
+            affinity=affinity,
+        )  # fmt: skip
+    return assigned_pages(hotkey, window, seed, n_train_pages, count, affinity)
 
 
 def training_rows(
@@ -77,11 +84,13 @@ def training_rows(
     count: int,
     *,
     heldout_share: float = 0.5,
+    affinity: Affinity | None = None,
 ) -> np.ndarray:
     """The token rows (in step order) a miner of `behaviour` trains on: `train` rows of
     `training_pages`, except that `heldout` puts rows of the public held-out split in
     `heldout_share` of the places (evenly spread: every other row at 0.5)."""
-    rows: np.ndarray = train[training_pages(behaviour, hotkey, window, seed, train.shape[0], count)]
+    order = training_pages(behaviour, hotkey, window, seed, train.shape[0], count, affinity)
+    rows: np.ndarray = train[order]
     if behaviour != "heldout":
         return rows
     if not 0.0 <= heldout_share <= 1.0:

@@ -88,6 +88,18 @@ class DataConfig(StrictModel):
     seq_len: int = Field(default=128, ge=8, description="tokens per page")
     heldout_fraction: float = Field(default=0.05, gt=0.0, lt=0.5)
     cache_dir: Path | None = Field(default=None, description="default: <run.dir>/data")
+    topic_field: str | None = Field(
+        default=None,
+        description="column naming each document's topic (files/hub), the key of the "
+        "expert-affinity partition; stdlib: the top-level package; None: each document its own",
+    )
+    expert_affinity: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="share of an expert-group miner's pages drawn from its group's partition "
+        "of the corpus (by topic; model.arch mixtral, model.shards >= 2); 0 = off",
+    )
 
     @model_validator(mode="after")
     def _source(self) -> DataConfig:

@@ -22,6 +22,13 @@ A document is held out iff the sha256 of its UTF-8 text, read as a fraction of 2
 below `data.heldout_fraction` (`is_heldout`). The split depends on a document's content
 alone, so it is the same on every machine, whatever the order of the corpus, and a
 document duplicated in the corpus lands on the same side every time.
+
+Every document also has a *topic* (column "topic"), the key by which `data.expert_affinity`
+partitions the corpus among expert groups (`train.pages.topic_groups`): for `stdlib` the
+top-level package or module a file belongs to (`asyncio`, `email`, `json`, ...); for
+`files` and `hub` the column `data.topic_field` names (a source, a URL's site, a label),
+or, without one, none: each document is then a topic of its own (`iter_documents` yields
+its topic as None; a `.txt` file, one document, has none either).
 """
 
 from __future__ import annotations
@@ -34,19 +41,24 @@ import platform
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeAlias
-
-import datasets
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from common.errors import TensormineError
 from train.config import DataConfig
+
+if TYPE_CHECKING:
+    import datasets
 
 logger = logging.getLogger(__name__)
 
 TEXT = "text"
 """The documents' column in the dataset that `load_documents` returns."""
+TOPIC = "topic"
+"""Each document's topic (a string), when the corpus has one: see the module's docstring."""
 
-Documents: TypeAlias = datasets.Dataset | datasets.IterableDataset
+# `datasets` (pandas, pyarrow: ~0.8 s) is imported where documents are read, not at start-up:
+# a miner or validator with its pages cached never needs it.
+Documents: TypeAlias = "datasets.Dataset | datasets.IterableDataset"
 
 # Test suites are a third of the stdlib and mostly fixtures; the rest reads like real code.
 _STDLIB_SKIP = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
@@ -142,44 +154,76 @@ def corpus_identity(cfg: DataConfig) -> dict[str, Any]:
         for path in match_files(cfg.files):
             stat = path.stat()
             files.append([str(path), stat.st_size, stat.st_mtime_ns])
-        identity |= {"files": files, "text_field": cfg.text_field, "streaming": cfg.streaming}
+        identity |= {
+            "files": files,
+            "text_field": cfg.text_field,
+            "topic_field": cfg.topic_field,
+            "streaming": cfg.streaming,
+        }
     else:
         identity |= {
             "dataset": cfg.dataset,
             "config": cfg.dataset_config,
             "split": cfg.split,
             "text_field": cfg.text_field,
+            "topic_field": cfg.topic_field,
             "streaming": cfg.streaming,
         }
     return identity
 
 
-def _text_column(ds: Documents, field: str, where: str) -> Documents:
-    """`ds` with only its text column, named `TEXT`, typed as a plain string."""
+def _text_column(ds: Documents, field: str, where: str, topic_field: str | None) -> Documents:
+    """`ds` with only its text column, named `TEXT`, typed as a plain string, and its
+    `topic_field` column as `TOPIC` when one is named."""
+    import datasets
+
     columns = ds.column_names
-    if columns is not None and field not in columns:
-        raise DataError(
-            f"data.text_field {field!r} is not a column of {where} (columns: {columns})"
-        )
-    ds = ds.select_columns([field])
-    if field != TEXT:
-        ds = ds.rename_column(field, TEXT)
+    wanted = [field] if topic_field is None else [field, topic_field]
+    for name, setting in zip(wanted, ("data.text_field", "data.topic_field"), strict=False):
+        if columns is not None and name not in columns:
+            raise DataError(f"{setting} {name!r} is not a column of {where} (columns: {columns})")
+    if topic_field == field:
+        raise DataError(f"data.topic_field {topic_field!r} is the text itself: name another column")
+    ds = ds.select_columns(wanted)
+    renames = {f: c for f, c in ((field, TEXT), (topic_field, TOPIC)) if f is not None and f != c}
+    if renames:
+        ds = ds.rename_columns(renames)
     features = ds.features
-    # Parquet files may hold large_string; concatenating sources needs one string type.
-    if features is not None and features[TEXT] != datasets.Value("string"):
-        ds = ds.cast_column(TEXT, datasets.Value("string"))
+    # Parquet files may hold large_string; concatenating sources needs one string type. A
+    # topic may be a label or a number: as a string, every source agrees on its hash.
+    for column in (TEXT, TOPIC) if topic_field is not None else (TEXT,):
+        if features is not None and features[column] != datasets.Value("string"):
+            ds = ds.cast_column(column, datasets.Value("string"))
     return ds
 
 
+def _features(ds: Documents, datasets: Any) -> Any:
+    """The features of `ds` with a string `TOPIC` column added."""
+    features = ds.features.copy() if ds.features is not None else datasets.Features()
+    features[TOPIC] = datasets.Value("string")
+    return features
+
+
+def stdlib_topic(path: Path) -> str:
+    """A stdlib file's topic: its top-level package, or its module for a lone file."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts = path.relative_to(root).parts
+    return parts[0] if len(parts) > 1 else Path(parts[0]).stem
+
+
 def _stdlib_documents(cfg: DataConfig) -> Documents:
+    import datasets
+
     files = stdlib_files(cfg.max_documents)
     # Decoding with "replace" keeps the odd non-UTF-8 file deterministic instead of fatal.
     texts = [path.read_bytes().decode("utf-8", "replace") for path in files]
     logger.info("stdlib corpus: %d files, %.1f MB", len(texts), sum(map(len, texts)) / 1e6)
-    return datasets.Dataset.from_dict({TEXT: texts})
+    return datasets.Dataset.from_dict({TEXT: texts, TOPIC: [stdlib_topic(p) for p in files]})
 
 
 def _file_documents(cfg: DataConfig) -> Documents:
+    import datasets
+
     groups: dict[str, list[str]] = {}
     for path in match_files(cfg.files):
         groups.setdefault(_builder(path), []).append(str(path))
@@ -193,12 +237,22 @@ def _file_documents(cfg: DataConfig) -> Documents:
             streaming=cfg.streaming,
             **options,
         )
-        field = TEXT if builder == "text" else cfg.text_field
-        parts.append(_text_column(ds, field, f"the {builder} files {groups[builder]}"))
+        where = f"the {builder} files {groups[builder]}"
+        if builder != "text":
+            parts.append(_text_column(ds, cfg.text_field, where, cfg.topic_field))
+            continue
+        ds = _text_column(ds, TEXT, where, None)
+        if cfg.topic_field is not None:
+            # A text file has no columns to name a topic: each one is a topic of its own
+            # (None), beside json or parquet rows that have one.
+            ds = ds.map(lambda _: {TOPIC: None}, features=_features(ds, datasets))
+        parts.append(ds)
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
 def _hub_documents(cfg: DataConfig) -> Documents:
+    import datasets
+
     where = f"data.dataset {cfg.dataset!r} (config {cfg.dataset_config!r}, split {cfg.split!r})"
     try:
         ds = datasets.load_dataset(
@@ -206,7 +260,7 @@ def _hub_documents(cfg: DataConfig) -> Documents:
         )
     except (FileNotFoundError, ConnectionError, ValueError) as err:
         raise DataError(f"{where} could not be loaded: {err}") from err
-    return _text_column(ds, cfg.text_field, where)
+    return _text_column(ds, cfg.text_field, where, cfg.topic_field)
 
 
 def load_documents(cfg: DataConfig) -> Documents:
@@ -216,6 +270,8 @@ def load_documents(cfg: DataConfig) -> Documents:
     `data.max_documents` documents. Raises `DataError` for an empty corpus, a glob that
     matches nothing or a missing text field.
     """
+    import datasets
+
     if cfg.source == "stdlib":
         ds = _stdlib_documents(cfg)
     elif cfg.source == "files":
@@ -234,15 +290,25 @@ def load_documents(cfg: DataConfig) -> Documents:
 
 def iter_texts(documents: Documents, batch_size: int = 1000) -> Iterator[list[str]]:
     """Batches of the documents' texts in corpus order, empty and null ones left out."""
+    for batch in iter_documents(documents, batch_size):
+        yield [text for text, _ in batch]
+
+
+def iter_documents(
+    documents: Documents, batch_size: int = 1000
+) -> Iterator[list[tuple[str, str | None]]]:
+    """Batches of (text, topic) in corpus order, empty and null texts left out; the topic
+    is None where the corpus has none (the document is then a topic of its own)."""
     for batch in documents.iter(batch_size=batch_size):
         if TEXT not in batch:
             raise DataError(f"the documents have no {TEXT!r} column (columns: {list(batch)})")
-        texts = []
-        for text in batch[TEXT]:
+        topics = batch.get(TOPIC) or [None] * len(batch[TEXT])
+        docs: list[tuple[str, str | None]] = []
+        for text, topic in zip(batch[TEXT], topics, strict=True):
             if text is None or text == "":
                 continue
             if not isinstance(text, str):
                 raise DataError(f"data.text_field holds {type(text).__name__}, not text")
-            texts.append(text)
-        if texts:
-            yield texts
+            docs.append((text, None if topic is None else str(topic)))
+        if docs:
+            yield docs

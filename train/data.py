@@ -38,25 +38,34 @@ import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import datasets
 import numpy as np
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from train.buildlock import build_lock
-from train.config import DataConfig
-from train.corpus import DataError, corpus_identity, is_heldout, iter_texts, load_documents
+from train.config import DataConfig, ModelConfig
+from train.corpus import DataError, corpus_identity, is_heldout, iter_documents, load_documents
+from train.pages import Affinity, topic_groups
 from train.tokenizer import tokenizer_digest
 
-__all__ = ["DataError", "Pages", "build_pages", "load_pages", "pages_digest", "pages_fingerprint"]
+__all__ = [
+    "DataError",
+    "Pages",
+    "build_pages",
+    "load_pages",
+    "pages_digest",
+    "pages_fingerprint",
+    "shard_affinities",
+    "topic_id",
+]
 
 logger = logging.getLogger(__name__)
 
-_FORMAT = "tensormine/pages/v1"
+_FORMAT = "tensormine/pages/v2"  # v2: each train page's topic (train_topics.npy)
 _SPLITS = ("train", "heldout")
 
 
@@ -72,6 +81,20 @@ class Pages:
     digest: str
     """sha256 hex of the page arrays themselves: equal on two machines ⇔ same pages."""
     folder: Path | None = None
+    topics: np.ndarray | None = None
+    """Each train page's topic id (uint64, `topic_id` of the topic of the document the
+    page starts in): what `train.pages.topic_groups` partitions for expert affinity."""
+
+    def groups(self, count: int) -> np.ndarray:
+        """The train pages' partition into `count` groups by topic (`topic_groups`)."""
+        if self.topics is None:
+            raise DataError("these pages carry no topics (built without them): rebuild them")
+        cached = self._groups.get(count)
+        if cached is None:
+            cached = self._groups[count] = topic_groups(self.topics, count)
+        return cached
+
+    _groups: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
 
 
 def pages_fingerprint(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> str:
@@ -88,13 +111,23 @@ def pages_fingerprint(cfg: DataConfig, tokenizer: PreTrainedTokenizerBase) -> st
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def pages_digest(train: np.ndarray, heldout: np.ndarray) -> str:
-    """sha256 over both splits' shapes and little-endian int32 bytes."""
+def pages_digest(train: np.ndarray, heldout: np.ndarray, topics: np.ndarray | None = None) -> str:
+    """sha256 over both splits' shapes and little-endian int32 bytes, and the train pages'
+    topics (little-endian uint64) when given: equal digests, equal partitions."""
     digest = hashlib.sha256()
     for name, array in zip(_SPLITS, (train, heldout), strict=True):
         digest.update(f"{name}{list(array.shape)}".encode())
         digest.update(np.ascontiguousarray(array, dtype="<i4").tobytes())
+    if topics is not None:
+        digest.update(f"topics{list(topics.shape)}".encode())
+        digest.update(np.ascontiguousarray(topics, dtype="<u8").tobytes())
     return digest.hexdigest()
+
+
+def topic_id(topic: str) -> int:
+    """A topic's id: the first 8 bytes of sha256 over a domain tag and its UTF-8 text."""
+    raw = hashlib.sha256(b"tensormine/topic/v1\0" + topic.encode("utf-8")).digest()
+    return int.from_bytes(raw[:8], "big")
 
 
 def _encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[str]], list[list[int]]]:
@@ -122,17 +155,22 @@ def _encoder(tokenizer: PreTrainedTokenizerBase) -> Callable[[list[str]], list[l
 
 
 class _Split:
-    """One split's token stream, kept as int32 chunks until cut into pages."""
+    """One split's token stream, kept as int32 chunks until cut into pages, with where
+    each document starts in it and its topic id."""
 
     def __init__(self, seq_len: int, eos: int) -> None:
         self.seq_len, self.eos = seq_len, eos
         self.chunks: list[np.ndarray] = []
+        self.starts: list[int] = []
+        self.topics: list[int] = []
         self.tokens = 0
         self.documents = 0
 
-    def add(self, encoded: list[list[int]]) -> None:
+    def add(self, encoded: list[list[int]], topics: list[int]) -> None:
         flat: list[int] = []
-        for ids in encoded:
+        for ids, topic in zip(encoded, topics, strict=True):
+            self.starts.append(self.tokens + len(flat))
+            self.topics.append(topic)
             flat.extend(ids)
             flat.append(self.eos)
         self.chunks.append(np.asarray(flat, dtype=np.int32))
@@ -148,20 +186,28 @@ class _Split:
         stream = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.int32)
         return stream[: n * self.seq_len].reshape(n, self.seq_len)
 
+    def page_topics(self, n: int) -> np.ndarray:
+        """The topic of the document each of the first `n` pages starts in (uint64)."""
+        first = np.arange(n, dtype=np.int64) * self.seq_len
+        doc = np.searchsorted(np.asarray(self.starts, dtype=np.int64), first, side="right") - 1
+        return np.asarray(self.topics, dtype=np.uint64)[doc]
+
 
 def build_pages(
-    batches: Iterable[Sequence[str]],
+    batches: Iterable[Sequence[str] | Sequence[tuple[str, str | None]]],
     tokenizer: PreTrainedTokenizerBase,
     seq_len: int,
     heldout_fraction: float,
     max_pages: int | None = None,
     total_documents: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
-    """(train pages, held-out pages, counts) from batches of document texts; no cache.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
+    """(train pages, held-out pages, train pages' topic ids, counts) from batches of
+    documents; no cache.
 
-    Empty documents are skipped (they would add a lone EOS).
-
-    Holds every token in memory (4 bytes each); bound a big corpus with `max_pages`.
+    A document is its text, or (text, topic) as `train.corpus.iter_documents` yields it; a
+    bare text or a None topic makes the document a topic of its own (`topic_id` of its
+    text). Empty documents are skipped (they would add a lone EOS). Holds every token in
+    memory (4 bytes each); bound a big corpus with `max_pages`.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -172,13 +218,18 @@ def build_pages(
         total=total_documents, unit="doc", desc="tokenizing", disable=None, mininterval=1.0
     ) as bar:
         for batch in batches:
-            texts = [text for text in batch if text]
-            held = [is_heldout(text, heldout_fraction) for text in texts]
-            train_texts = [t for t, h in zip(texts, held, strict=True) if not h]
-            heldout_texts = [t for t, h in zip(texts, held, strict=True) if h]
-            for name, part in (("train", train_texts), ("heldout", heldout_texts)):
+            docs = [(d, None) if isinstance(d, str) else d for d in batch]
+            docs = [(text, topic) for text, topic in docs if text]
+            for name in _SPLITS:
+                part = [
+                    (text, topic)
+                    for text, topic in docs
+                    if is_heldout(text, heldout_fraction) == (name == "heldout")
+                ]
                 if part:
-                    splits[name].add(encode(part))
+                    texts = [text for text, _ in part]
+                    ids = [topic_id(text if t is None else t) for text, t in part]
+                    splits[name].add(encode(texts), ids)
             bar.update(len(batch))
             if max_pages is not None and splits["train"].n_pages >= max_pages:
                 break
@@ -187,7 +238,9 @@ def build_pages(
         for name, split in splits.items()
         for what in ("documents", "tokens")
     }
-    return splits["train"].pages(max_pages), splits["heldout"].pages(), counts
+    train = splits["train"].pages(max_pages)
+    topics = splits["train"].page_topics(train.shape[0])
+    return train, splits["heldout"].pages(), topics, counts
 
 
 def load_pages(
@@ -222,6 +275,8 @@ def _build_into(
 ) -> None:
     started = time.perf_counter()
     documents = load_documents(cfg)
+    import datasets
+
     total = len(documents) if isinstance(documents, datasets.Dataset) else None
     logger.info(
         "building pages of %d tokens from %s documents (%s)",
@@ -229,16 +284,17 @@ def _build_into(
         total if total is not None else "streamed",
         cfg.source,
     )
-    train, heldout, counts = build_pages(
-        iter_texts(documents), tokenizer, cfg.seq_len, cfg.heldout_fraction, cfg.max_pages, total
-    )
+    train, heldout, topics, counts = build_pages(
+        iter_documents(documents), tokenizer, cfg.seq_len, cfg.heldout_fraction, cfg.max_pages,
+        total,
+    )  # fmt: skip
     if counts["train_documents"] + counts["heldout_documents"] == 0:
         raise DataError(f"data.source = {cfg.source}: the corpus has no non-empty document")
     seconds = time.perf_counter() - started
     meta: dict[str, Any] = {
         "format": _FORMAT,
         "fingerprint": fingerprint,
-        "digest": pages_digest(train, heldout),
+        "digest": pages_digest(train, heldout, topics),
         "seq_len": cfg.seq_len,
         "train_pages": int(train.shape[0]),
         "heldout_pages": int(heldout.shape[0]),
@@ -260,6 +316,7 @@ def _build_into(
         tmp.mkdir()
         np.save(tmp / "train.npy", train, allow_pickle=False)
         np.save(tmp / "heldout.npy", heldout, allow_pickle=False)
+        np.save(tmp / "train_topics.npy", topics, allow_pickle=False)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         try:
             tmp.rename(folder)
@@ -285,10 +342,13 @@ def _read(folder: Path, fingerprint: str, seq_len: int, mmap: bool) -> Pages:
     for name, array in (("train", train), ("heldout", heldout)):
         if array.dtype != np.int32 or array.shape != expected[name]:
             raise DataError(f"the page cache {folder} is damaged ({name}.npy): delete it")
+    topics = np.load(folder / "train_topics.npy", mmap_mode=mode, allow_pickle=False)
+    if topics.dtype != np.uint64 or topics.shape != (meta["train_pages"],):
+        raise DataError(f"the page cache {folder} is damaged (train_topics.npy): delete it")
     logger.info(
         "loaded %d train and %d held-out pages from %s", train.shape[0], heldout.shape[0], folder
     )
-    return Pages(train, heldout, seq_len, fingerprint, meta["digest"], folder)
+    return Pages(train, heldout, seq_len, fingerprint, meta["digest"], folder, topics)
 
 
 def _require_enough(pages: Pages, cfg: DataConfig, min_train_pages: int) -> None:
@@ -306,3 +366,31 @@ def _require_enough(pages: Pages, cfg: DataConfig, min_train_pages: int) -> None
             f"the corpus gives {pages.train.shape[0]} train pages, fewer than the "
             f"{min_train_pages} needed (train.batch_size): {advice}"
         )
+
+
+def shard_affinities(pages: Pages, model: ModelConfig, data: DataConfig) -> dict[int, Affinity]:
+    """The page affinity of each expert shard (`data.expert_affinity`), by shard index.
+
+    Empty when affinity is off or the model has no expert shards. Shard 0, the shared
+    parameters, draws its pages from the whole corpus and has none; shard k ≥ 1 (expert
+    group k − 1) draws `data.expert_affinity` of its pages from group k − 1 of the
+    corpus's partition by topic (`train.pages.topic_groups` into `model.shards − 1`
+    groups). Miners and validators call it with the same pages and config, so they agree
+    on every assignment. `DataError` when a group gets no page (fewer topics than groups).
+    """
+    if data.expert_affinity == 0 or model.arch != "mixtral" or model.shards < 2:
+        return {}
+    groups = model.shards - 1
+    of_page = pages.groups(groups)
+    out: dict[int, Affinity] = {}
+    for g in range(groups):
+        pool = np.flatnonzero(of_page == g).astype(np.int64)
+        if pool.size == 0:
+            topics = np.unique(np.asarray(pages.topics)).size
+            raise DataError(
+                f"data.expert_affinity: expert group {g} gets no page, the corpus has "
+                f"{topics} topic(s) for {groups} expert groups; use more documents "
+                "(data.max_documents) or a data.topic_field with more values"
+            )
+        out[g + 1] = Affinity(pool, data.expert_affinity)
+    return out

@@ -63,7 +63,7 @@ from train.adversary import training_rows
 from train.behaviours import BEHAVIOURS
 from train.cheats import backdate
 from train.contribution import commit_contribution, committed_digests
-from train.data import Pages, load_pages
+from train.data import Pages, load_pages, shard_affinities
 from train.group_round import (
     Outcomes,
     contribution_payload,
@@ -85,6 +85,7 @@ from train.shards import (
     shard_for_miner,
     shard_map,
     shard_state,
+    shared_first,
     trained_shards,
 )
 from train.startup import (
@@ -106,6 +107,7 @@ from train.window_start import (
     fetch_canonical,
     load_from_peers,
     pull,
+    serve_until_published,
 )
 from train.windows import deadline, start_block, wait_for_block, window_of
 
@@ -221,6 +223,8 @@ class Miner:
                 f"the corpus gives {self.pages.train.shape[0]} train pages; a window needs "
                 f"{needed} (train.inner_steps × train.batch_size): use more data or fewer steps"
             )
+        # Every expert shard's pages come partly from its topics (data.expert_affinity).
+        self.affinities = shard_affinities(self.pages, self.cfg.model, self.cfg.data)
         # A fixed sample spread over the held-out split (a prefix may be one document).
         n_heldout = self.pages.heldout.shape[0]
         spread = heldout_sample(
@@ -359,8 +363,9 @@ class Miner:
                     f"UID {self.uid} is no longer a miner here (deregistered or holds a "
                     "validator permit)"
                 )
-            decision[0] = shard_for_miner(self.uid, miners, window, n_shards)
-            for s in trained_shards(miners, window, n_shards):
+            shared = shared_first(self.cfg.model)
+            decision[0] = shard_for_miner(self.uid, miners, window, n_shards, shared=shared)
+            for s in trained_shards(miners, window, n_shards, shared=shared):
                 decision[1 + s] = 1
         decision = broadcast(decision)
         return int(decision[0]), [s for s in range(n_shards) if int(decision[1 + s])]
@@ -383,6 +388,7 @@ class Miner:
         rows = training_rows(
             self.behaviour, self.keypair.address, window, cfg.run.seed,
             self.pages.train, self.pages.heldout, cfg.train.pages_per_window,
+            affinity=self.affinities.get(shard),
         )  # fmt: skip
         pages = torch.from_numpy(rows)
 
@@ -638,6 +644,13 @@ class Miner:
             # deadline, so it is done within the all-gather's wait unless it never formed.
             avg = self.cfg.averaging
             self.rounds.finish(2 * avg.sender_timeout_s + avg.min_matchmaking_time_s)
+            if reports and self.seat is not None and self._validators_present():
+                span = self.cfg.window.blocks * self.ledger.block_time_s
+                last = reports[-1].window + 1
+                logger.info(
+                    "staying until validators publish window %d (at most %.0f s)", last, span
+                )
+                serve_until_published(self.store, self.ledger, last, span)
         self.acc.wait_for_everyone()  # no process leaves while another is mid-collective
         if self.responder is not None and reports and self.cfg.validation.pow_checks > 0:
             # Validators challenge the last window after its reveal deadline: stay to answer.
@@ -646,6 +659,9 @@ class Miner:
             )
             self.responder.linger(reports[-1].window, timeout=wait + 10.0)
         return reports
+
+    def _validators_present(self) -> bool:
+        return any(n.validator_permit for n in self.ledger.neurons())
 
     def close(self) -> None:
         if self.responder is not None:

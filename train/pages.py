@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -87,15 +88,83 @@ def _check(n: int, count: int, what: str) -> None:
         raise ValueError(f"count must be >= 0, got {count}")
 
 
+@dataclass(frozen=True, eq=False)
+class Affinity:
+    """Where a miner of one expert group draws part of its pages (`data.expert_affinity`).
+
+    `pool` holds the sorted train-page indices of the group's partition of the corpus
+    (`topic_groups`); a `fraction` of every assignment comes from it, the rest from the
+    pages outside it. Both are public: a validator rebuilds the same `Affinity` from the
+    run's pages, the config and the contribution's shard.
+    """
+
+    pool: np.ndarray
+    fraction: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.pool.ndim != 1 or self.pool.size == 0:
+            raise ValueError("an affinity needs a non-empty 1-D pool of pages")
+
+    def split(self, count: int) -> int:
+        """How many of `count` pages come from the pool (rounded half to even)."""
+        return round(self.fraction * count)
+
+
 def assigned_pages(
-    hotkey: str, window: int, seed: int, n_train_pages: int, count: int
+    hotkey: str,
+    window: int,
+    seed: int,
+    n_train_pages: int,
+    count: int,
+    affinity: Affinity | None = None,
 ) -> np.ndarray:
     """The train pages `hotkey` trains on in `window`, in the order it consumes them (int64).
 
-    Distinct when `count` <= `n_train_pages`; anyone can recompute them.
+    Distinct when `count` <= `n_train_pages`; anyone can recompute them. With an
+    `affinity`, `affinity.split(count)` pages are drawn from its pool and the rest from the
+    pages outside it, interleaved by a keyed shuffle so every step sees the mix (distinct
+    when each part fits its population).
     """
     _check(n_train_pages, count, "n_train_pages")
-    return _sample(_key("assigned", hotkey, window, seed), n_train_pages, count)
+    if affinity is None:
+        return _sample(_key("assigned", hotkey, window, seed), n_train_pages, count)
+    pool = affinity.pool
+    if int(pool[-1]) >= n_train_pages or int(pool[0]) < 0:
+        raise ValueError(f"the affinity pool names pages outside 0..{n_train_pages - 1}")
+    inside = affinity.split(count)
+    rest = np.setdiff1d(np.arange(n_train_pages, dtype=np.int64), pool, assume_unique=True)
+    if rest.size == 0:  # the pool is the whole corpus
+        rest, inside = pool, count
+    picked = np.concatenate([
+        pool[_sample(_key("assigned-affine", hotkey, window, seed), pool.size, inside)],
+        rest[_sample(_key("assigned-rest", hotkey, window, seed), rest.size, count - inside)],
+    ])  # fmt: skip
+    mixed: np.ndarray = picked[_sample(_key("assigned-mix", hotkey, window, seed), count, count)]
+    return mixed
+
+
+def topic_groups(topics: np.ndarray, groups: int) -> np.ndarray:
+    """The partition of the train pages into `groups` by topic: group of every page (int64).
+
+    `topics` holds each page's topic id (uint64, `train.data.Pages.topics`: a hash of the
+    topic of the document the page starts in). Whole topics go to groups, largest first,
+    each to the group with the fewest pages so far (ties to the lower group; topics of equal
+    size in order of their id), so the groups are as even as whole topics allow and any
+    machine with the same pages computes the same partition.
+    """
+    if groups < 1:
+        raise ValueError(f"groups must be at least 1, got {groups}")
+    ids, inverse, sizes = np.unique(topics, return_inverse=True, return_counts=True)
+    order = np.lexsort((ids, -sizes))  # largest first, then by id
+    load = np.zeros(groups, dtype=np.int64)
+    group_of_topic = np.zeros(ids.size, dtype=np.int64)
+    for t in order.tolist():
+        g = int(np.argmin(load))  # argmin returns the first minimum: the lower group
+        group_of_topic[t] = g
+        load[g] += sizes[t]
+    return group_of_topic[inverse.reshape(-1)]
 
 
 def unassigned_pages(
@@ -107,10 +176,11 @@ def unassigned_pages(
     salt: bytes,
     *,
     assigned_count: int | None = None,
+    affinity: Affinity | None = None,
 ) -> np.ndarray:
     """`count` train pages outside `hotkey`'s assignment for `window`, drawn with `salt`.
 
-    The assignment excluded is `assigned_pages(..., assigned_count)`; pass the run's
+    The assignment excluded is `assigned_pages(..., assigned_count, affinity)`; pass the run's
     `train.pages_per_window` (default: `count`, i.e. as many as are drawn). With a salt the
     miner does not know, it cannot tell these control pages in advance. Distinct when
     `count` <= the number of unassigned pages; `ValueError` if there are none.
@@ -118,11 +188,8 @@ def unassigned_pages(
     _check(n_train_pages, count, "n_train_pages")
     if not isinstance(salt, bytes) or not salt:
         raise ValueError("salt must be non-empty bytes known only to the caller")
-    excluded = np.unique(
-        assigned_pages(
-            hotkey, window, seed, n_train_pages, count if assigned_count is None else assigned_count
-        )
-    )
+    assigned = count if assigned_count is None else assigned_count
+    excluded = np.unique(assigned_pages(hotkey, window, seed, n_train_pages, assigned, affinity))
     free = n_train_pages - excluded.size
     if free < 1:
         raise ValueError(f"all {n_train_pages} train pages are assigned to {hotkey} in {window}")

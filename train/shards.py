@@ -32,7 +32,9 @@ the router that picks them is shared. S = 1 is the whole model, as for a dense o
 
 **Assignment.** `shard_for_miner` ranks the miner UIDs (sorted, so every process agrees)
 and gives rank `r` the shard `(r + window) mod S`: each shard gets ⌊M/S⌋ or ⌈M/S⌉ of the
-`M` miners, and every miner visits every shard over `S` consecutive windows.
+`M` miners, and every miner visits every shard over `S` consecutive windows. A mixture of
+experts with more shards than miners keeps its shared shard trained every window
+(`shared_first`); the expert shards take turns.
 """
 
 from __future__ import annotations
@@ -223,8 +225,24 @@ def shard_labels(cfg: ModelConfig) -> list[str]:
     return [f"shard {k}" for k in range(cfg.shards)]
 
 
-def shard_for_miner(uid: int, miner_uids: Sequence[int], window: int, shards: int) -> int:
-    """The shard miner `uid` trains in `window`: `(rank of uid among miner_uids + window) mod S`."""
+def shared_first(cfg: ModelConfig) -> bool:
+    """Whether shard 0 must have a miner every window: the shared parameters of a mixture
+    of experts (embeddings, attention, routers) that every expert's tokens pass through."""
+    return cfg.arch == "mixtral" and cfg.shards > 1
+
+
+def shard_for_miner(
+    uid: int, miner_uids: Sequence[int], window: int, shards: int, *, shared: bool = False
+) -> int:
+    """The shard miner `uid` trains in `window`: `(rank of uid among miner_uids + window) mod S`.
+
+    With `shared` (`shared_first`) and 2 ≤ `M` < S miners, shard 0 is never left out.
+    Windows come in blocks of `M`; in window `b·M + p` rank `p` trains shard 0 and the
+    other ranks, in order after it (j = 0 … M − 2), take shards `1 + (j + b·(M − 1)) mod
+    (S − 1)`: `M − 1` distinct expert shards, the next `M − 1` in the next block. So each
+    expert shard is trained in (M − 1)/(S − 1) of the windows and every miner visits every
+    shard. (A lone miner still rotates over all shards: it would never train an expert.)
+    """
     if shards < 1:
         raise ValueError(f"shards must be at least 1, got {shards}")
     if window < 0:
@@ -234,12 +252,22 @@ def shard_for_miner(uid: int, miner_uids: Sequence[int], window: int, shards: in
         rank = ranked.index(uid)
     except ValueError:
         raise ValueError(f"UID {uid} is not among the {len(ranked)} miners") from None
-    return (rank + window) % shards
+    miners = len(ranked)
+    if not shared or shards <= miners or miners < 2:
+        return (rank + window) % shards
+    block, lead = divmod(window, miners)
+    if rank == lead:
+        return 0
+    return 1 + ((rank - lead - 1) % miners + block * (miners - 1)) % (shards - 1)
 
 
-def trained_shards(miner_uids: Sequence[int], window: int, shards: int) -> set[int]:
+def trained_shards(
+    miner_uids: Sequence[int], window: int, shards: int, *, shared: bool = False
+) -> set[int]:
     """The shards some miner trains in `window` (all of them unless S > miners)."""
-    return {shard_for_miner(uid, miner_uids, window, shards) for uid in set(miner_uids)}
+    return {
+        shard_for_miner(uid, miner_uids, window, shards, shared=shared) for uid in set(miner_uids)
+    }
 
 
 def _params(model: nn.Module, names: Sequence[str]) -> dict[str, nn.Parameter]:

@@ -129,6 +129,26 @@ def fetch_canonical(
     return max(earlier)
 
 
+def serve_until_published(store: Store, ledger: Chain, window: int, timeout: float) -> bool:
+    """Wait (the caller's averagers serving its state meanwhile) until the canonical
+    checkpoint of `window` is published, at most `timeout` seconds; whether it was.
+
+    A miner that stops after window w − 1 stays for this: a validator whose auxiliary seat
+    missed that window's round (it was still scoring the last one) cannot tell which inputs
+    the group's reducers left out, so it loads the group's θ_w from a member over hivemind,
+    and a member that has already left cannot serve it.
+    """
+    limit = time.monotonic() + timeout
+    while True:
+        try:
+            store.resolve(window=window)
+            return True
+        except NotFound:
+            if time.monotonic() >= limit:
+                return False
+        time.sleep(ledger.block_time_s)
+
+
 def check_canonical(store: Store, window: int, *, ours: str, synced: bool) -> str:
     """Whether the published checkpoint of `window` is the θ_window (fingerprint `ours`)
     our last round produced: "match", "differs" (we keep ours and say so), "out-of-step"

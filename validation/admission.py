@@ -1,6 +1,6 @@
 """Admission: turn a listed contribution into a verified, decoded Δ, or a named refusal.
 
-    roster = Roster.from_neurons(ledger.neurons(), shards=cfg.model.shards, window=w)
+    roster = Roster.from_neurons(ledger.neurons(), model=cfg.model, window=w)
     commitments = ledger.contribution_commitments(w)   # hotkey -> ContributionCommitment
     outcome = admit(store, ref, roster=roster, window=w, shapes=shard_shapes,
                     scheme=cfg.compression.scheme, commitment=commitments.get(ref.hotkey),
@@ -56,7 +56,8 @@ from store.errors import Rejected
 from store.manifest import Trajectory, commitment_digest
 from store.safetensors_check import TORCH_DTYPES, TensorSpec
 from tensormine.config import RunConfig
-from train.shards import shard_for_miner
+from train.config import ModelConfig
+from train.shards import shard_for_miner, shared_first
 
 logger = logging.getLogger(__name__)
 
@@ -81,18 +82,21 @@ class Roster:
     shards: int
     miners: dict[str, int]  # hotkey -> UID, neurons without a validator permit
     validators: frozenset[str] = field(default_factory=frozenset)
+    shared: bool = False  # shard 0 trained every window (`train.shards.shared_first`)
 
     @classmethod
-    def from_neurons(cls, neurons: Sequence[Neuron], *, shards: int, window: int) -> Roster:
+    def from_neurons(cls, neurons: Sequence[Neuron], *, model: ModelConfig, window: int) -> Roster:
         return cls(
             window=window,
-            shards=shards,
+            shards=model.shards,
             miners={n.hotkey: n.uid for n in neurons if not n.validator_permit},
             validators=frozenset(n.hotkey for n in neurons if n.validator_permit),
+            shared=shared_first(model),
         )
 
     def shard_of(self, uid: int) -> int:
-        return shard_for_miner(uid, sorted(self.miners.values()), self.window, self.shards)
+        miners = sorted(self.miners.values())
+        return shard_for_miner(uid, miners, self.window, self.shards, shared=self.shared)
 
 
 @dataclass(frozen=True)

@@ -35,13 +35,14 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from tensormine.config import RunConfig
 from train.inner import lr_at
+from train.pages import Affinity
 from train.shards import shard_state
 from validation.admission import Admitted
 from validation.probes import generic_pages, own_data_pages, page_losses, patched_shard
@@ -82,6 +83,8 @@ class EvalContext:
     train_pages: np.ndarray
     secret: bytes
     device: torch.device
+    affinities: Mapping[int, Affinity] = field(default_factory=dict)
+    """Each expert shard's page affinity (`train.data.shard_affinities`)."""
 
 
 def evaluate(
@@ -122,7 +125,7 @@ def evaluate(
         assigned, control = own_data_pages(
             ctx.secret, a.hotkey, window, cfg.run.seed, n_train,
             cfg.train.pages_per_window, vcfg.own_data_pairs,
-            batch_size=cfg.train.batch_size, steps=strong,
+            batch_size=cfg.train.batch_size, steps=strong, affinity=ctx.affinities.get(a.shard),
         )  # fmt: skip
         probes.append(torch.from_numpy(ctx.train_pages[np.concatenate([assigned, control])]))
     # One base pass over E and every miner's own-data pages together.

@@ -42,7 +42,7 @@ from chain.interface import Chain
 from tensormine.config import RunConfig
 from train.contribution import committed_digests
 from train.group_round import matchmaking_lead, round_times
-from train.shards import trained_shards
+from train.shards import shared_first, trained_shards
 from train.windows import deadline, meeting_block, start_block, wait_for_block
 from validation.admission import Admitted, Roster
 from validation.report import MinerRow
@@ -78,7 +78,11 @@ def join_groups(
     # fail, retrying until the deadline, for nothing. Read here: the ledger's connection
     # belongs to this thread.
     miners = [n.uid for n in ledger.neurons() if not n.validator_permit]
-    trained = trained_shards(miners, window, cfg.model.shards) if miners else None
+    trained = (
+        trained_shards(miners, window, cfg.model.shards, shared=shared_first(cfg.model))
+        if miners
+        else None
+    )
 
     def meet() -> GroupRound:
         # The weights every member's reducer uses: the ledger's as the last epoch at or

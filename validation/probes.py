@@ -56,7 +56,7 @@ from torch.nn import functional as F  # noqa: N812
 from train.config import DataConfig
 from train.corpus import DataError, iter_texts, load_documents
 from train.data import build_pages
-from train.pages import assigned_pages, heldout_sample, unassigned_pages
+from train.pages import Affinity, assigned_pages, heldout_sample, unassigned_pages
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -124,7 +124,7 @@ def private_heldout_pages(
     )  # fmt: skip
     documents = load_documents(cfg)
     # A held-out fraction of 1 sends every document to the held-out side (`is_heldout`).
-    _, pages, _ = build_pages(iter_texts(documents), tokenizer, data.seq_len, 1.0)
+    _, pages, _, _ = build_pages(iter_texts(documents), tokenizer, data.seq_len, 1.0)
     if pages.shape[0] < 1:
         raise DataError(
             f"validation.heldout_files {list(files)} give no page of {data.seq_len} tokens"
@@ -155,17 +155,21 @@ def own_data_pages(
     *,
     batch_size: int | None = None,
     steps: Sequence[int] | None = None,
+    affinity: Affinity | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(assigned, control) train-page indices, `pairs` of each (fewer if fewer candidates).
 
-    Assigned pages are distinct, drawn with the secret from the miner's assignment, only
-    from the pages of inner `steps` (each step consumes `batch_size` pages in assignment
-    order) when given; each control page lies outside the assignment.
+    Assigned pages are distinct, drawn with the secret from the miner's assignment (with
+    its shard's `affinity`), only from the pages of inner `steps` (each step consumes
+    `batch_size` pages in assignment order) when given; each control page lies outside
+    the assignment. A control is a neighbour of its page in the corpus's stream, so
+    mostly of the same document and topic: with expert affinity the pair still compares
+    two pages of one topic, of which only the first was trained on.
     """
     if pairs <= 0:
         empty = np.zeros(0, dtype=np.int64)
         return empty, empty
-    assignment = assigned_pages(hotkey, window, seed, n_train_pages, pages_per_window)
+    assignment = assigned_pages(hotkey, window, seed, n_train_pages, pages_per_window, affinity)
     taken = set(assignment.tolist())
     pool = assignment
     if steps is not None:
@@ -187,6 +191,7 @@ def own_data_pages(
         fallback = unassigned_pages(
             hotkey, window, seed, n_train_pages, count,
             _subkey(secret, "control", hotkey, window), assigned_count=pages_per_window,
+            affinity=affinity,
         ).tolist()  # fmt: skip
     controls: list[int] = []
     for page in chosen.tolist():

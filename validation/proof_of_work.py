@@ -79,7 +79,7 @@ from store.proofs import (
 from tensormine.config import RunConfig
 from train.inner import inner_loop
 from train.model import build_model
-from train.pages import assigned_pages
+from train.pages import Affinity, assigned_pages
 from train.shards import make_trainable
 from train.startup import resolve_mixed_precision
 from train.trajectory import digest_of_state, segment_bounds, state_digest, tensors_digest
@@ -200,11 +200,13 @@ class SpotChecker:
         shapes: Mapping[int, Mapping[str, tuple[int, ...]]],
         train_pages: np.ndarray,
         device: torch.device,
+        affinities: Mapping[int, Affinity] | None = None,
     ) -> None:
         self.cfg, self.vcfg = cfg, cfg.validation
         self.keypair, self.store, self.secret = keypair, store, secret
         self.shards, self.shapes = shards, shapes
         self.train_pages = train_pages
+        self.affinities = dict(affinities or {})  # expert shards' page affinities
         self.device = device
         self.bounds = (
             segment_bounds(cfg.train.inner_steps, cfg.train.trajectory_segments)
@@ -388,8 +390,9 @@ class SpotChecker:
         )
         moments = None if start is None else {k: v for k, v in start.items() if "::" in k}
         recomputed = self.recompute(
-            a.hotkey, window, names, theta, start_params, moments, begin, end_step
-        )
+            a.hotkey, window, names, theta, start_params, moments, begin, end_step,
+            affinity=self.affinities.get(a.shard),
+        )  # fmt: skip
         rel, cos = compare_update(start_params, end, recomputed)
         if not (rel <= self.vcfg.pow_max_rel_error and cos >= self.vcfg.pow_min_cosine):
             raise _Failed(
@@ -416,9 +419,12 @@ class SpotChecker:
         moments: Mapping[str, torch.Tensor] | None,
         begin: int,
         end: int,
+        *,
+        affinity: Affinity | None = None,
     ) -> dict[str, torch.Tensor]:
         """The shard's parameters after steps [begin, end) of `hotkey`'s window, run from
-        `start` (and AdamW `moments`) on the pages it was assigned, with θ_w elsewhere."""
+        `start` (and AdamW `moments`) on the pages it was assigned (with its shard's
+        `affinity`), with θ_w elsewhere."""
         cfg = self.cfg
         if self._model is None:
             self._model = build_model(cfg.model, cfg.run.seed, device=self.device)
@@ -436,8 +442,9 @@ class SpotChecker:
                 params[n].copy_(start[n].to(self.device))
         make_trainable(model, names)
         idx = assigned_pages(
-            hotkey, window, cfg.run.seed, self.train_pages.shape[0], cfg.train.pages_per_window
-        )
+            hotkey, window, cfg.run.seed, self.train_pages.shape[0], cfg.train.pages_per_window,
+            affinity,
+        )  # fmt: skip
         pages = torch.from_numpy(self.train_pages[idx])
         inner_loop(
             acc, model, names, pages, cfg.train, start_step=begin, stop_step=end,

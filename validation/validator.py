@@ -66,7 +66,7 @@ from store.api import Store, open_store
 from store.backend import ContributionRef
 from tensormine.config import RunConfig, load_config
 from train.corpus import DataError
-from train.data import Pages, load_pages
+from train.data import Pages, load_pages, shard_affinities
 from train.model import build_model
 from train.overlap import start_for
 from train.shards import shard_labels, shard_map
@@ -210,7 +210,7 @@ class Validator:
         # Proof of work: challenges go into our store, where miners look for them.
         self.checker = SpotChecker(
             cfg, keypair, self.store, self.secret, self.shards, self.shapes,
-            self.pages.train, self.device,
+            self.pages.train, self.device, self.affinities,
         )  # fmt: skip
         if self.checker.enabled:
             commit_contributions_location(self.ledger, self.store.contributions_location)
@@ -238,6 +238,7 @@ class Validator:
                 f"{self.pages.train.shape[0]} train pages leave none outside a miner's "
                 f"{self.cfg.train.pages_per_window}: use more data or fewer train steps"
             )
+        self.affinities = shard_affinities(self.pages, self.cfg.model, self.cfg.data)
         # E comes from the operator's private files when it has some, else the public split.
         self.private_heldout: np.ndarray | None = None
         if self.vcfg.heldout_files:
@@ -280,9 +281,7 @@ class Validator:
         return source
 
     def roster(self, window: int) -> Roster:
-        return Roster.from_neurons(
-            self.ledger.neurons(), shards=self.cfg.model.shards, window=window
-        )
+        return Roster.from_neurons(self.ledger.neurons(), model=self.cfg.model, window=window)
 
     def contribution_sources(self, roster: Roster) -> dict[str, str]:
         """hotkey -> where each miner of `roster` keeps its contributions
@@ -322,9 +321,7 @@ class Validator:
         """The inputs of the step that lands window `window`'s average, read back from the
         store when this validator did not score that window (it started, or restarted,
         after it): what its groups would have sent, rebuilt from its admitted Δ."""
-        roster = Roster.from_neurons(
-            self.ledger.neurons(), shards=self.cfg.model.shards, window=window
-        )
+        roster = Roster.from_neurons(self.ledger.neurons(), model=self.cfg.model, window=window)
         _, _, admitted, _ = self.admit(window, roster)
         logger.info(
             "window %d: rebuilding its average from the store (%d admitted) to land it",
@@ -404,7 +401,10 @@ class Validator:
         eval_started = time.perf_counter()
         held, public = self.heldout_pages(window)
         pinned = self.group_weights.table(start_block(window, cfg.window))
-        ctx = EvalContext(cfg, self.model, self.shards, self.pages.train, self.secret, self.device)
+        ctx = EvalContext(
+            cfg, self.model, self.shards, self.pages.train, self.secret, self.device,
+            self.affinities,
+        )  # fmt: skip
         base_loss, rows = evaluate(
             ctx, window, admitted, heldout=held, public=public, pinned=pinned,
             momentum=self.momentum, state=self.state, earlier=earlier,

@@ -154,7 +154,7 @@ def verify_window(cfg: RunConfig, window: int, *, workdir: Path | None = None) -
         published = load_checkpoint_weights(folders[window + 1].path)
         # With overlap θ_{W+1} steps the average of window W − 1 (`train.overlap`).
         landed = window - 1 if cfg.averaging.overlap_mode != "off" else window
-        roster = Roster.from_neurons(ledger.neurons(), shards=cfg.model.shards, window=landed)
+        roster = Roster.from_neurons(ledger.neurons(), model=cfg.model, window=landed)
         pinned = LedgerWeights(ledger, cfg.averaging.weights, cfg.averaging.weight_floor)
         weights = pinned.table(start_block(max(landed, 0), cfg.window))
         problems: list[str] = []

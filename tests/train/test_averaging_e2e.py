@@ -5,9 +5,11 @@ of the other) train against a real ledger and store, on the SparseLoCo wire with
 overlap (`train.overlap`: the round of window w lands at the end of window w + 1). After
 its first window one miner is SIGKILLed with its DHT, averagers and p2p daemon; the other
 three go on without it and still end each window with bit-identical models. Restarted
-once they have finished a window without it, it downloads θ and the outer momentum from a
-peer; having missed the round that lands in that window it is out of step for it, loads a
-peer's state again, and ends the next window in step with them, its own round landed.
+once too much of the next window has passed for it to join that one, it downloads θ and
+the outer momentum from a peer; having missed the round that lands in its first window
+back it is out of step for it, loads a peer's state again, and ends the next window in
+step with them, its own round landed. The survivors are stopped once they have ended
+that window too.
 """
 
 from __future__ import annotations
@@ -26,11 +28,15 @@ import pytest
 
 from chain.keys import create_key
 from chain.ledger import Ledger
+from subnet.procs import group_alive
 from tensormine.config import load_config
+from train.windows import start_block
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
-WINDOWS = 5
+# The survivors' cap: they are stopped once they have ended the restarted miner's last window
+# (five windows when it starts within half a window, as on an idle machine).
+MAX_WINDOWS = 8
 NAMES = ("m0", "m1", "m2", "m3")
 
 
@@ -108,7 +114,8 @@ def test_four_miners_stay_in_step_and_survive_a_kill(tmp_path: Path) -> None:
             start_new_session=True,
         )  # fmt: skip
 
-    procs = {name: start(name, WINDOWS, f"{name}.log") for name in NAMES}
+    procs = {name: start(name, MAX_WINDOWS, f"{name}.log") for name in NAMES}
+    survivors_done: dict[str, int] = {}
     try:
         # Kill m3 once it has finished a window (between rounds: "before sending").
         deadline = time.monotonic() + 300
@@ -120,32 +127,46 @@ def test_four_miners_stay_in_step_and_survive_a_kill(tmp_path: Path) -> None:
         os.killpg(procs["m3"].pid, signal.SIGKILL)
         procs["m3"].wait(timeout=10)
         killed_after = reports(run, "m3")[-1]["window"]
-        # The machine comes back once the others have finished a window without it (back
-        # at once, it may start fast enough to join the very next round, and then no round
-        # ran without it); it must catch up with them.
+        # The machine comes back once more than half of the next window has passed: a miner
+        # joins a window only while at most half of it is gone (`Miner.joinable_window`), so
+        # that window surely runs without it, however fast it starts; it must catch up.
+        missed = killed_after + 1
+        back_from = start_block(missed, cfg.window) + cfg.window.blocks // 2 + 1
+        with Ledger(cfg.chain.db) as ledger:
+            deadline = time.monotonic() + 120
+            while ledger.block_number() < back_from:
+                assert time.monotonic() < deadline, "the ledger stopped producing blocks"
+                time.sleep(0.2)
+        procs["m3"] = start("m3", 2, "m3-restart.log")
+        rc = procs["m3"].wait(timeout=400)
+        assert rc == 0, (tmp_path / "m3-restart.log").read_text()[-4000:]
+        # The survivors mine until they have ended the restarted miner's last window too (how
+        # many windows that takes depends on how fast it started: ~10 s here, ~30 s on a
+        # loaded CI machine), then they are stopped.
+        last = reports(run, "m3")[-1]["window"]
         deadline = time.monotonic() + 120
-        while not all(
-            any(r["window"] > killed_after for r in reports(run, name)) for name in NAMES[:3]
-        ):
+        while not all(any(r["window"] >= last for r in reports(run, n)) for n in NAMES[:3]):
             for name in NAMES[:3]:
                 assert procs[name].poll() is None, (tmp_path / f"{name}.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the survivors never finished a window"
+            assert time.monotonic() < deadline, "the survivors never reached the last window"
             time.sleep(0.2)
-        procs["m3"] = start("m3", 2, "m3-restart.log")
-        for name, proc in procs.items():
-            rc = proc.wait(timeout=600)
-            log = "m3-restart.log" if name == "m3" else f"{name}.log"
-            assert rc == 0, (tmp_path / log).read_text()[-4000:]
+        survivors_done = {name: procs[name].poll() or 0 for name in NAMES[:3]}
     finally:
         for proc in procs.values():
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        # A killed miner's DHT and averager processes and p2p daemon take a moment to die.
+        gone_by = time.monotonic() + 20
+        while any(group_alive(p.pid) for p in procs.values()) and time.monotonic() < gone_by:
+            time.sleep(0.1)
         producer.send_signal(signal.SIGINT)
         producer.wait(timeout=20)
+    assert not any(survivors_done.values()), survivors_done
 
     survivors = {name: {r["window"]: r for r in reports(run, name)} for name in NAMES[:3]}
-    windows = sorted(survivors["m0"])
-    assert len(windows) == WINDOWS
+    windows = [w for w in sorted(survivors["m0"]) if w <= last]
+    assert windows == list(range(windows[0], last + 1)), windows
     slips: list[tuple[int, str]] = []  # a survivor out of step after a window
     for window in windows:
         by_name = {name: survivors[name].get(window) for name in NAMES[:3]}
@@ -175,9 +196,10 @@ def test_four_miners_stay_in_step_and_survive_a_kill(tmp_path: Path) -> None:
     hotkey_m3 = miners["m3"].address
     assert all(r["averaged_window"] == killed_after + 1 for r in after_kill), after_kill
     assert all(hotkey_m3 not in r["members"] for r in after_kill), after_kill
-    # Held-out loss fell over the run (by 1.3–1.5 nats in three runs on 2 busy cores).
+    # Held-out loss fell over the run: by 0.49 nats in four windows (three rounds landed, the
+    # loss falling faster each), by 1.3–1.5 in five, on 2 busy cores.
     first_loss = survivors["m0"][windows[0]]["heldout_before"]
-    assert survivors["m0"][windows[-1]]["heldout_loss"] < first_loss - 0.5, survivors["m0"]
+    assert survivors["m0"][windows[-1]]["heldout_loss"] < first_loss - 0.3, survivors["m0"]
     # The restarted miner loaded the peers' state and ended its second window in step
     # with them (its first lands a round it took no part in).
     first_back, back = [r for r in reports(run, "m3") if r["window"] > killed_after]

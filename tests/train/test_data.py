@@ -81,7 +81,7 @@ def test_split_is_disjoint_and_stable_under_reordering_and_duplication() -> None
     # Pages built from either order hold each split's documents only.
     tok = tokenizer()
     for order in (docs, shuffled):
-        train_pages, held_pages, _ = build_pages([order], tok, 8, 0.2)
+        train_pages, held_pages, _, _ = build_pages([order], tok, 8, 0.2)
         for pages, side in ((train_pages, train), (held_pages, held)):
             whole = decode(pages).split(EOS)[:-1]
             assert whole and set(whole) <= side
@@ -102,7 +102,7 @@ def test_page_counts_and_contents_match_the_token_streams() -> None:
     docs = make_docs(400)
     docs.insert(7, "")  # empty documents contribute nothing, not even an EOS
     batches = [docs[i : i + 37] for i in range(0, len(docs), 37)]
-    train, heldout, counts = build_pages(batches, tokenizer(), 24, 0.25)
+    train, heldout, _, counts = build_pages(batches, tokenizer(), 24, 0.25)
     for pages, is_held in ((train, False), (heldout, True)):
         stream = expected_stream(docs, 0.25, is_held)
         n = len(stream) // 24
@@ -114,7 +114,7 @@ def test_page_counts_and_contents_match_the_token_streams() -> None:
 
 def test_pages_decode_to_the_documents() -> None:
     docs = make_docs(300)
-    train, _, _ = build_pages([docs], tokenizer(), 16, 0.1)
+    train, _, _, _ = build_pages([docs], tokenizer(), 16, 0.1)
     pieces = decode(train).split(EOS)
     train_docs = [d for d in docs if not is_heldout(d, 0.1)]
     # Whole documents in order, then the start of the one the last page cut.
@@ -124,8 +124,8 @@ def test_pages_decode_to_the_documents() -> None:
 
 def test_max_pages_caps_train_and_keeps_the_prefix() -> None:
     docs = make_docs(400)
-    full, _, _ = build_pages([docs[i : i + 10] for i in range(0, 400, 10)], tokenizer(), 16, 0.1)
-    capped, held, _ = build_pages(
+    full, _, _, _ = build_pages([docs[i : i + 10] for i in range(0, 400, 10)], tokenizer(), 16, 0.1)
+    capped, held, _, _ = build_pages(
         [docs[i : i + 10] for i in range(0, 400, 10)], tokenizer(), 16, 0.1, max_pages=20
     )
     assert capped.shape == (20, 16) and np.array_equal(capped, full[:20])

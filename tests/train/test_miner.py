@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ from store.checkpoint import Provenance
 from tensormine.config import RunConfig, load_config
 from train.miner import Miner, main
 from train.model import build_model, model_fingerprint
+from train.window_start import serve_until_published
 from train.windows import start_block, wait_for_block
 
 
@@ -208,6 +210,19 @@ def test_out_of_step_miner_waits_for_the_canonical_checkpoint(
         assert model_fingerprint(miner.model.state_dict()) == own
         half = start_block(window + 1, cfg.window) + cfg.window.blocks // 2
         assert half <= miner.ledger.block_number() < half + cfg.window.blocks // 4
+        # A miner that stops stays until the validators publish the window after its last
+        # (serving its θ to one that missed the round), and gives up after the timeout.
+        later = window + 5
+        started = time.monotonic()
+        assert not serve_until_published(miner.store, miner.ledger, later, 0.6)
+        assert time.monotonic() - started >= 0.6
+        store = open_store(cfg.store)
+        threading.Timer(
+            0.5,
+            lambda: store.publish_checkpoint(canonical, None, Provenance(run_id="t", window=later)),
+        ).start()
+        assert serve_until_published(miner.store, miner.ledger, later, 30.0)
+        assert time.monotonic() - started < 10.0
     finally:
         miner.close()
         stop.set()

@@ -202,3 +202,31 @@ def test_trained_shards_are_those_some_miner_holds() -> None:
     assert trained_shards([5, 9, 2], window=1, shards=5) == {1, 2, 3}
     assert trained_shards([5, 9, 2], window=4, shards=5) == {4, 0, 1}
     assert trained_shards([5, 9, 2, 7], window=0, shards=2) == {0, 1}
+
+
+def test_an_moe_keeps_its_shared_shard_trained_with_fewer_miners_than_shards() -> None:
+    for n_miners in (2, 3, 4, 6):
+        miners = [10 * i + 3 for i in range(n_miners)]
+        for shards in range(n_miners + 1, n_miners + 5):
+            experts = shards - 1
+            seen: Counter[int] = Counter()
+            for window in range(experts * n_miners):
+                got = [shard_for_miner(u, miners, window, shards, shared=True) for u in miners]
+                # Shard 0 every window, by one miner; the others on distinct expert shards.
+                assert got.count(0) == 1 and len(set(got)) == n_miners, (window, got)
+                assert trained_shards(miners, window, shards, shared=True) == set(got)
+                seen.update(got)
+            # Expert shards take equal turns: (M − 1)/(S − 1) of the windows each.
+            windows = experts * n_miners
+            assert {seen[k] for k in range(1, shards)} == {windows * (n_miners - 1) // experts}
+            for uid in miners:  # and every miner visits every shard
+                visits = {
+                    shard_for_miner(uid, miners, w, shards, shared=True) for w in range(windows)
+                }
+                assert visits == set(range(shards))
+    # Enough miners, or a lone one: the plain rotation.
+    for window in range(6):
+        for uid in (3, 13, 23):
+            plain = shard_for_miner(uid, [3, 13, 23], window, 3)
+            assert shard_for_miner(uid, [3, 13, 23], window, 3, shared=True) == plain
+        assert shard_for_miner(3, [3], window, 5, shared=True) == window % 5

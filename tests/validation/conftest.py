@@ -184,7 +184,7 @@ class Subnet:
         pages = validator.pages
         model = build_model(cfg.model, cfg.run.seed)
         theta = self.theta(window)
-        roster = Roster.from_neurons(self.ledger.neurons(), shards=cfg.model.shards, window=window)
+        roster = Roster.from_neurons(self.ledger.neurons(), model=cfg.model, window=window)
         rng = torch.Generator().manual_seed(window)
         acc = Accelerator(cpu=True)
         order = sorted(names or self.miners, key=lambda n: not n.startswith("honest"))
