@@ -70,7 +70,7 @@ MINERS = 4
 SECRET = b"bench-moe-validator-secret"
 # The moe preset's inner loop for every setting: equal tokens per miner and window.
 TRAIN = ["data.seq_len=128", "train.inner_steps=20", "train.batch_size=8", "train.lr=0.002",
-         "train.warmup_steps=5", "train.mixed_precision=no", "outer.lr=1.0",
+         "train.warmup_steps=5", "train.mixed_precision=\"no\"", "outer.lr=1.0",
          "outer.momentum=0.0", "outer.nesterov=false"]  # fmt: skip
 SETTINGS: dict[str, tuple[str, list[str]]] = {
     "dense": ("configs/tiny.yaml", ["model.shards=1"]),

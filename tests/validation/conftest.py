@@ -204,7 +204,7 @@ class Subnet:
             ):
                 rows = training_rows(
                     behaviour, kp.address, window, cfg.run.seed, pages.train, pages.heldout,
-                    cfg.train.pages_per_window,
+                    cfg.train.pages_per_window, affinity=validator.affinities.get(shard),
                 )  # fmt: skip
                 make_trainable(model, names_s)
                 # One accelerator per `mine`, dropped after it: no `free_memory` (a full
@@ -241,8 +241,15 @@ class Subnet:
         model.load_state_dict(self.starts.get(name, theta))
         count = cfg.train.pages_per_window
         train = pages.train  # type: ignore[attr-defined]
-        rows = training_rows("honest", kp.address, window, cfg.run.seed, train, train, count)
-        other = training_rows("wrong_data", kp.address, window, cfg.run.seed, train, train, count)
+        # The pages `train.miner` would take: its shard's affinity included (the validators
+        # recompute with it).
+        affinity = self._pages_owner.affinities.get(shard)
+        rows = training_rows(
+            "honest", kp.address, window, cfg.run.seed, train, train, count, affinity=affinity
+        )
+        other = training_rows(
+            "wrong_data", kp.address, window, cfg.run.seed, train, train, count, affinity=affinity
+        )
         keeper = self.keepers.setdefault(
             name, TrajectoryKeeper(self.keys.parent / "trajectories" / name)
         )

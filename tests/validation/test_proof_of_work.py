@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ from store.proofs import Answer, Challenge, SegmentAnswer, sign_message
 from tests.validation.conftest import Subnet
 from tests.validation.work import POW_BEHAVIOURS
 from train.overlap import start_for
+from train.pages import assigned_pages
 from train.windows import deadline
 from validation.admission import Admitted
 from validation.proof_of_work import Issued
@@ -57,6 +59,44 @@ def test_honest_miners_pass_and_every_cheat_fails(
             row = rows[uids[name]]
             assert row.pow == f"fail: {EXPECTED[name]}", (name, row.pow, row.pow_detail)
             assert row.score == 0.0 and row.ema == 0.0 and row.weight == 0.0
+    validator.close()
+
+
+def test_expert_miners_with_affinity_are_recomputed_on_their_affine_pages(
+    subnet_factory: Factory,
+) -> None:
+    """A mixture of experts with `data.expert_affinity`: a miner of an expert shard trains
+    on pages drawn mostly from its group's topics, and the validator's recomputation takes
+    the same pages (it passes); one that trains on other pages fails."""
+    moe = {
+        "model.arch": "mixtral", "model.num_experts": 4, "model.experts_per_token": 2,
+        "model.intermediate_size": 88, "model.shards": 3, "data.expert_affinity": 0.75,
+    }  # fmt: skip
+    net = subnet_factory(["honest", "honest1t", "unassigned"], key_seed="affine", **WORK, **moe)
+    validator = net.validator()
+    assert sorted(validator.affinities) == [1, 2]
+    for window in (1, 2):
+        net.mine(window)
+        net.to_deadline(window)
+        roster = validator.roster(window)
+        report = validator.process_window(window)
+        rows = {r.uid: r for r in report.miners}
+        experts = 0
+        for name in ("honest", "honest1t"):
+            uid = net.uid(name)
+            shard = roster.shard_of(uid)
+            assert rows[uid].pow == "pass", (name, shard, rows[uid].pow, rows[uid].pow_detail)
+            if shard > 0:
+                experts += 1
+                affinity = validator.affinities[shard]
+                order = assigned_pages(
+                    net.miners[name].address, window, net.cfg.run.seed,
+                    validator.pages.train.shape[0], net.cfg.train.pages_per_window, affinity,
+                )  # fmt: skip
+                assert np.isin(order, affinity.pool).sum() == affinity.split(order.size)
+        assert experts >= 1  # with 3 miners and S = 3 some honest miner holds experts
+        cheat = rows[net.uid("unassigned")]
+        assert cheat.pow == "fail: recompute" and cheat.score == 0.0, cheat
     validator.close()
 
 
