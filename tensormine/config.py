@@ -73,6 +73,19 @@ class RunConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
+    def _experts_need_proof_of_work(self) -> RunConfig:
+        """Validators judge an expert shard's training by proof of work (its own-data gap
+        carries no signal: `validation.scoring.OWN_POW`)."""
+        sharded_moe = self.model.arch == "mixtral" and self.model.shards > 1
+        if sharded_moe and not (self.validation.pow_checks > 0 and self.train.pow_segments > 0):
+            logger.warning(
+                "experts as shards with proof of work off (validation.pow_checks, "
+                "train.pow_segments): validators fall back to the own-data check for expert "
+                "shards, which cannot see their training, so expert miners will mostly earn 0"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _affinity_needs_experts(self) -> RunConfig:
         if self.data.expert_affinity > 0 and (
             self.model.arch != "mixtral" or self.model.shards < 2

@@ -231,6 +231,11 @@ def shared_first(cfg: ModelConfig) -> bool:
     return cfg.arch == "mixtral" and cfg.shards > 1
 
 
+def is_expert_shard(cfg: ModelConfig, shard: int) -> bool:
+    """Whether `shard` holds experts alone (shards 1 … S − 1 of a sharded mixture)."""
+    return shared_first(cfg) and shard > 0
+
+
 def shard_for_miner(
     uid: int, miner_uids: Sequence[int], window: int, shards: int, *, shared: bool = False
 ) -> int:

@@ -26,7 +26,7 @@ from chain.errors import ChainError
 from chain.interface import Chain
 from validation.admission import Roster
 from validation.report import MinerRow
-from validation.scoring import OWN_OFF, OWN_PASS, normalized_weights, update_ema
+from validation.scoring import OWN_OFF, OWN_PASS, OWN_POW, normalized_weights, update_ema
 from validation.state import ValidatorState
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def update_scores(
         if state.hotkeys.get(uid) == by_uid.get(uid)
     }  # fmt: skip
     for row in rows:
-        if row.uid is None or row.own_outcome in (None, OWN_OFF):
+        if row.uid is None or row.own_outcome in (None, OWN_OFF, OWN_POW):
             continue
         before = strikes.get(row.uid, 0)
         strikes[row.uid] = 0 if row.own_outcome == OWN_PASS else before + 1

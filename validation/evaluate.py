@@ -43,7 +43,7 @@ import torch
 from tensormine.config import RunConfig
 from train.inner import lr_at
 from train.pages import Affinity
-from train.shards import shard_state
+from train.shards import is_expert_shard, shard_state
 from validation.admission import Admitted
 from validation.probes import generic_pages, own_data_pages, page_losses, patched_shard
 from validation.report import SCORED, MinerRow, verdict
@@ -52,6 +52,7 @@ from validation.scoring import (
     OWN_GRACE,
     OWN_OFF,
     OWN_PASS,
+    OWN_POW,
     clip_factor,
     delta_norm,
     find_copies,
@@ -139,6 +140,7 @@ def evaluate(
     own_gains: list[torch.Tensor] = []  # per sampled assigned page
     steps = probe_steps(cfg, admitted, pinned)
     checks = vcfg.own_data_pairs > 0
+    deferred = vcfg.pow_checks > 0 and cfg.train.pow_segments > 0
     for i, a in enumerate(admitted):
         names = ctx.shards[a.shard]
         theta = shard_state(model, names)
@@ -178,6 +180,10 @@ def evaluate(
         )  # fmt: skip
         row.own_margin, row.own_t = own.margin, own.t
         row.own_ok = row.own_outcome in (OWN_PASS, OWN_GRACE)
+        if deferred and is_expert_shard(cfg.model, a.shard):
+            # Blind for an expert group (scoring.OWN_POW): proof of work, which recomputes
+            # its steps on its assigned pages, decides whether it trained on them.
+            row.own_outcome, row.own_ok = OWN_POW, True
         if rival:  # with private held-out files, training on the public split pays nothing
             head_gains.append(base[:n_head] - new[:n_head])
             own_gains.append(mine[:half] - new[n_head : n_head + half])

@@ -49,7 +49,7 @@ class MinerRow:
     own_ok: bool | None = None
     copy_of: int | None = None  # UID whose earlier Δ this one duplicates
     copy_cosine: float | None = None
-    own_outcome: str | None = None  # pass | grace | fail | off (`scoring.own_data_outcome`)
+    own_outcome: str | None = None  # pass | grace | fail | off | pow (`scoring.own_data_outcome`)
     heldout_excess: float | None = None  # gain on public E beyond generic train pages
     heldout_ratio: float | None = None  # heldout_excess / the own pages' gain beyond them
     heldout_t: float | None = None  # heldout_excess / its standard error

@@ -163,6 +163,10 @@ OWN_PASS = "pass"  # the paired gap beat the full bar (margin and t ≥ min_t)
 OWN_GRACE = "grace"  # inconclusive (grace_t ≤ t < min_t) after a pass: credited, one strike
 OWN_FAIL = "fail"  # t < grace_t, or inconclusive again: no credit
 OWN_OFF = "off"  # the check is turned off (own_data_pairs = 0)
+# An expert shard's Δ with proof of work on: the paired gap is measured and reported, but
+# proof of work decides (an expert group memorizes no page it saw once: in
+# benchmarks/bench_moe.py its own-data t sits at 0 ± 1.5 while the shared shard's is 2–5).
+OWN_POW = "pow"
 
 
 def own_data_outcome(

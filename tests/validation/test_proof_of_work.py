@@ -67,12 +67,15 @@ def test_expert_miners_with_affinity_are_recomputed_on_their_affine_pages(
 ) -> None:
     """A mixture of experts with `data.expert_affinity`: a miner of an expert shard trains
     on pages drawn mostly from its group's topics, and the validator's recomputation takes
-    the same pages (it passes); one that trains on other pages fails."""
+    the same pages (it passes); one that trains on other pages fails. Its own-data gap is
+    measured, but proof of work decides (`scoring.OWN_POW`)."""
     moe = {
         "model.arch": "mixtral", "model.num_experts": 4, "model.experts_per_token": 2,
         "model.intermediate_size": 88, "model.shards": 3, "data.expert_affinity": 0.75,
     }  # fmt: skip
-    net = subnet_factory(["honest", "honest1t", "unassigned"], key_seed="affine", **WORK, **moe)
+    # The own-data pairs on: an expert group's is measured but proof of work decides.
+    work = {**WORK, "validation.own_data_pairs": 8}
+    net = subnet_factory(["honest", "honest1t", "unassigned"], key_seed="affine", **work, **moe)
     validator = net.validator()
     assert sorted(validator.affinities) == [1, 2]
     for window in (1, 2):
@@ -86,7 +89,9 @@ def test_expert_miners_with_affinity_are_recomputed_on_their_affine_pages(
             uid = net.uid(name)
             shard = roster.shard_of(uid)
             assert rows[uid].pow == "pass", (name, shard, rows[uid].pow, rows[uid].pow_detail)
+            assert (rows[uid].own_outcome == "pow") == (shard > 0), (shard, rows[uid])
             if shard > 0:
+                assert rows[uid].own_t is not None and rows[uid].own_ok
                 experts += 1
                 affinity = validator.affinities[shard]
                 order = assigned_pages(
