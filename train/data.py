@@ -220,12 +220,9 @@ def build_pages(
         for batch in batches:
             docs = [(d, None) if isinstance(d, str) else d for d in batch]
             docs = [(text, topic) for text, topic in docs if text]
+            held = [is_heldout(text, heldout_fraction) for text, _ in docs]
             for name in _SPLITS:
-                part = [
-                    (text, topic)
-                    for text, topic in docs
-                    if is_heldout(text, heldout_fraction) == (name == "heldout")
-                ]
+                part = [d for d, h in zip(docs, held, strict=True) if h == (name == "heldout")]
                 if part:
                     texts = [text for text, _ in part]
                     ids = [topic_id(text if t is None else t) for text, t in part]

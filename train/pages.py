@@ -24,6 +24,7 @@ the next pass reshuffles, so every page is used ⌊count/n⌋ or ⌈count/n⌉ t
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -100,6 +101,15 @@ class Affinity:
 
     pool: np.ndarray
     fraction: float
+    _outside: dict[int, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
+
+    def outside(self, n_train_pages: int) -> np.ndarray:
+        """The sorted pages of 0 … n − 1 not in the pool (computed once per n)."""
+        rest = self._outside.get(n_train_pages)
+        if rest is None:
+            every = np.arange(n_train_pages, dtype=np.int64)
+            rest = self._outside[n_train_pages] = np.setdiff1d(every, self.pool, assume_unique=True)
+        return rest
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
@@ -134,7 +144,7 @@ def assigned_pages(
     if int(pool[-1]) >= n_train_pages or int(pool[0]) < 0:
         raise ValueError(f"the affinity pool names pages outside 0..{n_train_pages - 1}")
     inside = affinity.split(count)
-    rest = np.setdiff1d(np.arange(n_train_pages, dtype=np.int64), pool, assume_unique=True)
+    rest = affinity.outside(n_train_pages)
     if rest.size == 0:  # the pool is the whole corpus
         rest, inside = pool, count
     picked = np.concatenate([
