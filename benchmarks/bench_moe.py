@@ -20,6 +20,8 @@ Settings:
 - `moe-affinity`: the same with `data.expert_affinity = 0.75` (three quarters of an expert
   miner's pages from its group's partition of the corpus by stdlib package).
 - `moe-s1`: the MoE as one shard (every miner trains all of it): what sharding costs.
+- `dense-s4`: the tiny Llama in 4 layer shards, one miner per shard each window, as the
+  MoE's shards have: what one miner per shard costs without experts.
 
 Per window it records the held-out loss of the averaged model on 64 fixed held-out pages,
 the bytes of each miner's Δ as the int8 publication encodes it (`averaging.compression`),
@@ -55,6 +57,7 @@ from train.model import build_model
 from train.pages import assigned_pages
 from train.shards import (
     apply_to_shard,
+    is_expert_shard,
     make_trainable,
     shard_for_miner,
     shard_map,
@@ -77,6 +80,7 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "moe": ("configs/moe.yaml", []),
     "moe-affinity": ("configs/moe.yaml", ["data.expert_affinity=0.75"]),
     "moe-s1": ("configs/moe.yaml", ["model.shards=1"]),
+    "dense-s4": ("configs/tiny.yaml", ["model.shards=4"]),
 }
 
 
@@ -197,11 +201,10 @@ def own_data(
     affinity: Any,
 ) -> dict[str, Any]:
     """The own-data t of one contribution with 8 and 32 pairs, as `validation.evaluate`."""
-    row: dict[str, Any] = {
-        "miner": miner, "shard": shard,
-        "kind": "shared" if shard == 0 and cfg.model.shards > 1 else "expert"
-        if cfg.model.shards > 1 else "whole",
-    }  # fmt: skip
+    kind = "whole" if cfg.model.shards == 1 else "layers"  # a dense model's layer shards
+    if shared_first(cfg.model):
+        kind = "expert" if is_expert_shard(cfg.model, shard) else "shared"
+    row: dict[str, Any] = {"miner": miner, "shard": shard, "kind": kind}
     for pairs in (8, 32):
         assigned, control = own_data_pages(
             SECRET, f"miner-{miner}", window, cfg.run.seed, train.shape[0],
@@ -229,7 +232,7 @@ def report(results: dict[str, Any]) -> None:
         rows = [x for w in r["own"] for x in w]
         med = {
             k: float(np.median([x["t8"] for x in rows if x["kind"] == k]))
-            for k in ("shared", "expert", "whole")
+            for k in ("shared", "expert", "layers", "whole")
             if any(x["kind"] == k for x in rows)
         }
         passed = sum(x["t8"] >= 2.0 for x in rows)
@@ -254,7 +257,7 @@ def plot(results: dict[str, Any], path: str) -> None:
             ax_route.plot(usage.max(2).mean(1), color=f"C{i}", label=f"{name}: busiest")
             ax_route.plot(usage.min(2).mean(1), color=f"C{i}", linestyle=":",
                           label=f"{name}: idlest")  # fmt: skip
-        for kind, marker in (("shared", "s"), ("expert", "o"), ("whole", "^")):
+        for kind, marker in (("shared", "s"), ("expert", "o"), ("layers", "D"), ("whole", "^")):
             pts = [(w, x["t8"]) for w, row in enumerate(r["own"]) for x in row if x["kind"] == kind]
             if pts:
                 ax_own.scatter(*zip(*pts, strict=True), color=f"C{i}", marker=marker, s=14,
