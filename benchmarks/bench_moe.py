@@ -62,7 +62,6 @@ from train.shards import (
     shard_for_miner,
     shard_map,
     shard_state,
-    shared_first,
 )
 from validation.probes import own_data_pages, page_losses, patched_shard
 from validation.scoring import own_data_verdict
@@ -133,7 +132,7 @@ def run(name: str, windows: int, eval_pages: int, seed: int) -> dict[str, Any]:
         usage: list[torch.Tensor] = []
         for i in range(MINERS):
             shard = shard_for_miner(
-                i, range(MINERS), window, len(shards), shared=shared_first(cfg.model)
+                i, range(MINERS), window, len(shards), shared=cfg.model.expert_shards
             )
             names = shards[shard]
             apply_to_shard(model, names, {n: theta[n] for n in names})
@@ -202,7 +201,7 @@ def own_data(
 ) -> dict[str, Any]:
     """The own-data t of one contribution with 8 and 32 pairs, as `validation.evaluate`."""
     kind = "whole" if cfg.model.shards == 1 else "layers"  # a dense model's layer shards
-    if shared_first(cfg.model):
+    if cfg.model.expert_shards:
         kind = "expert" if is_expert_shard(cfg.model, shard) else "shared"
     row: dict[str, Any] = {"miner": miner, "shard": shard, "kind": kind}
     for pairs in (8, 32):

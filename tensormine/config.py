@@ -76,8 +76,8 @@ class RunConfig(StrictModel):
     def _experts_need_proof_of_work(self) -> RunConfig:
         """Validators judge an expert shard's training by proof of work (its own-data gap
         carries no signal: `validation.scoring.OWN_POW`)."""
-        sharded_moe = self.model.arch == "mixtral" and self.model.shards > 1
-        if sharded_moe and not (self.validation.pow_checks > 0 and self.train.pow_segments > 0):
+        pow_on = self.validation.pow_checks > 0 and self.train.pow_segments > 0
+        if self.model.expert_shards and not pow_on:
             logger.warning(
                 "experts as shards with proof of work off (validation.pow_checks, "
                 "train.pow_segments): validators fall back to the own-data check for expert "
@@ -87,9 +87,7 @@ class RunConfig(StrictModel):
 
     @model_validator(mode="after")
     def _affinity_needs_experts(self) -> RunConfig:
-        if self.data.expert_affinity > 0 and (
-            self.model.arch != "mixtral" or self.model.shards < 2
-        ):
+        if self.data.expert_affinity > 0 and not self.model.expert_shards:
             raise ValueError(
                 "data.expert_affinity draws an expert group's pages from its partition: it "
                 f"needs model.arch mixtral and model.shards >= 2 (got {self.model.arch}, "

@@ -41,6 +41,11 @@ class ModelConfig(StrictModel):
         default=0.01, ge=0, description="mixtral: weight of the load-balancing loss in training"
     )
 
+    @property
+    def expert_shards(self) -> bool:
+        """Whether the shards are a shared shard (0) plus groups of experts (1 … S − 1)."""
+        return self.arch == "mixtral" and self.shards > 1
+
     @model_validator(mode="after")
     def _heads(self) -> ModelConfig:
         if self.hidden_size % self.num_heads:

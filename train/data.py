@@ -375,7 +375,7 @@ def shard_affinities(pages: Pages, model: ModelConfig, data: DataConfig) -> dict
     groups). Miners and validators call it with the same pages and config, so they agree
     on every assignment. `DataError` when a group gets no page (fewer topics than groups).
     """
-    if data.expert_affinity == 0 or model.arch != "mixtral" or model.shards < 2:
+    if data.expert_affinity == 0 or not model.expert_shards:
         return {}
     groups = model.shards - 1
     of_page = pages.groups(groups)

@@ -85,7 +85,6 @@ from train.shards import (
     shard_for_miner,
     shard_map,
     shard_state,
-    shared_first,
     trained_shards,
 )
 from train.startup import (
@@ -363,7 +362,7 @@ class Miner:
                     f"UID {self.uid} is no longer a miner here (deregistered or holds a "
                     "validator permit)"
                 )
-            shared = shared_first(self.cfg.model)
+            shared = self.cfg.model.expert_shards
             decision[0] = shard_for_miner(self.uid, miners, window, n_shards, shared=shared)
             for s in trained_shards(miners, window, n_shards, shared=shared):
                 decision[1 + s] = 1

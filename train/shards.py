@@ -34,7 +34,7 @@ the router that picks them is shared. S = 1 is the whole model, as for a dense o
 and gives rank `r` the shard `(r + window) mod S`: each shard gets ⌊M/S⌋ or ⌈M/S⌉ of the
 `M` miners, and every miner visits every shard over `S` consecutive windows. A mixture of
 experts with more shards than miners keeps its shared shard trained every window
-(`shared_first`); the expert shards take turns.
+(`shard_for_miner`'s `shared`); the expert shards take turns.
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def _expert_map(
 def shard_labels(cfg: ModelConfig) -> list[str]:
     """A short name per shard for reports and views: for a mixture of experts "shared" and
     "experts a–b"; for a dense model "shard k"."""
-    if cfg.arch == "mixtral" and cfg.shards > 1:
+    if cfg.expert_shards:
         per = cfg.num_experts // (cfg.shards - 1)
         return ["shared"] + [
             f"expert {g * per}" if per == 1 else f"experts {g * per}–{(g + 1) * per - 1}"
@@ -225,15 +225,9 @@ def shard_labels(cfg: ModelConfig) -> list[str]:
     return [f"shard {k}" for k in range(cfg.shards)]
 
 
-def shared_first(cfg: ModelConfig) -> bool:
-    """Whether shard 0 must have a miner every window: the shared parameters of a mixture
-    of experts (embeddings, attention, routers) that every expert's tokens pass through."""
-    return cfg.arch == "mixtral" and cfg.shards > 1
-
-
 def is_expert_shard(cfg: ModelConfig, shard: int) -> bool:
     """Whether `shard` holds experts alone (shards 1 … S − 1 of a sharded mixture)."""
-    return shared_first(cfg) and shard > 0
+    return cfg.expert_shards and shard > 0
 
 
 def shard_for_miner(
@@ -241,7 +235,9 @@ def shard_for_miner(
 ) -> int:
     """The shard miner `uid` trains in `window`: `(rank of uid among miner_uids + window) mod S`.
 
-    With `shared` (`shared_first`) and 2 ≤ `M` < S miners, shard 0 is never left out.
+    With `shared` (`ModelConfig.expert_shards`: the shared parameters of a mixture of
+    experts, which every expert's tokens pass through) and 2 ≤ `M` < S miners, shard 0 is
+    never left out.
     Windows come in blocks of `M`; in window `b·M + p` rank `p` trains shard 0 and the
     other ranks, in order after it (j = 0 … M − 2), take shards `1 + (j + b·(M − 1)) mod
     (S − 1)`: `M − 1` distinct expert shards, the next `M − 1` in the next block. So each

@@ -57,7 +57,7 @@ from store.manifest import Trajectory, commitment_digest
 from store.safetensors_check import TORCH_DTYPES, TensorSpec
 from tensormine.config import RunConfig
 from train.config import ModelConfig
-from train.shards import shard_for_miner, shared_first
+from train.shards import shard_for_miner
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class Roster:
     shards: int
     miners: dict[str, int]  # hotkey -> UID, neurons without a validator permit
     validators: frozenset[str] = field(default_factory=frozenset)
-    shared: bool = False  # shard 0 trained every window (`train.shards.shared_first`)
+    shared: bool = False  # shard 0 trained every window (`ModelConfig.expert_shards`)
 
     @classmethod
     def from_neurons(cls, neurons: Sequence[Neuron], *, model: ModelConfig, window: int) -> Roster:
@@ -91,7 +91,7 @@ class Roster:
             shards=model.shards,
             miners={n.hotkey: n.uid for n in neurons if not n.validator_permit},
             validators=frozenset(n.hotkey for n in neurons if n.validator_permit),
-            shared=shared_first(model),
+            shared=model.expert_shards,
         )
 
     def shard_of(self, uid: int) -> int:

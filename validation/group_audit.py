@@ -42,7 +42,7 @@ from chain.interface import Chain
 from tensormine.config import RunConfig
 from train.contribution import committed_digests
 from train.group_round import matchmaking_lead, round_times
-from train.shards import shared_first, trained_shards
+from train.shards import trained_shards
 from train.windows import deadline, meeting_block, start_block, wait_for_block
 from validation.admission import Admitted, Roster
 from validation.report import MinerRow
@@ -79,7 +79,7 @@ def join_groups(
     # belongs to this thread.
     miners = [n.uid for n in ledger.neurons() if not n.validator_permit]
     trained = (
-        trained_shards(miners, window, cfg.model.shards, shared=shared_first(cfg.model))
+        trained_shards(miners, window, cfg.model.shards, shared=cfg.model.expert_shards)
         if miners
         else None
     )
