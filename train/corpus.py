@@ -197,8 +197,10 @@ def _text_column(ds: Documents, field: str, where: str, topic_field: str | None)
     return ds
 
 
-def _features(ds: Documents, datasets: Any) -> Any:
+def _features(ds: Documents) -> Any:
     """The features of `ds` with a string `TOPIC` column added."""
+    import datasets
+
     features = ds.features.copy() if ds.features is not None else datasets.Features()
     features[TOPIC] = datasets.Value("string")
     return features
@@ -245,7 +247,7 @@ def _file_documents(cfg: DataConfig) -> Documents:
         if cfg.topic_field is not None:
             # A text file has no columns to name a topic: each one is a topic of its own
             # (None), beside json or parquet rows that have one.
-            ds = ds.map(lambda _: {TOPIC: None}, features=_features(ds, datasets))
+            ds = ds.map(lambda _: {TOPIC: None}, features=_features(ds))
         parts.append(ds)
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
