@@ -73,15 +73,19 @@ class RunConfig(StrictModel):
         return self
 
     @model_validator(mode="after")
-    def _experts_need_proof_of_work(self) -> RunConfig:
-        """Validators judge an expert shard's training by proof of work (its own-data gap
-        carries no signal: `validation.scoring.OWN_POW`)."""
+    def _shards_need_proof_of_work(self) -> RunConfig:
+        """Validators judge the training of a shard without the LM head (inner layers, an
+        expert group) by proof of work: its own-data gap carries no signal
+        (`validation.scoring.OWN_POW`, `train.shards.holds_head`)."""
         pow_on = self.validation.pow_checks > 0 and self.train.pow_segments > 0
-        if self.model.expert_shards and not pow_on:
+        if self.model.shards > 1 and self.validation.own_data_pairs > 0 and not pow_on:
             logger.warning(
-                "experts as shards with proof of work off (validation.pow_checks, "
-                "train.pow_segments): validators fall back to the own-data check for expert "
-                "shards, which cannot see their training, so expert miners will mostly earn 0"
+                "model.shards is %d with proof of work off (validation.pow_checks, "
+                "train.pow_segments): validators fall back to the own-data check for the "
+                "shards without the LM head (%s), which cannot see their training, so "
+                "their miners will mostly earn 0",
+                self.model.shards,
+                "the expert shards" if self.model.expert_shards else "inner layers",
             )
         return self
 

@@ -225,6 +225,16 @@ def shard_labels(cfg: ModelConfig) -> list[str]:
     return [f"shard {k}" for k in range(cfg.shards)]
 
 
+def holds_head(names: Iterable[str]) -> bool:
+    """Whether a shard of these parameter names holds the LM head (`lm_head.*`; the
+    embeddings are a tensor of their own, `train.model`). Only such a shard's Δ shows the
+    validator's own-data check that its miner trained on its pages: a Δ of inner layers
+    or of experts alone moves the loss of pages it saw no more than that of pages it did
+    not (benchmarks/RESULTS.md, "Experts as shards against dense": own-data t 0.06–0.66
+    for inner-layer and expert shards, 2.2 for the head's shard, 2–5 for a whole model)."""
+    return any(name.startswith("lm_head.") for name in names)
+
+
 def is_expert_shard(cfg: ModelConfig, shard: int) -> bool:
     """Whether `shard` holds experts alone (shards 1 … S − 1 of a sharded mixture)."""
     return cfg.expert_shards and shard > 0

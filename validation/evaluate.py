@@ -43,7 +43,7 @@ import torch
 from tensormine.config import RunConfig
 from train.inner import lr_at
 from train.pages import Affinity
-from train.shards import is_expert_shard, shard_state
+from train.shards import holds_head, shard_state
 from validation.admission import Admitted
 from validation.probes import generic_pages, own_data_pages, page_losses, patched_shard
 from validation.report import SCORED, MinerRow, verdict
@@ -180,9 +180,10 @@ def evaluate(
         )  # fmt: skip
         row.own_margin, row.own_t = own.margin, own.t
         row.own_ok = row.own_outcome in (OWN_PASS, OWN_GRACE)
-        if deferred and is_expert_shard(cfg.model, a.shard):
-            # Blind for an expert group (scoring.OWN_POW): proof of work, which recomputes
-            # its steps on its assigned pages, decides whether it trained on them.
+        if deferred and not holds_head(names):
+            # Blind without the LM head (inner layers, an expert group: scoring.OWN_POW):
+            # proof of work, which recomputes its steps on its assigned pages, decides
+            # whether it trained on them.
             row.own_outcome, row.own_ok = OWN_POW, True
         if rival:  # with private held-out files, training on the public split pays nothing
             head_gains.append(base[:n_head] - new[:n_head])

@@ -1,20 +1,27 @@
 """The group audit: the validator's seat in every shard's hivemind group, and its checks.
 
-    future = join_groups(seat, ledger, cfg, ledger_weights, w)   # before the deadline
+    seats = GroupSeats(seat, ledger, cfg, ledger_weights, first=w)   # a thread of its own
+    future = seats.take(w)                              # after w's reveal deadline
     got = group_round(cfg, w, future)                   # (results, pinned weights) | None
-    mark_averaged(rows, got[0])                         # each miner: in, mismatch, dropped
+    mark_averaged(rows, got[0], admitted_shards)        # each miner: in, mismatch, dropped
     audit = GroupAudit(shapes, cfg.averaging, tolerance, ledger_weights, admitted, hotkeys)
     checks = check_groups(audit, w, roster, got)        # the window record's group_checks
 
 The validator is an auxiliary peer of every shard's group: it sends nothing, receives the
 average the members agree on, and so knows what θ_{w+1} the miners in step compute
 (`validation.next_model`). The groups meet at the deadline
-(`train.windows.meeting_block`), so matchmaking starts a little before it, in a
-background thread, while the validator waits for the reveal deadline.
+(`train.windows.meeting_block`), so matchmaking starts a little before it. Scoring the
+previous window can take longer than the time left until then (9-17 s beside three
+training miners on 2 cores, against 16 s windows), so the seat joins every window from a
+thread of its own (`GroupSeats`), whatever the scoring is doing: a validator that missed
+a group would have no audit of it, and could neither name a miner whose input did not
+match its commitment nor know whom the group left out.
 
 What the groups say of each miner goes into its row (`mark_averaged`): "in" (its parts
 are in the average), "mismatch" (a reducer refused parts that were not what it committed
-to: no score this window, and a strike), "dropped" or "absent". Each group's average is
+to: no score this window, and a strike), "dropped" or "absent" (its group averaged
+without it: its Δ is not in the model, so it is not paid for this window, without a
+strike: a slow link is no offence). Each group's average is
 then compared with the average of its members' admitted Δ that the group should have
 reached (`check_group_average`): their parts weighted by the ledger field
 `averaging.weights` pinned to the window's first block, reduced by `averaging.robust` and
@@ -27,6 +34,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -45,8 +53,10 @@ from train.group_round import matchmaking_lead, round_times
 from train.shards import trained_shards
 from train.windows import deadline, meeting_block, start_block, wait_for_block
 from validation.admission import Admitted, Roster
-from validation.report import MinerRow
+from validation.report import SCORED, MinerRow
 from validation.scoring import OWN_FAIL, compare_group_average
+
+NOT_AVERAGED = "not_averaged"  # a row's verdict: its group averaged without its Δ
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +79,7 @@ def join_groups(
         return None
     meeting = meeting_block(window, cfg.window)
     first = start_block(window, cfg.window)
-    head = wait_for_block(ledger, max(first, meeting - matchmaking_lead(ledger, cfg)))
+    head = wait_for_block(ledger, join_block(ledger, cfg, window))
     if head >= meeting:
         return None  # too late to meet this window's groups
     start_at, timeout = round_times(ledger, cfg, window)
@@ -103,6 +113,86 @@ def join_groups(
     return future
 
 
+def join_block(ledger: Chain, cfg: RunConfig, window: int) -> int:
+    """The block at which an auxiliary peer starts matchmaking for `window`'s groups: the
+    matchmaking lead before they meet, not before the window starts."""
+    meeting = meeting_block(window, cfg.window)
+    return max(start_block(window, cfg.window), meeting - matchmaking_lead(ledger, cfg))
+
+
+class GroupSeats:
+    """The validator's seat in the groups of every window from `first` on, each joined on
+    time by a thread of its own (with its own ledger handle), however long scoring the
+    previous window takes. `take(w)` hands over window w's round (`join_groups`'s
+    future; None when the seat could not meet that window). Rounds not taken are dropped
+    once `keep` newer ones exist (a validator that skips windows never takes them)."""
+
+    def __init__(
+        self,
+        seat: Participant,
+        ledger: Chain,
+        cfg: RunConfig,
+        weights: LedgerWeights,
+        *,
+        first: int,
+        keep: int = 3,
+    ) -> None:
+        self.seat, self.cfg, self.weights, self.keep = seat, cfg, weights, keep
+        self._parent = ledger
+        self._next = first  # the window the thread decides next
+        self._rounds: dict[int, concurrent.futures.Future[GroupRound] | None] = {}
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="group-seats", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        # The ledger's connection belongs to the thread that opened it: this one opens its own.
+        with self._parent.reopen() as ledger:
+            while not self._stop.is_set():
+                window = self._next
+                future = None
+                try:
+                    if self._wait(ledger, join_block(ledger, self.cfg, window)):
+                        future = join_groups(self.seat, ledger, self.cfg, self.weights, window)
+                        if future is None:
+                            logger.warning("window %d: too late to meet its groups", window)
+                except TimeoutError as exc:  # no blocks for a while: say so, go on
+                    logger.warning("window %d: could not join its groups: %s", window, exc)
+                except Exception:  # a thread that dies silently would end every audit
+                    logger.exception("window %d: joining its groups failed", window)
+                with self._cond:
+                    self._rounds[window] = future
+                    for old in sorted(self._rounds)[: -self.keep]:
+                        del self._rounds[old]
+                    self._next = window + 1
+                    self._cond.notify_all()
+
+    def _wait(self, ledger: Chain, block: int) -> bool:
+        """Poll until the head reaches `block`; False when stopped first."""
+        poll = max(0.05, min(1.0, ledger.block_time_s / 4))
+        while ledger.block_number() < block:
+            if self._stop.wait(poll):
+                return False
+        return not self._stop.is_set()
+
+    def take(
+        self, window: int, *, timeout: float = 10.0
+    ) -> concurrent.futures.Future[GroupRound] | None:
+        """Window `window`'s round (call it after its groups met: the thread has decided
+        it by then, so the wait is short); None when the seat did not meet it."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._next > window or self._stop.is_set(), timeout=timeout)
+            return self._rounds.pop(window, None)
+
+    def close(self) -> None:
+        """Stop joining windows (a round already under way finishes in its own thread)."""
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        self._thread.join(timeout=5.0)
+
+
 def group_round(
     cfg: RunConfig, window: int, groups: concurrent.futures.Future[GroupRound] | None
 ) -> GroupRound | None:
@@ -118,10 +208,15 @@ def group_round(
         return None
 
 
-def mark_averaged(rows: list[MinerRow], results: GroupResults) -> None:
-    """What each miner's group says of what it sent: `averaged` is "in" (its parts are
+def mark_averaged(rows: list[MinerRow], results: GroupResults, shard_of: Mapping[str, int]) -> None:
+    """What each miner's group says of what it sent. `averaged` is "in" (its parts are
     in the average), "mismatch" (a reducer refused parts that were not what it
-    committed to: no score this window, and a strike), "dropped" or "absent"."""
+    committed to: no score this window, and a strike), "dropped" or "absent" (its group,
+    of shard `shard_of[hotkey]` as admitted in the averaged window, averaged without
+    it). A miner is paid only for what went into the model: "dropped" and "absent" score
+    0 for the window, with no strike (a slow link is no offence). None: no group of its
+    shard reached this validator, so it cannot say (the model then takes every admitted
+    Δ of that shard from the store: `validation.next_model`)."""
     members: dict[str, str] = {}
     for result in results.values():
         if isinstance(result, AverageResult):
@@ -131,19 +226,31 @@ def mark_averaged(rows: list[MinerRow], results: GroupResults) -> None:
                 members[hotkey] = "in"
         for hotkey, parts in (result.mismatched or {}).items():
             members[hotkey] = f"mismatch: parts {spans(parts)}"
-    got = any(isinstance(r, AverageResult) for r in results.values())
+    formed = {s for s, r in results.items() if isinstance(r, AverageResult) and r.members}
     for row in rows:
         if row.uid is None:
             continue
-        row.averaged = members.get(row.hotkey, "absent" if got else None)
-        if row.averaged is not None and row.averaged.startswith("mismatch"):
+        said = members.get(row.hotkey)
+        if said is None and shard_of.get(row.hotkey) in formed:
+            said = "absent"
+        row.averaged = said
+        if said is None or said == "in":
+            continue
+        if said.startswith("mismatch"):
             logger.warning(
                 "UID %d (%s…) sent parts into its group that are not what it committed "
-                "to (%s): no score this window", row.uid, row.hotkey[:8], row.averaged,
+                "to (%s): no score this window", row.uid, row.hotkey[:8], said,
             )  # fmt: skip
             row.score = 0.0
             row.verdict = "mismatch"
             row.own_outcome = OWN_FAIL  # counts as a strike, as the other checks do
+        elif row.status == SCORED:
+            logger.info(
+                "UID %d (%s…): its group averaged without it (%s); not paid for the window",
+                row.uid, row.hotkey[:8], said,
+            )  # fmt: skip
+            row.score = 0.0
+            row.verdict = NOT_AVERAGED
 
 
 @dataclass(frozen=True)

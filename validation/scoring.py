@@ -163,9 +163,11 @@ OWN_PASS = "pass"  # the paired gap beat the full bar (margin and t ≥ min_t)
 OWN_GRACE = "grace"  # inconclusive (grace_t ≤ t < min_t) after a pass: credited, one strike
 OWN_FAIL = "fail"  # t < grace_t, or inconclusive again: no credit
 OWN_OFF = "off"  # the check is turned off (own_data_pairs = 0)
-# An expert shard's Δ with proof of work on: the paired gap is measured and reported, but
-# proof of work decides (an expert group memorizes no page it saw once: in
-# benchmarks/bench_moe.py its own-data t sits at 0 ± 1.5 while the shared shard's is 2–5).
+# The Δ of a shard without the LM head (inner layers, an expert group) with proof of work
+# on: the paired gap is measured and reported, but proof of work decides (such a shard
+# shows no page it saw once: in benchmarks/bench_moe.py its own-data t sits at 0 ± 1.5,
+# the head's shard's at 2.2, a whole model's or an MoE's shared shard's at 2–5;
+# `train.shards.holds_head`).
 OWN_POW = "pow"
 
 

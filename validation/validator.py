@@ -89,10 +89,10 @@ from validation.evaluate import EvalContext, evaluate
 from validation.group_audit import (
     GroupAudit,
     GroupRound,
+    GroupSeats,
     check_group_average,
     check_groups,
     group_round,
-    join_groups,
     mark_averaged,
 )
 from validation.listing import contribution_sources, list_contributions
@@ -207,6 +207,7 @@ class Validator:
         self.seat: Participant | None = None
         if cfg.averaging.enabled:
             self.seat = join_averaging(cfg, self.ledger, self.dir, self.model, self.shards)
+        self._seats: GroupSeats | None = None  # the seat's thread, started by `run`
         # Proof of work: challenges go into our store, where miners look for them.
         self.checker = SpotChecker(
             cfg, keypair, self.store, self.secret, self.shards, self.shapes,
@@ -430,10 +431,10 @@ class Validator:
             else:
                 step = self.rebuild_step(window - 1) if window > 0 else None
         got = group_round(cfg, step.window, step.groups) if step is not None else None
-        if got is not None:
-            # With overlap: what window w − 1's groups say of each miner (a mismatch there
-            # scores 0 here, one window later).
-            mark_averaged(rows, got[0])
+        if got is not None and step is not None:
+            # With overlap: what window w − 1's groups say of each miner (a mismatch or a
+            # drop there scores 0 here, one window later).
+            mark_averaged(rows, got[0], {a.hotkey: a.shard for a in step.admitted})
         report = WindowReport(
             window=window, validator=self.name, block=self.ledger.block_number(),
             heldout_loss=base_loss, contributions=len(refs), admitted=len(admitted),
@@ -497,6 +498,10 @@ class Validator:
         current = window_of(head, self.cfg.window)
         next_window = self.state.window if resumed else current
         reports: list[WindowReport] = []
+        if self.seat is not None and self._seats is None:
+            self._seats = GroupSeats(
+                self.seat, self.ledger, self.cfg, self.group_weights, first=next_window
+            )
         while max_windows is None or len(reports) < max_windows:
             head = self.ledger.block_number()
             current = window_of(head, self.cfg.window)
@@ -509,8 +514,8 @@ class Validator:
                 wait_for_block(self.ledger, start_block(next_window, self.cfg.window))
                 roster = self.roster(next_window)
             roster = roster or self.roster(next_window)
-            groups = join_groups(self.seat, self.ledger, self.cfg, self.group_weights, next_window)
             wait_for_block(self.ledger, reveal_deadline(next_window, self.cfg.window))
+            groups = self._seats.take(next_window) if self._seats is not None else None
             reports.append(self.process_window(next_window, roster, groups))
             next_window += 1
         return reports
@@ -528,6 +533,8 @@ class Validator:
         self.tracker.log({"window/skipped": len(windows)}, step=windows[-1])
 
     def close(self) -> None:
+        if self._seats is not None:
+            self._seats.close()
         if self.seat is not None:
             self.seat.close()
         self.tracker.finish()

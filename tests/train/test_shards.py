@@ -14,6 +14,7 @@ from train.config import ModelConfig
 from train.model import build_model
 from train.shards import (
     apply_to_shard,
+    holds_head,
     make_trainable,
     param_shapes,
     shard_for_miner,
@@ -195,6 +196,20 @@ def test_apply_rejects_bad_tensors_without_changing_anything(
 def test_make_trainable_rejects_unknown_names(model: torch.nn.Module) -> None:
     with pytest.raises(KeyError):
         make_trainable(model, ["model.layers.99.mlp.up_proj.weight"])
+
+
+def test_only_the_last_layer_shard_or_the_shared_shard_holds_the_head(
+    model: torch.nn.Module,
+) -> None:
+    """The own-data check trusts only shards with the LM head (`holds_head`): the last of
+    a dense model's layer shards, the shared shard of a mixture of experts."""
+    for shards in (1, 2, 4):
+        held = [holds_head(names) for names in shard_map(model, shards)]
+        assert held == [False] * (shards - 1) + [True], shards
+    moe = CFG.model_copy(
+        update={"arch": "mixtral", "num_experts": 4, "experts_per_token": 2, "shards": 3}
+    )
+    assert [holds_head(names) for names in shard_map(moe, 3)] == [True, False, False]
 
 
 def test_trained_shards_are_those_some_miner_holds() -> None:

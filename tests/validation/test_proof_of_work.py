@@ -105,6 +105,31 @@ def test_expert_miners_with_affinity_are_recomputed_on_their_affine_pages(
     validator.close()
 
 
+def test_layer_shards_without_the_head_are_judged_by_proof_of_work(
+    subnet_factory: Factory,
+) -> None:
+    """A dense model in two layer shards: the own-data gap is measured for both, but only
+    the shard with the LM head is judged by it; the other one's verdict is proof of
+    work's (`train.shards.holds_head`), so its honest miner is paid."""
+    work = {**WORK, "validation.own_data_pairs": 8, "model.shards": 2}
+    net = subnet_factory(["honest", "honest1t"], key_seed="layers", **work)
+    validator = net.validator()
+    head = [s for s, names in enumerate(validator.shards) if "lm_head.weight" in names]
+    assert head == [1]
+    net.mine(1)
+    net.to_deadline(1)
+    roster = validator.roster(1)
+    rows = {r.uid: r for r in validator.process_window(1).miners}
+    validator.close()
+    shards = {
+        roster.shard_of(net.uid(name)): rows[net.uid(name)] for name in ("honest", "honest1t")
+    }
+    assert sorted(shards) == [0, 1]
+    assert shards[0].own_outcome == "pow" and shards[0].own_t is not None, shards[0]
+    assert shards[0].pow == "pass" and shards[0].score > 0, shards[0]
+    assert shards[1].own_outcome != "pow" and shards[1].own_t is not None, shards[1]
+
+
 def test_answers_for_another_window_or_other_segments_are_refused(
     subnet_factory: Factory,
 ) -> None:
