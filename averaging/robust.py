@@ -19,10 +19,16 @@ that the tests can check them against closed forms.
 
 `aggregate` picks one of them from a `RobustConfig`. All arithmetic on weights runs in
 float64 so that a row cut by the trimmed mean contributes exactly nothing, however large.
+
+The result must be the same bits on every machine that computes it (reducers, validators,
+`tensormine verify`), whatever its thread count: sums over rows are explicit loops of
+element-wise adds (`_sum_rows`) and a row's norm is NumPy's single-threaded pairwise sum
+(`_row_norms`), never one of torch's reductions, which split a long sum over threads.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from averaging.settings import RobustConfig
@@ -46,10 +52,24 @@ def _per_row(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return w.view(-1, *([1] * (like.dim() - 1)))
 
 
+def _sum_rows(t: torch.Tensor) -> torch.Tensor:
+    """Σ over dim 0, row 0 first, by element-wise adds (the same bits on any thread count)."""
+    total = t[0].clone()
+    for row in t[1:]:
+        total += row
+    return total
+
+
+def _row_norms(rows: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each row of a 2-D float64 tensor, in one fixed order."""
+    x = rows.detach().to("cpu", torch.float64).numpy()
+    return torch.from_numpy(np.sqrt(np.add.reduce(x * x, axis=1)))
+
+
 def weighted_mean(stack: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Σ w_i x_i / Σ w_i over the rows of `stack`."""
     w = _check(stack, weights)
-    total = (stack.to(torch.float64) * _per_row(w, stack)).sum(0) / w.sum()
+    total = _sum_rows(stack.to(torch.float64) * _per_row(w, stack)) / w.sum()
     return total.to(stack.dtype)
 
 
@@ -76,7 +96,7 @@ def trimmed_mean(stack: torch.Tensor, weights: torch.Tensor, trim: float) -> tor
     w = _check(stack, weights)
     total = float(w.sum())
     values, kept = _sorted_kept_mass(stack, w, trim * total, (1.0 - trim) * total)
-    return ((values * kept).sum(0) / kept.sum(0)).to(stack.dtype)
+    return (_sum_rows(values * kept) / _sum_rows(kept)).to(stack.dtype)
 
 
 def weighted_median(stack: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -90,7 +110,7 @@ def weighted_median(stack: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     # A window of vanishing width around W/2; rows touching it share the median equally.
     eps = half * 1e-9
     values, kept = _sorted_kept_mass(stack, w, half - eps, half + eps)
-    return ((values * kept).sum(0) / kept.sum(0)).to(stack.dtype)
+    return (_sum_rows(values * kept) / _sum_rows(kept)).to(stack.dtype)
 
 
 def centered_clip(
@@ -114,9 +134,9 @@ def centered_clip(
     )
     for _ in range(iterations):
         diff = rows - center
-        norms = diff.norm(dim=1)
+        norms = _row_norms(diff)
         scale = torch.where(norms > tau, tau / norms.clamp(min=1e-300), torch.ones_like(norms))
-        center = center + ((w * scale).unsqueeze(1) * diff).sum(0) / w.sum()
+        center = center + _sum_rows((w * scale).unsqueeze(1) * diff) / w.sum()
     return center.reshape(stack.shape[1:]).to(stack.dtype)
 
 
@@ -128,7 +148,7 @@ def relative_tau(stack: torch.Tensor, weights: torch.Tensor, factor: float) -> f
     """
     w = _check(stack, weights)
     center = weighted_median(stack, weights).to(torch.float64).reshape(-1)
-    dists = (stack.to(torch.float64).reshape(stack.shape[0], -1) - center).norm(dim=1)
+    dists = _row_norms(stack.to(torch.float64).reshape(stack.shape[0], -1) - center)
     median_dist = float(weighted_median(dists.unsqueeze(1), w).item())
     return factor * median_dist if median_dist > 0 else factor
 

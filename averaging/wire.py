@@ -109,8 +109,16 @@ class Uniform8BitCodec(Uniform8BitQuantization):  # type: ignore[misc]
 
     def quantize(self, tensor: torch.Tensor, allow_inplace: bool = False) -> tuple[Any, Any]:
         values = tensor.detach().to(torch.float32).reshape(-1)
-        centered = values - values.mean()
-        std = float(centered.norm()) / math.sqrt(max(values.numel() - 1, 1))
+        # The bins must be the same on every machine that encodes this part (reducers now,
+        # validators and `tensormine verify` later): torch's float32 `mean()` and `norm()`
+        # split the sum over threads, so their last bits (and then a few thousand bins)
+        # depended on the thread count. NumPy's float64 pairwise sum runs on one thread in
+        # one fixed order.
+        v64 = values.numpy().astype(np.float64)
+        mean = float(v64.sum()) / max(v64.size, 1)
+        centered = values - torch.tensor(mean, dtype=torch.float32)
+        c64 = v64 - mean
+        std = math.sqrt(float((c64 * c64).sum()) / max(v64.size - 1, 1))
         scale = max(self.RANGE_IN_SIGMAS * std / self.n_bins, 1e-30)
         offset = self.n_bins // 2
         index = (centered / scale).round_().add_(offset).clamp_(0, self.n_bins - 1).to(torch.uint8)

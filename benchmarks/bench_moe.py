@@ -3,13 +3,14 @@
     .venv/bin/python benchmarks/bench_moe.py                       # ~1 hour on 2 CPU cores
     .venv/bin/python benchmarks/bench_moe.py --windows 4 --settings moe   # a quick look
 
-Runs the miners' own pieces in one process, as `bench_probe.py` does: 4 miners, each
-window each trains the shard the ledger's rule gives it (`train.shards.shard_for_miner`) for
-H inner AdamW steps on its assigned pages (`train.pages.assigned_pages`, with its shard's
-`data.expert_affinity` when set), the Δ of every shard is averaged over its miners and
-stepped with plain averaging (outer lr 1; the wire is left out: both models would pay it
-alike, per parameter). Equal tokens: every setting trains H × batch × seq_len tokens per
-miner per window (the `moe` preset's H = 20, batch 8, 128 tokens).
+Runs the miners' own pieces in one process, as `bench_probe.py` does: 4 miners
+(`--miners`), each window each trains the shard the ledger's rule gives it
+(`train.shards.shard_for_miner`) for H inner AdamW steps on its assigned pages
+(`train.pages.assigned_pages`, with its shard's `data.expert_affinity` when set), the Δ of
+every shard is averaged over its miners and stepped with plain averaging (outer lr 1; the
+wire is left out: both models would pay it alike, per parameter). Equal tokens: every
+setting trains H × batch × seq_len tokens per miner per window (the `moe` preset's H = 20,
+batch 8, 128 tokens).
 
 Settings:
 - `dense`: the tiny Llama (5.26 M parameters, all active), one shard: every miner trains
@@ -22,6 +23,7 @@ Settings:
 - `moe-s1`: the MoE as one shard (every miner trains all of it): what sharding costs.
 - `dense-s4`: the tiny Llama in 4 layer shards, one miner per shard each window, as the
   MoE's shards have: what one miner per shard costs without experts.
+- `moe-aux05`: `moe` with five times the router's load-balancing coefficient (0.05).
 
 Per window it records the held-out loss of the averaged model on 64 fixed held-out pages,
 the bytes of each miner's Δ as the int8 publication encodes it (`averaging.compression`),
@@ -68,7 +70,7 @@ from validation.scoring import own_data_verdict
 
 Delta = dict[str, torch.Tensor]
 
-MINERS = 4
+MINERS = 4  # the default of --miners
 SECRET = b"bench-moe-validator-secret"
 # The moe preset's inner loop for every setting: equal tokens per miner and window.
 TRAIN = ["data.seq_len=128", "train.inner_steps=20", "train.batch_size=8", "train.lr=0.002",
@@ -80,6 +82,8 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "moe-affinity": ("configs/moe.yaml", ["data.expert_affinity=0.75"]),
     "moe-s1": ("configs/moe.yaml", ["model.shards=1"]),
     "dense-s4": ("configs/tiny.yaml", ["model.shards=4"]),
+    # Load balancing five times the preset's (0.01): does it keep every expert in use?
+    "moe-aux05": ("configs/moe.yaml", ["model.router_aux_loss_coef=0.05"]),
 }
 
 
@@ -89,16 +93,18 @@ def main() -> None:
     parser.add_argument("--settings", default="dense,moe,moe-affinity,moe-s1")
     parser.add_argument("--eval-pages", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--miners", type=int, default=MINERS, help="miners per window")
     parser.add_argument("--out", default="benchmarks/results/moe")
     args = parser.parse_args()
     print(
         f"# {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-        f"{time.strftime('%Y-%m-%d')}; {MINERS} miners, {args.windows} windows, seed {args.seed}",
+        f"{time.strftime('%Y-%m-%d')}; {args.miners} miners, {args.windows} windows, "
+        f"seed {args.seed}",
         flush=True,
     )
     results: dict[str, Any] = {}
     for name in args.settings.split(","):
-        results[name] = run(name, args.windows, args.eval_pages, args.seed)
+        results[name] = run(name, args.windows, args.eval_pages, args.seed, args.miners)
         Path(f"{args.out}.json").parent.mkdir(parents=True, exist_ok=True)
         Path(f"{args.out}.json").write_text(json.dumps(results, indent=1) + "\n")
     report(results)
@@ -106,7 +112,7 @@ def main() -> None:
     print(f"\nJSON: {args.out}.json, plot: {args.out}.png")
 
 
-def run(name: str, windows: int, eval_pages: int, seed: int) -> dict[str, Any]:
+def run(name: str, windows: int, eval_pages: int, seed: int, miners: int) -> dict[str, Any]:
     preset, extra = SETTINGS[name]
     run_dir = "runs/bench-moe"
     sets = [f"run.dir={run_dir}", f"run.seed={seed}", *TRAIN, *extra]
@@ -130,9 +136,9 @@ def run(name: str, windows: int, eval_pages: int, seed: int) -> dict[str, Any]:
         theta = {n: p.detach().clone() for n, p in model.named_parameters()}
         by_shard: dict[int, list[tuple[int, Delta]]] = {}
         usage: list[torch.Tensor] = []
-        for i in range(MINERS):
+        for i in range(miners):
             shard = shard_for_miner(
-                i, range(MINERS), window, len(shards), shared=cfg.model.expert_shards
+                i, range(miners), window, len(shards), shared=cfg.model.expert_shards
             )
             names = shards[shard]
             apply_to_shard(model, names, {n: theta[n] for n in names})
