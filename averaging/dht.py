@@ -519,9 +519,20 @@ def join_ledger_peers(dht: DHT, ledger: Chain, *, limit: int = 64, timeout: floa
     islands into one network, and brings back peers that restarted on a new address.
     """
     own = dht.peer_id.to_base58()
+    return connect_peers(dht, ledger_multiaddrs(ledger, exclude={own}, limit=limit), timeout)
+
+
+def connect_peers(dht: DHT, maddrs: list[str], timeout: float = 20.0) -> int:
+    """Dial each peer of `maddrs` (``…/p2p/<peer id>``) that this node is not connected to
+    and ping it; returns how many answered (they are now in its routing table). A peer
+    that knows only its bootstrap peer sees nobody else's group-key declarations yet: dial
+    everyone right before matchmaking, or the first round may split into smaller groups."""
+    own = dht.peer_id.to_base58()
     targets: dict[str, list[str]] = {}
-    for maddr in ledger_multiaddrs(ledger, exclude={own}, limit=limit):
-        targets.setdefault(peer_id_of(maddr), []).append(maddr)
+    for maddr in maddrs:
+        peer = peer_id_of(maddr)
+        if peer != own:
+            targets.setdefault(peer, []).append(maddr)
     if not targets:
         return 0
     future = dht.run_coroutine(functools.partial(_connect_and_ping, targets), return_future=True)

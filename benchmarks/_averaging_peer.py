@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from averaging.dht import StaticDirectory, start_dht, visible_maddrs
+from averaging.dht import StaticDirectory, connect_peers, start_dht, visible_maddrs
 from averaging.group import ShardAverager
 from averaging.outer import mean_delta
 from averaging.round import AveragingFailed
@@ -75,6 +75,10 @@ def main() -> None:
     parser.add_argument("--lead", type=float, default=4.0, help="barrier → start_at, seconds")
     parser.add_argument("--min-matchmaking", type=float, default=2.0)
     parser.add_argument("--sender-timeout", type=float, default=10.0, help="library default: 10")
+    parser.add_argument(
+        "--no-dial", dest="dial", action="store_false",
+        help="do not dial every peer before a round (what the benchmark did before 2026-12-07)",
+    )  # fmt: skip
     parser.add_argument("--part-size", type=int, default=1 << 17, help="library default: 128 KiB")
     args = parser.parse_args()
     i, n, root = args.index, args.peers, args.dir
@@ -88,7 +92,11 @@ def main() -> None:
         (maddrs,) = wait_json([root / "bootstrap.json"], 180)
         dht = start_dht(DHTConfig(host=args.host, initial_peers=maddrs))
     write_json(root / f"peer_{i}.json", dht.peer_id.to_base58())
+    write_json(root / f"maddrs_{i}.json", visible_maddrs(dht))
     ids = wait_json([root / f"peer_{j}.json" for j in range(n)], 180)
+    everyone = [
+        m for ms in wait_json([root / f"maddrs_{j}.json" for j in range(n)], 180) for m in ms
+    ]
     directory = StaticDirectory({pid: f"peer-{j}" for j, pid in enumerate(ids)})
 
     rows = []
@@ -117,6 +125,10 @@ def main() -> None:
                 write_json(root / f"ready_{tag}_{i}.json", time.time())
                 times = wait_json([root / f"ready_{tag}_{j}.json" for j in range(n)], 300)
                 start_at = max(times) + args.lead
+                if args.dial:
+                    # As a miner does before every round (`Participant.average_window`
+                    # dials the ledger's committed peers): not only the bootstrap peer.
+                    connect_peers(dht, everyone, timeout=args.lead)
                 called = time.time()
                 row: dict[str, Any] = {
                     "wire": wire,

@@ -211,6 +211,7 @@ class PeerArgs:
     sender_timeout: float
     part_size: int
     min_matchmaking: float = 2.0
+    dial: bool = True  # dial every peer before a round, as miners do
 
     def flags(self) -> list[str]:
         return [
@@ -220,6 +221,7 @@ class PeerArgs:
             f"--lead={self.lead}",
             f"--sender-timeout={self.sender_timeout}",
             f"--part-size={self.part_size}",
+            *([] if self.dial else ["--no-dial"]),
         ]
 
 
@@ -555,12 +557,20 @@ def main() -> None:
         "--reuse-window0", action="store_true", help="load window 0's Δs from an earlier run"
     )
     parser.add_argument("--plot", type=Path, help="PNG of the held-out loss curves")
+    parser.add_argument("--min-matchmaking", type=float, default=2.0)
+    parser.add_argument(
+        "--no-dial", dest="dial", action="store_false",
+        help="peers know only their bootstrap peer at a round (the benchmark before 2026-12-07)",
+    )  # fmt: skip
     parser.add_argument("--shaped-child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--loss-child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     windows, rounds = (1, 1) if args.quick else (args.windows, args.rounds)
     wires = args.wires.split(",")
-    peer = PeerArgs(wires, rounds, args.lead, args.sender_timeout, args.part_size)
+    peer = PeerArgs(
+        wires, rounds, args.lead, args.sender_timeout, args.part_size,
+        min_matchmaking=args.min_matchmaking, dial=args.dial,
+    )  # fmt: skip
     if args.shaped_child:
         shaped_child(args.shaped_child, peer)
         return

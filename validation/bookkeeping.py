@@ -1,5 +1,6 @@
 """Score bookkeeping: moving averages, strikes and flags per UID, and weights on the ledger.
 
+    apply_verdicts(rows, verdicts)          # proof of work gates the window's scores
     update_scores(state, roster, rows, alpha=cfg.validation.ema_alpha)   # fills row.ema/weight
     setter = WeightSetter(chain, every=cfg.validation.weights_every)
     report.weights_set = setter.maybe_set(state, window)
@@ -21,12 +22,14 @@ it takes it into its pool, so the validator's window never waits for a block.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 
 from chain.errors import ChainError
 from chain.interface import Chain
 from validation.admission import Roster
-from validation.report import MinerRow
-from validation.scoring import OWN_OFF, OWN_PASS, OWN_POW, normalized_weights, update_ema
+from validation.proof_of_work import PowVerdict
+from validation.report import REFUSED, MinerRow
+from validation.scoring import OWN_FAIL, OWN_OFF, OWN_PASS, OWN_POW, normalized_weights, update_ema
 from validation.state import ValidatorState
 
 logger = logging.getLogger(__name__)
@@ -111,3 +114,22 @@ class WeightSetter:
             return False
         state.weights_window = window
         return True
+
+
+def apply_verdicts(rows: Sequence[MinerRow], verdicts: Mapping[int, PowVerdict]) -> None:
+    """Proof of work gates the score: a failed check scores 0 and counts as a strike (as
+    the other checks' failures do); a pass keeps the loss-delta score."""
+    for row in rows:
+        verdict = verdicts.get(row.uid) if row.uid is not None else None
+        if verdict is None or row.status == REFUSED:
+            continue
+        row.pow, row.pow_detail = verdict.label, verdict.detail or None
+        row.pow_rel_error, row.pow_cosine = verdict.rel_error, verdict.cosine
+        if not verdict.ok:
+            row.score = 0.0
+            row.own_outcome = OWN_FAIL
+            row.verdict = f"pow_{verdict.reason}"
+            logger.warning(
+                "UID %d (%s…) failed its proof of work: %s %s",
+                row.uid, row.hotkey[:8], verdict.reason, verdict.detail,
+            )  # fmt: skip

@@ -84,7 +84,7 @@ from train.startup import (
 )
 from train.windows import deadline, reveal_deadline, start_block, wait_for_block, window_of
 from validation.admission import Admitted, Refused, Roster, admit_window
-from validation.bookkeeping import WeightSetter, update_scores
+from validation.bookkeeping import WeightSetter, apply_verdicts, update_scores
 from validation.evaluate import EvalContext, evaluate
 from validation.group_audit import (
     GroupAudit,
@@ -103,7 +103,7 @@ from validation.probes import (
     signing_seed,
     validator_secret,
 )
-from validation.proof_of_work import PowVerdict, SpotChecker
+from validation.proof_of_work import SpotChecker
 from validation.publish import PublishContext, Pulls, enter_window, next_model
 from validation.report import (
     REFUSED,
@@ -114,7 +114,6 @@ from validation.report import (
     window_metrics,
     window_table,
 )
-from validation.scoring import OWN_FAIL
 from validation.state import ValidatorState, load_state, save_state
 
 logger = logging.getLogger("validation.validator")
@@ -552,25 +551,6 @@ class StepInputs:
     rows: list[MinerRow]
     pinned: Mapping[str, float]
     groups: concurrent.futures.Future[GroupRound] | None
-
-
-def apply_verdicts(rows: Sequence[MinerRow], verdicts: Mapping[int, PowVerdict]) -> None:
-    """Proof of work gates the score: a failed check scores 0 and counts as a strike (as
-    the other checks' failures do); a pass keeps the loss-delta score."""
-    for row in rows:
-        verdict = verdicts.get(row.uid) if row.uid is not None else None
-        if verdict is None or row.status == REFUSED:
-            continue
-        row.pow, row.pow_detail = verdict.label, verdict.detail or None
-        row.pow_rel_error, row.pow_cosine = verdict.rel_error, verdict.cosine
-        if not verdict.ok:
-            row.score = 0.0
-            row.own_outcome = OWN_FAIL
-            row.verdict = f"pow_{verdict.reason}"
-            logger.warning(
-                "UID %d (%s…) failed its proof of work: %s %s",
-                row.uid, row.hotkey[:8], verdict.reason, verdict.detail,
-            )  # fmt: skip
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
