@@ -108,7 +108,7 @@ class Uniform8BitCodec(Uniform8BitQuantization):  # type: ignore[misc]
     malformed buffer is refused instead of indexing out of its codebook."""
 
     def quantize(self, tensor: torch.Tensor, allow_inplace: bool = False) -> tuple[Any, Any]:
-        values = tensor.detach().to(torch.float32).reshape(-1)
+        values = tensor.detach().to("cpu", torch.float32).reshape(-1)
         # The bins must be the same on every machine that encodes this part (reducers now,
         # validators and `tensormine verify` later): torch's float32 `mean()` and `norm()`
         # split the sum over threads, so their last bits (and then a few thousand bins)
