@@ -24,7 +24,8 @@ Settings:
 - `dense-s4`: the tiny Llama in 4 layer shards, one miner per shard each window, as the
   MoE's shards have: what one miner per shard costs without experts.
 - `moe-aux05`: `moe` with five times the router's load-balancing coefficient (0.05).
-- `moe-lr05`, `dense-s4-lr05`: `moe` and `dense-s4` with the outer step damped to 0.5.
+- `moe-lr05`, `dense-s4-lr05` (`-lr03`): `moe` and `dense-s4` with the outer step damped
+  to 0.5 (0.3).
 
 Per window it records the held-out loss of the averaged model on 64 fixed held-out pages,
 the bytes of each miner's Δ as the int8 publication encodes it (`averaging.compression`),
@@ -89,6 +90,8 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     # block update: does damping the outer step help?
     "moe-lr05": ("configs/moe.yaml", ["outer.lr=0.5"]),
     "dense-s4-lr05": ("configs/tiny.yaml", ["model.shards=4", "outer.lr=0.5"]),
+    "moe-lr03": ("configs/moe.yaml", ["outer.lr=0.3"]),
+    "dense-s4-lr03": ("configs/tiny.yaml", ["model.shards=4", "outer.lr=0.3"]),
 }
 
 

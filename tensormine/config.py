@@ -33,6 +33,9 @@ from validation.config import ValidationConfig
 
 logger = logging.getLogger(__name__)
 
+# The outer step measured best for sharded models with plain steps (benchmarks/bench_moe.py).
+DAMPED_OUTER_LR = 0.5
+
 
 class RunSection(StrictModel):
     """What identifies a run and where its files live."""
@@ -87,6 +90,21 @@ class RunConfig(StrictModel):
                 self.model.shards,
                 "the expert shards" if self.model.expert_shards else "inner layers",
             )
+        return self
+
+    @model_validator(mode="after")
+    def _shards_want_a_damped_step(self) -> RunConfig:
+        """Shards are trained apart from the same θ_w and stepped together: a parallel
+        block update, which overshoots at a whole plain step (benchmarks/RESULTS.md, "the
+        sharding cost is an undamped outer step")."""
+        outer = self.outer
+        if self.model.shards > 1 and outer.momentum == 0 and outer.lr > DAMPED_OUTER_LR:
+            logger.warning(
+                "model.shards is %d with plain outer steps of lr %g: shards trained apart "
+                "and stepped together overshoot at a whole step (measured: outer.lr 0.5 "
+                "ended 0.8-1.4 nats lower after 20 windows); try --set outer.lr=%g",
+                self.model.shards, outer.lr, DAMPED_OUTER_LR,
+            )  # fmt: skip
         return self
 
     @model_validator(mode="after")

@@ -72,3 +72,24 @@ def test_the_ledger_and_store_follow_the_run_dir(tmp_path: Path) -> None:
     cfg = load_config(pinned, ["store.root=/tmp/s"])
     assert cfg.chain.db == Path("/tmp/l.sqlite") and cfg.store.root == Path("/tmp/s")
     assert load_config(None).chain.db == Path("runs/local/ledger.sqlite")
+
+
+def test_sharded_runs_are_warned_about_an_undamped_step_or_no_proof_of_work(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two warnings for S > 1 (measured in benchmarks/RESULTS.md): a whole plain outer step
+    overshoots, and without proof of work the shards without the head go unjudged."""
+
+    def warnings(*sets: str) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="tensormine.config"):
+            load_config("configs/demo.yaml", list(sets))
+        return [r.getMessage() for r in caplog.records]
+
+    assert warnings() == []
+    step = warnings("model.shards=2")
+    assert len(step) == 1 and "try --set outer.lr=0.5" in step[0]
+    assert warnings("model.shards=2", "outer.lr=0.5") == []
+    assert warnings("model.shards=2", "outer.lr=0.7", "outer.momentum=0.9") == []
+    unjudged = warnings("model.shards=2", "outer.lr=0.5", "validation.pow_checks=0")
+    assert len(unjudged) == 1 and "inner layers" in unjudged[0]

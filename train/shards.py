@@ -228,10 +228,12 @@ def shard_labels(cfg: ModelConfig) -> list[str]:
 def holds_head(names: Iterable[str]) -> bool:
     """Whether a shard of these parameter names holds the LM head (`lm_head.*`; the
     embeddings are a tensor of their own, `train.model`). Only such a shard's Δ shows the
-    validator's own-data check that its miner trained on its pages: a Δ of inner layers
-    or of experts alone moves the loss of pages it saw no more than that of pages it did
-    not (benchmarks/RESULTS.md, "Experts as shards against dense": own-data t 0.06–0.66
-    for inner-layer and expert shards, 2.2 for the head's shard, 2–5 for a whole model)."""
+    validator's own-data check clearly that its miner trained on its pages: a Δ of
+    experts alone moves the loss of pages it saw barely more than that of pages it did
+    not, and one of inner layers only somewhat (benchmarks/RESULTS.md, "Experts as
+    shards against dense": median own-data t at 8 pairs ≈ 1 for expert groups, 1.3–2.4
+    for inner-layer shards with a damped outer step and under 0.7 without, 2.2–2.5 for the
+    head's shard, 2.8–3.2 for an MoE's shared shard)."""
     return any(name.startswith("lm_head.") for name in names)
 
 

@@ -165,9 +165,9 @@ OWN_FAIL = "fail"  # t < grace_t, or inconclusive again: no credit
 OWN_OFF = "off"  # the check is turned off (own_data_pairs = 0)
 # The Δ of a shard without the LM head (inner layers, an expert group) with proof of work
 # on: the paired gap is measured and reported, but proof of work decides (such a shard
-# shows no page it saw once: in benchmarks/bench_moe.py its own-data t sits at 0 ± 1.5,
-# the head's shard's at 2.2, a whole model's or an MoE's shared shard's at 2–5;
-# `train.shards.holds_head`).
+# shows the pages it saw weakly: in benchmarks/bench_moe.py its median own-data t is ≈ 1
+# for an expert group and 1.3–2.4 for inner layers, the head's shard's 2.2–2.5, an MoE's
+# shared shard's about 3; `train.shards.holds_head`).
 OWN_POW = "pow"
 
 

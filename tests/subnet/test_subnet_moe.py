@@ -1,7 +1,7 @@
 """`tensormine subnet up --preset moe`: experts as shards through the real entry point.
 
 Two miners and a validator train the `moe` preset (Mixtral, 8 experts in four groups of
-two, S = 5 shards) on the demo config for two short windows. With fewer miners than
+two, S = 5 shards) on the demo config for two 20 s windows. With fewer miners than
 shards the shared shard is trained every window and the other miner takes an expert
 group (`train.shards.shard_for_miner`). At the end: each window's published checkpoint
 is the miners' θ_{w+1} ("one model"), the validator scored the shared shard and an expert
@@ -33,8 +33,9 @@ def argv(run: Path) -> list[str]:
         f"chain.db={run}/ledger.sqlite",
         f"store.root={run}/store",
         "chain.block_time_s=0.2",
-        "window.blocks=80",  # 16 s windows
+        "window.blocks=100",  # 20 s windows: room for proof of work on a slow CI machine
         "data.max_documents=120",
+        "outer.lr=0.5",  # half a step for a sharded model, as the README says
         "subnet.sample_tokens=8",
         "subnet.refresh_s=0.5",
         "subnet.stop_grace_s=4",
