@@ -46,7 +46,9 @@ from averaging.parts import reduce_parts
 from averaging.round import AverageResult, AveragingFailed
 from averaging.settings import AveragingConfig
 from averaging.weights import LedgerWeights
+from chain.errors import ChainError
 from chain.interface import Chain
+from common.errors import TensormineError
 from tensormine.config import RunConfig
 from train.contribution import committed_digests
 from train.group_round import matchmaking_lead, round_times
@@ -120,6 +122,10 @@ def join_block(ledger: Chain, cfg: RunConfig, window: int) -> int:
     return max(start_block(window, cfg.window), meeting - matchmaking_lead(ledger, cfg))
 
 
+class GroupSeatError(TensormineError, RuntimeError):
+    """The thread that joins the validator's seat to every window's groups has ended."""
+
+
 class GroupSeats:
     """The validator's seat in the groups of every window from `first` on, each joined on
     time by a thread of its own (with its own ledger handle), however long scoring the
@@ -157,10 +163,10 @@ class GroupSeats:
                         future = join_groups(self.seat, ledger, self.cfg, self.weights, window)
                         if future is None:
                             logger.warning("window %d: too late to meet its groups", window)
-                except TimeoutError as exc:  # no blocks for a while: say so, go on
+                except (TimeoutError, ChainError, ValueError) as exc:
+                    # No blocks for a while, a ledger read that failed, an anchor block not
+                    # made yet: this window goes unaudited, the next ones are tried.
                     logger.warning("window %d: could not join its groups: %s", window, exc)
-                except Exception:  # a thread that dies silently would end every audit
-                    logger.exception("window %d: joining its groups failed", window)
                 with self._cond:
                     self._rounds[window] = future
                     for old in sorted(self._rounds)[: -self.keep]:
@@ -183,6 +189,10 @@ class GroupSeats:
         it by then, so the wait is short); None when the seat did not meet it."""
         with self._cond:
             self._cond.wait_for(lambda: self._next > window or self._stop.is_set(), timeout=timeout)
+            if self._next <= window and not self._thread.is_alive() and not self._stop.is_set():
+                # An error the thread does not expect ended it (its traceback is in the log):
+                # say so here rather than leave every later window unaudited.
+                raise GroupSeatError("the validator's group seat thread ended; see the log")
             return self._rounds.pop(window, None)
 
     def close(self) -> None:

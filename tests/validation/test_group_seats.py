@@ -13,13 +13,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import torch
 
 from averaging.round import AverageResult, AveragingFailed
 from averaging.weights import LedgerWeights
 from tests.validation.conftest import Subnet
 from train.windows import meeting_block, reveal_deadline, window_of
-from validation.group_audit import NOT_AVERAGED, GroupSeats, join_block, mark_averaged
+from validation.group_audit import (
+    NOT_AVERAGED,
+    GroupSeatError,
+    GroupSeats,
+    join_block,
+    mark_averaged,
+)
 from validation.report import MinerRow
 from validation.scoring import OWN_FAIL
 
@@ -78,6 +85,23 @@ def test_the_seat_joins_each_window_on_time_while_scoring_is_busy(
         started = time.monotonic()
         seats.close()
         assert time.monotonic() - started < 5  # the thread stops while it waits
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_seat_thread_that_died_is_said_not_hidden(subnet_factory: Factory) -> None:
+    """An error the thread does not expect ends it; `take` then raises instead of handing
+    back None for every later window (which would leave them all unaudited quietly)."""
+    net = subnet_factory([])
+
+    class Broken:  # a ledger whose handle for the thread cannot be opened
+        def reopen(self) -> None:
+            raise RuntimeError("no handle")
+
+    weights = LedgerWeights(net.chain, net.cfg.averaging.weights, net.cfg.averaging.weight_floor)
+    seats = GroupSeats(RecordingSeat(net), Broken(), net.cfg, weights, first=5)  # type: ignore[arg-type]
+    with pytest.raises(GroupSeatError, match="ended"):
+        seats.take(5, timeout=1)
+    seats.close()
 
 
 def row(name: str, *, status: str = "scored", score: float = 0.5) -> MinerRow:
