@@ -45,6 +45,18 @@ from averaging.wire import decode_part
 
 logger = logging.getLogger(__name__)
 
+# A reducer that did not answer in time is left out of the retry only once it failed us in
+# this many attempts: it may have been waiting on a groupmate that died (its reply then
+# comes after our timeout under load), and leaving it out at once left its accuser alone
+# (tests/averaging/test_faults.py, seen in CI). A reducer that answered wrongly is left out
+# at once.
+REDUCER_STRIKES = 2
+
+
+class ReducerViolation(AllreduceException):  # type: ignore[misc]
+    """A reducer's answer that no honest reducer sends (wrong shape, non-finite, too many
+    parts, malformed sender bitmaps): the reducer is left out of the retry at once."""
+
 
 @dataclass
 class RoundLog:
@@ -55,6 +67,7 @@ class RoundLog:
     attempts: int = 0
     seen_members: set[PeerID] = field(default_factory=set)
     blocked: set[PeerID] = field(default_factory=set)  # failed us in an earlier attempt
+    strikes: dict[PeerID, int] = field(default_factory=dict)  # reducer -> attempts it failed
     # Flat [start, stop) ranges of our vector in parts whose average counted us (any attempt).
     delivered: list[tuple[int, int]] = field(default_factory=list)
     # hotkey -> parts (global index) whose row a reducer refused as not what it committed.
@@ -81,6 +94,29 @@ def _merge_spans(spans: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
             out[-1] = (out[-1][0], max(out[-1][1], stop))
         else:
             out.append((start, stop))
+    return out
+
+
+def left_out(
+    *,
+    failed: set[PeerID],
+    misbehaved: set[PeerID],
+    banned: set[PeerID],
+    contributor_sets: set[frozenset[PeerID]],
+    strikes: dict[PeerID, int],
+) -> set[PeerID]:
+    """Whom a failed attempt leaves out of the next one: senders we dropped (`banned`),
+    senders that some reducer dropped (the contributor sets tell every member the same
+    story, so all of them agree), reducers that answered wrongly (`misbehaved`), and
+    reducers that did not answer (`failed`) in `REDUCER_STRIKES` attempts of the round
+    (`strikes` counts them across attempts and is updated here)."""
+    sets = contributor_sets
+    disputed = frozenset().union(*sets) - frozenset.intersection(*sets) if sets else frozenset()
+    out = banned | set(disputed) | misbehaved
+    for peer in sorted(failed - out, key=str):
+        strikes[peer] = strikes.get(peer, 0) + 1
+        if strikes[peer] >= REDUCER_STRIKES:
+            out.add(peer)
     return out
 
 
@@ -134,6 +170,7 @@ class LedgerAllReduceRunner(AllReduceRunner):  # type: ignore[misc]
         self._codec = codec
         self.contributors: dict[tuple[int, int], bytes] = {}
         self.failed_reducers: set[PeerID] = set()
+        self.misbehaved_reducers: set[PeerID] = set()  # of failed_reducers: wrong answers
         # hivemind cuts the flat vector into parts in order and hands them to reducers in
         # peer order, so (reducer, part) -> [start, stop) follows from the part sizes.
         self.part_spans: dict[tuple[int, int], tuple[int, int]] = {}
@@ -207,12 +244,12 @@ class LedgerAllReduceRunner(AllReduceRunner):  # type: ignore[misc]
                     code = averaging_pb2.MessageCode.Name(msg.code)
                     raise AllreduceException(f"{peer_id} answered {code}")
                 if part_index >= len(expected):
-                    raise AllreduceException(f"{peer_id} sent more parts than it reduces")
+                    raise ReducerViolation(f"{peer_id} sent more parts than it reduces")
                 value = await loop.run_in_executor(None, decode_part, msg.tensor_part)
                 if tuple(value.shape) != tuple(expected[part_index]):
-                    raise AllreduceException(f"{peer_id} sent an average of the wrong shape")
+                    raise ReducerViolation(f"{peer_id} sent an average of the wrong shape")
                 if not bool(torch.isfinite(value).all()):
-                    raise AllreduceException(f"{peer_id} sent a non-finite average")
+                    raise ReducerViolation(f"{peer_id} sent a non-finite average")
                 self._record(peer_index, part_index, bytes(msg.peer_id))
                 container.register_processed_part(peer_index, part_index, value)
                 part_index += 1
@@ -222,6 +259,8 @@ class LedgerAllReduceRunner(AllReduceRunner):  # type: ignore[misc]
             if isinstance(exc, Exception):
                 logger.debug("reducer %s failed us: %r", peer_id, exc)
             self.failed_reducers.add(peer_id)
+            if isinstance(exc, ReducerViolation):
+                self.misbehaved_reducers.add(peer_id)
             container.register_failed_reducer(peer_index)
             raise
 
@@ -248,7 +287,7 @@ class LedgerAllReduceRunner(AllReduceRunner):  # type: ignore[misc]
         size = len(self.sender_peer_ids)
         n = (size + 7) // 8
         if len(bitmaps) != 2 * n:
-            raise AllreduceException(f"a reply's sender bitmaps are {len(bitmaps)} bytes")
+            raise ReducerViolation(f"a reply's sender bitmaps are {len(bitmaps)} bytes")
         self.contributors[peer_index, part_index] = bitmaps[:n]
         number = self.part_numbers[peer_index, part_index]
         for i in from_bitmap(bitmaps[n:], size):
@@ -325,6 +364,15 @@ class LedgerAllReduceRunner(AllReduceRunner):  # type: ignore[misc]
     def missing_parts(self) -> int:
         total = int(sum(self.tensor_part_container.num_parts_by_peer))
         return total - len(self.contributors)
+
+    def to_block(self) -> set[PeerID]:
+        """Whom this attempt leaves out of the retry (`left_out`), counting reducer strikes
+        into the round's log."""
+        return left_out(
+            failed=self.failed_reducers, misbehaved=self.misbehaved_reducers,
+            banned=set(self.banned_senders), contributor_sets=self.contributor_sets(),
+            strikes=self._log.strikes,
+        )  # fmt: skip
 
     def delivered_spans(self) -> list[tuple[int, int]]:
         """Ranges of our vector in parts whose average (as its reducer sent it to every

@@ -13,7 +13,8 @@ bound; `set_commitments` hands over the ledger's commitments once the deadline h
   hivemind would size shares by the bandwidth each peer announces about itself.
 - **Drops.** In strict mode an attempt counts only if every part came back and was
   combined over the same senders; otherwise the members restore their Δ, remember who
-  failed them, and form a new group without those peers until the deadline.
+  failed them, and form a new group without those peers until the deadline (a reducer
+  that only timed out is given a second attempt: it may have waited on a dead groupmate).
 - **Bound rounds.** A member's gathered manifest binds its parts once it hashes to its
   hotkey's commitment on the ledger (`averaging.gather.commitment_problem`).
 - **State for late joiners.** Downloaded only from peers in the directory, newest declared
@@ -534,12 +535,10 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
         try:
             outputs = [tensor async for tensor in runner]
         finally:
-            # Whoever failed us this attempt does not get into the next one: reducers that
-            # did not answer, senders we dropped, and senders that some reducer dropped (the
-            # contributor sets tell every member the same story, so all of them agree).
+            # Whoever failed us this attempt does not get into the next one (a reducer that
+            # only did not answer in time: once it did so twice).
             sets = runner.contributor_sets()
-            disputed = frozenset().union(*sets) - frozenset.intersection(*sets) if sets else set()
-            self.tm_log.blocked.update(runner.failed_reducers, runner.banned_senders, disputed)
+            self.tm_log.blocked.update(runner.to_block())
             # Parts that counted us reached the others, unless (strict mode) their sets
             # differ: then every member saw it and refused the attempt.
             if not (self.tm_config.strict and len(sets) > 1):

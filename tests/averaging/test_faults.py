@@ -35,7 +35,7 @@ from hivemind.compression import CompressionInfo
 from hivemind.p2p import PeerID
 from hivemind.proto import averaging_pb2
 
-from averaging.allreduce import LedgerAllReduceRunner
+from averaging.allreduce import REDUCER_STRIKES, LedgerAllReduceRunner, left_out
 from averaging.averager import LedgerAverager
 from averaging.config import TopKConfig
 from averaging.dht import StaticDirectory, ensure_identity, start_dht, visible_maddrs
@@ -450,3 +450,25 @@ def test_shutdown_after_the_p2p_daemon_died_is_quiet() -> None:
     )  # fmt: skip
     assert done.returncode == 0 and "AVERAGER DOWN" in done.stdout, done.stderr[-3000:]
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+def test_who_is_left_out_of_the_retry() -> None:
+    """A reducer that only timed out gets a second attempt (it may have waited on a groupmate
+    that died, as the slow honest reducer of the sigkill test did under load); the second
+    time it is left out. Wrong answers, dropped senders and disputed senders: at once."""
+    a, b, c, d, e = (PeerID(bytes([i]) * 8) for i in range(5))
+    strikes: dict[PeerID, int] = {}
+    everyone = frozenset({a, b, c, d})
+    first = left_out(
+        failed={b, e}, misbehaved={e}, banned={d}, contributor_sets={everyone}, strikes=strikes
+    )
+    assert first == {d, e} and strikes == {b: 1}
+    # Two members' reducers combined different senders: the one only some counted is out.
+    second = left_out(
+        failed={b}, misbehaved=set(), banned=set(),
+        contributor_sets={everyone, everyone - {c}}, strikes=strikes,
+    )  # fmt: skip
+    assert second == {b, c} and strikes == {b: 2}
+    assert left_out(failed=set(), misbehaved=set(), banned=set(), contributor_sets=set(),
+                    strikes=strikes) == set()  # fmt: skip
+    assert REDUCER_STRIKES == 2

@@ -80,7 +80,10 @@ def test_the_seat_joins_each_window_on_time_while_scoring_is_busy(
         # A window whose meeting passed before the seat could start has no round.
         net.to_block(reveal_deadline(w + 1, cfg.window))
         assert seats.take(w + 1) is None
-        assert [j for j, _ in seat.joined] == [w]
+        # Window w + 1 was never joined; the thread went on to w + 2, whose matchmaking may
+        # already be open at this head (joining it then is right, so it is not asserted).
+        joined = [j for j, _ in seat.joined]
+        assert joined[0] == w and w + 1 not in joined and set(joined) <= {w, w + 2}
     finally:
         started = time.monotonic()
         seats.close()
