@@ -26,6 +26,9 @@ Settings:
 - `moe-aux05`: `moe` with five times the router's load-balancing coefficient (0.05).
 - `moe-lr05`, `dense-s4-lr05` (`-lr03`): `moe` and `dense-s4` with the outer step damped
   to 0.5 (0.3).
+- `dense-nesterov`, `dense-s4-nesterov` (`-lr035`): `dense` and `dense-s4` with DiLoCo's
+  Nesterov outer step (lr 0.7, momentum 0.9, as the `small` and `1b` presets), and the
+  layer shards at half that step (0.35).
 
 Per window it records the held-out loss of the averaged model on 64 fixed held-out pages,
 the bytes of each miner's Δ as the int8 publication encodes it (`averaging.compression`),
@@ -78,6 +81,7 @@ SECRET = b"bench-moe-validator-secret"
 TRAIN = ["data.seq_len=128", "train.inner_steps=20", "train.batch_size=8", "train.lr=0.002",
          "train.warmup_steps=5", "train.mixed_precision=\"no\"", "outer.lr=1.0",
          "outer.momentum=0.0", "outer.nesterov=false"]  # fmt: skip
+NESTEROV = ["outer.lr=0.7", "outer.momentum=0.9", "outer.nesterov=true"]
 SETTINGS: dict[str, tuple[str, list[str]]] = {
     "dense": ("configs/tiny.yaml", ["model.shards=1"]),
     "moe": ("configs/moe.yaml", []),
@@ -92,6 +96,14 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "dense-s4-lr05": ("configs/tiny.yaml", ["model.shards=4", "outer.lr=0.5"]),
     "moe-lr03": ("configs/moe.yaml", ["outer.lr=0.3"]),
     "dense-s4-lr03": ("configs/tiny.yaml", ["model.shards=4", "outer.lr=0.3"]),
+    # DiLoCo's Nesterov outer step (the `small` and `1b` presets' 0.7 / 0.9), whole and in
+    # layer shards, and in layer shards at half the step.
+    "dense-nesterov": ("configs/tiny.yaml", ["model.shards=1", *NESTEROV]),
+    "dense-s4-nesterov": ("configs/tiny.yaml", ["model.shards=4", *NESTEROV]),
+    "dense-s4-nesterov-lr035": (
+        "configs/tiny.yaml",
+        ["model.shards=4", *NESTEROV, "outer.lr=0.35"],
+    ),
 }
 
 

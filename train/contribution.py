@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 
+from chain.errors import ChainError
 from chain.interface import Chain
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,26 @@ def commit_contribution(chain: Chain, window: int, digest: str, *, timeout: floa
     receipt.raise_for_status()
     logger.info("window %d: committed %s… in block %d", window, digest[:16], receipt.block)
     return receipt.block
+
+
+def commit_before_deadline(
+    chain: Chain, window: int, digest: str, deadline_block: int, *, anyway: bool = False
+) -> int | None:
+    """Commit `digest` for `window` if the chain can still take it before
+    `deadline_block`; returns the block that took it (at or past the deadline: late), or
+    None when it was too late to try or the chain refused it (logged; no reveal follows
+    either way). `anyway` commits past the deadline too (a backdater's cheat, for the
+    tests that show it earns nothing)."""
+    if chain.block_number() >= deadline_block and not anyway:
+        return None
+    blocks = max(1, deadline_block - chain.block_number()) + 2
+    try:
+        return commit_contribution(
+            chain, window, digest, timeout=blocks * chain.block_time_s + 10.0
+        )
+    except ChainError as exc:
+        logger.warning("window %d: the ledger refused our commitment: %s", window, exc)
+        return None
 
 
 def committed_digests(

@@ -43,7 +43,7 @@ import dataclasses
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -52,7 +52,6 @@ from accelerate.utils import broadcast
 
 from averaging.outer import load_outer_state
 from averaging.participant import Participant
-from chain.errors import ChainError
 from chain.interface import Chain, Identity, SigningKey
 from common.errors import TensormineError
 from common.tracking import Tracker
@@ -62,7 +61,7 @@ from tensormine.config import RunConfig
 from train.adversary import training_rows
 from train.behaviours import BEHAVIOURS
 from train.cheats import backdate
-from train.contribution import commit_contribution, committed_digests
+from train.contribution import commit_before_deadline, committed_digests
 from train.data import Pages, load_pages, shard_affinities
 from train.group_round import (
     Outcomes,
@@ -77,7 +76,7 @@ from train.miner_state import StateMismatch, load_state, save_state
 from train.misbehaviour import misbehave, poisoned
 from train.model import build_model, model_fingerprint
 from train.overlap import PendingRound, Rounds, eager_start
-from train.pages import heldout_sample
+from train.pages import miner_eval_rows
 from train.responder import Responder
 from train.shards import (
     apply_to_shard,
@@ -88,7 +87,6 @@ from train.shards import (
     trained_shards,
 )
 from train.startup import (
-    adopt_checkpoint,
     align_special_tokens,
     commit_contributions_location,
     data_cache,
@@ -99,20 +97,24 @@ from train.startup import (
     register_hint,
 )
 from train.trajectory import TrajectoryKeeper, segment_bounds
-from train.window_report import WindowReport, moe_report, round_report
+from train.window_report import (
+    WindowReport,
+    moe_report,
+    round_report,
+    step_metrics,
+    summary,
+    window_metrics,
+)
 from train.window_start import (
     StateOffer,
     check_canonical,
-    fetch_canonical,
-    load_from_peers,
+    choose_start,
     pull,
     serve_until_published,
 )
-from train.windows import deadline, start_block, wait_for_block, window_of
+from train.windows import deadline, joinable_window, start_block, wait_for_block, window_of
 
 logger = logging.getLogger("train.miner")
-
-EVAL_SAMPLE_KEY = b"tensormine/miner-eval"
 
 
 class MinerError(TensormineError, RuntimeError):
@@ -224,12 +226,8 @@ class Miner:
             )
         # Every expert shard's pages come partly from its topics (data.expert_affinity).
         self.affinities = shard_affinities(self.pages, self.cfg.model, self.cfg.data)
-        # A fixed sample spread over the held-out split (a prefix may be one document).
-        n_heldout = self.pages.heldout.shape[0]
-        spread = heldout_sample(
-            EVAL_SAMPLE_KEY, 0, n_heldout, min(self.cfg.train.eval_pages, n_heldout)
-        )
-        self.eval_pages = torch.from_numpy(self.pages.heldout[spread])
+        rows = miner_eval_rows(self.pages.heldout.shape[0], self.cfg.train.eval_pages)
+        self.eval_pages = torch.from_numpy(self.pages.heldout[rows])
 
     @property
     def pulls(self) -> Path:
@@ -288,42 +286,16 @@ class Miner:
         self.window = window
 
     def _choose_start(self, window: int) -> bool:
-        """Main process: load θ_window into the model (`train.window_start`); returns
-        whether the weights changed."""
-        if self.seat is not None:
-            if self.synced and self.window == window:
-                return False  # the groups' θ_window, which every miner in step has
-            timeout = self.cfg.averaging.state_timeout_s
-            momentum = load_from_peers(self.seat, self.model, window, timeout=timeout)
-            if momentum is not None:
-                self.momentum, self.synced = momentum, True
-                return True
-            self.synced = False
-        # Out of step with no peer to copy (say, a group that could not form): the
-        # validators' canonical θ_window puts every such miner back on one model, so wait
-        # for it as long as there is still time to train before the deadline.
-        source = fetch_canonical(
-            self.store, self.ledger, self.cfg, self.pulls, window,
-            have_own=self.window >= 0, wait=self.seat is not None,
+        """Main process: load θ_window into the model (`train.window_start.choose_start`);
+        returns whether the weights changed."""
+        start = choose_start(
+            self.model, window, seat=self.seat, synced=self.synced, own_window=self.window,
+            store=self.store, ledger=self.ledger, cfg=self.cfg, pulls=self.pulls,
         )  # fmt: skip
-        if source >= 0:
-            momentum = adopt_checkpoint(self.model, self.pulls / f"window-{source}")
-            # θ_window itself is the groups' model; an older checkpoint is not.
-            self.synced = self.seat is not None and source == window
-            if momentum is not None:
-                logger.info(
-                    "window %d: adopted the canonical checkpoint of window %d", window, source
-                )
-                self.momentum = momentum
-                return True
-        elif self.window != window:
-            # No canonical θ_window yet: our own θ from the last outer step stands in.
-            logger.info(
-                "window %d: no canonical checkpoint; using our own from window %d",
-                window,
-                self.window,
-            )
-        return False
+        self.synced = start.synced
+        if start.momentum is not None:
+            self.momentum = start.momentum
+        return start.changed
 
     def _look_ahead(self, window: int, names: list[str]) -> dict[str, torch.Tensor]:
         """With overlap, keep θ_w (main process: on our shard's tensors `names` and those
@@ -393,18 +365,7 @@ class Miner:
 
         def log_step(stat: StepStats) -> None:
             self.global_step += 1
-            self.tracker.log(
-                {
-                    "train/loss": stat.loss,
-                    "train/lr": stat.lr,
-                    "train/grad_norm": stat.grad_norm,
-                    "train/tokens_per_s": stat.tokens / max(stat.seconds, 1e-9),
-                    "train/step_time_s": stat.seconds,
-                    "window": window,
-                    "shard": shard,
-                },
-                step=self.global_step,
-            )
+            self.tracker.log(step_metrics(stat, window, shard), step=self.global_step)
 
         bounds = (
             segment_bounds(cfg.train.inner_steps, cfg.train.trajectory_segments)
@@ -437,38 +398,12 @@ class Miner:
         self.window = window + 1
         heldout = mean_loss(self.model, self.eval_pages, device=self.acc.device)
         self._heldout = report.heldout_loss = heldout
-        self.tracker.log(
-            {
-                "eval/heldout_loss": heldout,
-                "window/train_loss": stats.mean_loss,
-                "window/tokens_per_s": stats.tokens_per_second,
-                "window/published_bytes": report.published_bytes,
-                "window/late": int(report.late),
-                "averaging/synced": int(report.synced),
-                "averaging/members": len(report.members),
-                "averaging/dropped": len(report.dropped),
-                "averaging/bytes_sent": report.averaging_bytes_sent,
-                "averaging/bytes_received": report.averaging_bytes_received,
-                "averaging/seconds": report.averaging_seconds,
-                "averaging/attempts": report.averaging_attempts,
-                "averaging/delivered": report.averaging_delivered,
-                **expert_metrics,
-            },
-            step=self.global_step,
-        )
+        self.tracker.log(window_metrics(report, expert_metrics), step=self.global_step)
         self.save_state()
         if self.main:
             with (self.dir / "windows.jsonl").open("a") as fh:
                 fh.write(json.dumps(dataclasses.asdict(report)) + "\n")
-        logger.info(
-            "window %d shard %d: loss %.4f, held-out %.4f, %.0f tokens/s, published %d bytes%s; "
-            "averaged with %d (%s), sent %d received %d bytes in %.1fs",
-            window, shard, report.loss, heldout, report.tokens_per_second,
-            report.published_bytes, " (late)" if report.late else "",
-            len(report.members), "in step" if report.synced else "out of step",
-            report.averaging_bytes_sent, report.averaging_bytes_received,
-            report.averaging_seconds,
-        )  # fmt: skip
+        logger.info("%s", summary(report))
         return report
 
     def _publish_and_step(
@@ -586,42 +521,28 @@ class Miner:
     def _commit(self, window: int, digest: str, report: WindowReport) -> None:
         """Commit `digest` for `window` on the ledger; `report.late` when no block before
         the deadline took it (or, for a backdater, on purpose after the deadline)."""
-        cfg = self.cfg
-        due = deadline(window, cfg.window)
-        if self.behaviour == "backdater":
+        due = deadline(window, self.cfg.window)
+        backdater = self.behaviour == "backdater"
+        if backdater:
             wait_for_block(self.ledger, due)  # it commits what it copied, after the deadline
-        if self.ledger.block_number() >= due and self.behaviour != "backdater":
-            report.late = True
-            return
-        blocks = max(1, due - self.ledger.block_number()) + 2
-        try:
-            report.committed_block = commit_contribution(
-                self.ledger, window, digest,
-                timeout=blocks * self.ledger.block_time_s + 10.0,
-            )  # fmt: skip
-        except ChainError as exc:
-            logger.warning("window %d: the ledger refused our commitment: %s", window, exc)
-            report.late = True
-            return
-        report.late = report.committed_block >= due
+        block = commit_before_deadline(self.ledger, window, digest, due, anyway=backdater)
+        report.committed_block = -1 if block is None else block
+        report.late = block is None or block >= due
 
     # ---- the loop ------------------------------------------------------------------------
-    def current_window(self) -> int:
-        now = torch.zeros(1, dtype=torch.long)
+    def _from_main(self, value: Callable[[], int]) -> int:
+        """`value()` as the main process computes it (from the ledger), on every process."""
+        shared = torch.zeros(1, dtype=torch.long)
         if self.main:
-            now[0] = window_of(self.ledger.block_number(), self.cfg.window)
-        return int(broadcast(now)[0])
+            shared[0] = value()
+        return int(broadcast(shared)[0])
+
+    def current_window(self) -> int:
+        return self._from_main(lambda: window_of(self.ledger.block_number(), self.cfg.window))
 
     def joinable_window(self) -> int:
-        """The window to train next: the current one while at most half of it has passed
-        (enough time to train and publish before the deadline), else the next one."""
-        now = torch.zeros(1, dtype=torch.long)
-        if self.main:
-            block = self.ledger.block_number()
-            window = window_of(block, self.cfg.window)
-            passed = block - start_block(window, self.cfg.window)
-            now[0] = window if passed * 2 <= self.cfg.window.blocks else window + 1
-        return int(broadcast(now)[0])
+        """The window to train next (`train.windows.joinable_window`)."""
+        return self._from_main(lambda: joinable_window(self.ledger.block_number(), self.cfg.window))
 
     def run(self, max_windows: int | None = None) -> list[WindowReport]:
         """Mine until `max_windows` windows were trained (forever when None)."""

@@ -219,3 +219,13 @@ def heldout_sample(secret: bytes, window: int, n_heldout_pages: int, count: int)
     if not isinstance(secret, bytes) or not secret:
         raise ValueError("secret must be non-empty bytes")
     return _sample(_key("heldout", secret, window), n_heldout_pages, count)
+
+
+# The key of the miners' own progress sample: public, since it is no test of anything.
+MINER_EVAL_KEY = b"tensormine/miner-eval"
+
+
+def miner_eval_rows(n_heldout_pages: int, count: int) -> np.ndarray:
+    """The fixed held-out pages a miner reports its progress on: `count` (at most all of
+    them) spread over the held-out split, since a prefix may be one document."""
+    return heldout_sample(MINER_EVAL_KEY, 0, n_heldout_pages, min(count, n_heldout_pages))

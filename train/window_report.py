@@ -2,6 +2,9 @@
 
 report = WindowReport(window=w, uid=uid, shard=s, ...)
 round_report(report, outcomes, shard)    # members, bytes, seconds of a round
+tracker.log(step_metrics(stat, w, s))    # every inner step
+tracker.log(window_metrics(report, stats, moe))
+logger.info("%s", summary(report))       # the miner's one line per window
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from dataclasses import dataclass, field
 
 from averaging.round import AverageResult, AveragingFailed
 from train.group_round import Outcomes
-from train.inner import InnerStats
+from train.inner import InnerStats, StepStats
 
 
 @dataclass
@@ -76,3 +79,48 @@ def round_report(report: WindowReport, outcomes: Outcomes, shard: int) -> None:
         report.averaging_attempts = max(report.averaging_attempts, outcome.attempts)
     if isinstance(own, AveragingFailed):
         report.averaging_delivered = own.delivered
+
+
+def step_metrics(stat: StepStats, window: int, shard: int) -> dict[str, float | int]:
+    """W&B's metrics of one inner step."""
+    return {
+        "train/loss": stat.loss,
+        "train/lr": stat.lr,
+        "train/grad_norm": stat.grad_norm,
+        "train/tokens_per_s": stat.tokens / max(stat.seconds, 1e-9),
+        "train/step_time_s": stat.seconds,
+        "window": window,
+        "shard": shard,
+    }
+
+
+def window_metrics(report: WindowReport, moe: dict[str, float]) -> dict[str, float | int]:
+    """W&B's metrics of a finished window (`moe`: `moe_report`'s)."""
+    return {
+        "eval/heldout_loss": report.heldout_loss,
+        "window/train_loss": report.loss,
+        "window/tokens_per_s": report.tokens_per_second,
+        "window/published_bytes": report.published_bytes,
+        "window/late": int(report.late),
+        "averaging/synced": int(report.synced),
+        "averaging/members": len(report.members),
+        "averaging/dropped": len(report.dropped),
+        "averaging/bytes_sent": report.averaging_bytes_sent,
+        "averaging/bytes_received": report.averaging_bytes_received,
+        "averaging/seconds": report.averaging_seconds,
+        "averaging/attempts": report.averaging_attempts,
+        "averaging/delivered": report.averaging_delivered,
+        **moe,
+    }
+
+
+def summary(report: WindowReport) -> str:
+    """The miner's log line for a finished window."""
+    r = report
+    return (
+        f"window {r.window} shard {r.shard}: loss {r.loss:.4f}, held-out {r.heldout_loss:.4f}, "
+        f"{r.tokens_per_second:.0f} tokens/s, published {r.published_bytes} bytes"
+        f"{' (late)' if r.late else ''}; averaged with {len(r.members)} "
+        f"({'in step' if r.synced else 'out of step'}), sent {r.averaging_bytes_sent} "
+        f"received {r.averaging_bytes_received} bytes in {r.averaging_seconds:.1f}s"
+    )

@@ -1,5 +1,7 @@
 """Which θ_w a miner starts window w from: its own, a peer's in step, or the canonical one.
 
+    start = choose_start(model, w, seat=seat, synced=True, own_window=w, store=store,
+                         ledger=ledger, cfg=cfg, pulls=pulls)   # all of the below, in order
     momentum = load_from_peers(seat, model, w, timeout=cfg.averaging.state_timeout_s)
     source = fetch_canonical(store, ledger, cfg, pulls, w, have_own=True, wait=True)
     word = check_canonical(store, w, ours=fingerprint_of_theta_w, synced=True)
@@ -27,6 +29,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +42,7 @@ from store.api import Store
 from store.errors import NotFound, StoreError
 from tensormine.config import RunConfig
 from train.peer_state import PeerStateError, pack_state, unpack_state
+from train.startup import adopt_checkpoint
 from train.windows import start_block
 
 logger = logging.getLogger(__name__)
@@ -127,6 +131,58 @@ def fetch_canonical(
         return -1
     pull(store, pulls, max(earlier))
     return max(earlier)
+
+
+@dataclass(frozen=True)
+class Start:
+    """What `choose_start` did: whether it changed the model's weights, whether the model
+    is now the groups' θ_w, and the outer momentum that came with it (None: keep ours)."""
+
+    changed: bool
+    synced: bool
+    momentum: dict[str, torch.Tensor] | None = None
+
+
+def choose_start(
+    model: torch.nn.Module,
+    window: int,
+    *,
+    seat: Participant | None,
+    synced: bool,
+    own_window: int,
+    store: Store,
+    ledger: Chain,
+    cfg: RunConfig,
+    pulls: Path,
+) -> Start:
+    """Load θ_window into `model` (see the module docstring). `synced`: the model is the
+    groups' θ_{own_window} (`own_window` = −1: the model holds no window yet)."""
+    if seat is not None:
+        if synced and own_window == window:
+            return Start(changed=False, synced=True)  # the groups' θ_window, as every miner
+        momentum = load_from_peers(seat, model, window, timeout=cfg.averaging.state_timeout_s)
+        if momentum is not None:
+            return Start(changed=True, synced=True, momentum=momentum)
+    # Out of step with no peer to copy (say, a group that could not form): the validators'
+    # canonical θ_window puts every such miner back on one model, so wait for it as long as
+    # there is still time to train before the deadline.
+    source = fetch_canonical(
+        store, ledger, cfg, pulls, window, have_own=own_window >= 0, wait=seat is not None
+    )
+    if source >= 0:
+        momentum = adopt_checkpoint(model, pulls / f"window-{source}")
+        # θ_window itself is the groups' model; an older checkpoint is not.
+        in_step = seat is not None and source == window
+        if momentum is not None:
+            logger.info("window %d: adopted the canonical checkpoint of window %d", window, source)
+            return Start(changed=True, synced=in_step, momentum=momentum)
+        return Start(changed=False, synced=in_step)
+    if own_window != window:
+        # No canonical θ_window yet: our own θ from the last outer step stands in.
+        logger.info(
+            "window %d: no canonical checkpoint; using our own from window %d", window, own_window
+        )
+    return Start(changed=False, synced=False)
 
 
 def serve_until_published(store: Store, ledger: Chain, window: int, timeout: float) -> bool:

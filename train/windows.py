@@ -42,6 +42,15 @@ def meeting_block(window: int, cfg: WindowConfig) -> int:
     return deadline(window, cfg)
 
 
+def joinable_window(block: int, cfg: WindowConfig) -> int:
+    """The window a miner that is ready at `block` trains next: the current one while at
+    most half of it has passed (time to train and publish before the deadline), else the
+    next one."""
+    window = window_of(block, cfg)
+    passed = block - start_block(window, cfg)
+    return window if passed * 2 <= cfg.blocks else window + 1
+
+
 def reveal_deadline(window: int, cfg: WindowConfig) -> int:
     """The block at which validators list the revealed contributions of `window`."""
     return deadline(window, cfg) + cfg.reveal_blocks
