@@ -28,7 +28,8 @@ Settings:
   to 0.5 (0.3).
 - `dense-nesterov`, `dense-s4-nesterov` (`-lr035`): `dense` and `dense-s4` with DiLoCo's
   Nesterov outer step (lr 0.7, momentum 0.9, as the `small` and `1b` presets), and the
-  layer shards at half that step (0.35).
+  layer shards at half that step (0.35); `dense-s2-nesterov`, `dense-s2-lr05`: two layer
+  shards (the `small` preset's S) with that step and with plain half steps.
 
 Per window it records the held-out loss of the averaged model on 64 fixed held-out pages,
 the bytes of each miner's Δ as the int8 publication encodes it (`averaging.compression`),
@@ -100,6 +101,8 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     # layer shards, and in layer shards at half the step.
     "dense-nesterov": ("configs/tiny.yaml", ["model.shards=1", *NESTEROV]),
     "dense-s4-nesterov": ("configs/tiny.yaml", ["model.shards=4", *NESTEROV]),
+    "dense-s2-nesterov": ("configs/tiny.yaml", ["model.shards=2", *NESTEROV]),
+    "dense-s2-lr05": ("configs/tiny.yaml", ["model.shards=2", "outer.lr=0.5"]),
     "dense-s4-nesterov-lr035": (
         "configs/tiny.yaml",
         ["model.shards=4", *NESTEROV, "outer.lr=0.35"],
@@ -274,10 +277,13 @@ def plot(results: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_route, ax_own) = plt.subplots(1, 3, figsize=(15, 4.5))
+    routed = any(r["usage"] for r in results.values())  # a dense-only run has no router
+    fig, axes = plt.subplots(1, 3 if routed else 2, figsize=(15 if routed else 10, 4.5))
+    ax_loss, ax_own = axes[0], axes[-1]
+    ax_route = axes[1] if routed else None
     for i, (name, r) in enumerate(results.items()):
         ax_loss.plot(range(len(r["loss"])), r["loss"], marker=".", color=f"C{i}", label=name)
-        if r["usage"]:
+        if r["usage"] and ax_route is not None:
             usage = np.asarray(r["usage"])  # [windows, layers, experts]
             ax_route.plot(usage.max(2).mean(1), color=f"C{i}", label=f"{name}: busiest")
             ax_route.plot(usage.min(2).mean(1), color=f"C{i}", linestyle=":",
@@ -288,13 +294,14 @@ def plot(results: dict[str, Any], path: str) -> None:
                 ax_own.scatter(*zip(*pts, strict=True), color=f"C{i}", marker=marker, s=14,
                                alpha=0.7, label=f"{name}: {kind}")  # fmt: skip
     ax_loss.set(xlabel="window", ylabel="held-out loss (nats)", title="held-out loss, 4 miners")
-    ax_route.axhline(1 / 8, color="black", linewidth=0.8)
-    ax_route.set(xlabel="window", ylabel="share of a layer's routed slots (mean over layers)",
-                 title="expert utilisation (even = 1/8)")  # fmt: skip
+    if ax_route is not None:
+        ax_route.axhline(1 / 8, color="black", linewidth=0.8)
+        ax_route.set(xlabel="window", ylabel="share of a layer's routed slots (mean over layers)",
+                     title="expert utilisation (even = 1/8)")  # fmt: skip
     ax_own.axhline(2.0, color="black", linewidth=0.8)
     ax_own.set(xlabel="window", ylabel="own-data t (8 pairs)",
                title="own-data check per contribution (pass: t ≥ 2)")  # fmt: skip
-    for ax in (ax_loss, ax_route, ax_own):
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small")
     fig.tight_layout()

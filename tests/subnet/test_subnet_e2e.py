@@ -111,7 +111,27 @@ def test_subnet_up_trains_scores_and_pays(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, out[-6000:]
+    try:
+        check_run(run, out, proc.returncode, groups)
+    except AssertionError as exc:
+        # A rare failure is diagnosed from the processes' own logs, not only the assert.
+        raise AssertionError(f"{exc}\n{log_tails(run)}") from None
+
+
+def log_tails(run: Path, lines: int = 25) -> str:
+    """The last warnings and lines of every process's log of the run."""
+    out = []
+    for log in sorted((run / "logs").glob("*.log")):
+        text = log.read_text(errors="replace").splitlines()
+        warned = [x for x in text if " WARN" in x or "ERROR" in x][-lines:]
+        out.append(f"==== {log.name}: warnings\n" + "\n".join(warned))
+        out.append(f"==== {log.name}: last lines\n" + "\n".join(text[-lines:]))
+    return "\n".join(out)
+
+
+def check_run(run: Path, out: str, returncode: int, groups: dict[str, int]) -> None:
+    """What the run must have left behind (see the module docstring)."""
+    assert returncode == 0, out[-6000:]
     # Every process group it started is gone, and so is its pid file.
     assert {"producer", "validator-0", "miner-0", "miner-1", "miner-2"} <= set(groups)
     assert not [n for n, g in groups.items() if group_alive(g)]
