@@ -7,8 +7,8 @@
     tensormine subnet down --config configs/demo.yaml
 
 Every option is a shorthand for ``--set`` on the run config (``--miners 6`` is
-``--set subnet.miners=6``; ``--preset small`` takes the `model:` section of
-``configs/small.yaml``), so the children see exactly the config the launcher saw.
+``--set subnet.miners=6``; ``--preset small`` takes the `model:` and `outer:` sections
+of ``configs/small.yaml``), so the children see exactly the config the launcher saw.
 """
 
 from __future__ import annotations
@@ -37,8 +37,15 @@ def _adversaries(value: str) -> list[str]:
     return names
 
 
+# What `--preset` takes from a preset: the model and the outer step measured for it (a
+# sharded model wants half a plain step: benchmarks/RESULTS.md); the data, the inner loop
+# and the windows stay the demo's, sized for a laptop.
+PRESET_SECTIONS = ("model", "outer")
+
+
 def preset_overrides(preset: str) -> list[str]:
-    """``model.<key>=<value>`` for every key of a preset's `model:` section."""
+    """``<section>.<key>=<value>`` for every key of a preset's `model:` and `outer:`
+    sections (`PRESET_SECTIONS`; `model:` is required)."""
     path = (
         Path(preset) if preset.endswith((".yaml", ".yml")) else Path("configs") / f"{preset}.yaml"
     )
@@ -48,10 +55,16 @@ def preset_overrides(preset: str) -> list[str]:
         tree: Any = read_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise CliError(f"--preset {preset}: {path} is not valid YAML: {exc}") from exc
-    model = tree.get("model") if isinstance(tree, dict) else None
-    if not isinstance(model, dict):
+    tree = tree if isinstance(tree, dict) else {}
+    if not isinstance(tree.get("model"), dict):
         raise CliError(f"--preset {preset}: {path} has no model: section")
-    return [f"model.{k}={json.dumps(v)}" for k, v in model.items()]
+    out = []
+    for section in PRESET_SECTIONS:
+        values = tree.get(section) or {}
+        if not isinstance(values, dict):
+            raise CliError(f"--preset {preset}: {path}: {section}: is not a mapping")
+        out += [f"{section}.{k}={json.dumps(v)}" for k, v in values.items()]
+    return out
 
 
 def overrides_of(args: argparse.Namespace) -> list[str]:
@@ -113,7 +126,10 @@ def _options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--validators", type=int, help="number of validators (subnet.validators)")
     p.add_argument("--windows", type=int, help="windows every miner trains (subnet.windows)")
     p.add_argument("--shards", type=int, help="model shards (model.shards)")
-    p.add_argument("--preset", help="model preset: tiny, small, 1b or a YAML file's model:")
+    p.add_argument(
+        "--preset",
+        help="model preset: tiny, small, 1b, moe, moe-small or a YAML file (its model: and outer:)",
+    )
     p.add_argument("--processes-per-miner", type=int, help="accelerate processes per miner (DDP)")
     p.add_argument(
         "--adversaries",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -87,12 +88,26 @@ def test_bad_adversary_name_is_an_argument_error(capsys: pytest.CaptureFixture[s
     assert "unknown behaviour lazy" in capsys.readouterr().err
 
 
-def test_preset_takes_the_model_section() -> None:
-    cfg = load_config("configs/demo.yaml", preset_overrides("small"))
+def test_preset_takes_the_model_and_its_outer_step(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    demo = load_config("configs/demo.yaml")
+    with caplog.at_level("WARNING", logger="tensormine.config"):
+        cfg = load_config("configs/demo.yaml", preset_overrides("small"))
+        moe = load_config("configs/demo.yaml", preset_overrides("moe"))
     assert cfg.model.hidden_size == 768 and cfg.model.vocab_size == 32000
-    assert cfg.data.seq_len == 64  # only model: comes from the preset
+    # The sharded presets' half plain step comes along, so no warning about it.
+    assert cfg.outer == load_config("configs/small.yaml").outer and cfg.outer.lr == 0.5
+    assert moe.model.shards == 5 and moe.outer == load_config("configs/moe.yaml").outer
+    assert caplog.records == [], [r.getMessage() for r in caplog.records]
+    # Data, the inner loop and windows stay the demo's.
+    assert (cfg.data, cfg.train, cfg.window) == (demo.data, demo.train, demo.window)
     with pytest.raises(CliError, match="no such preset"):
         preset_overrides("huge")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  shards: 2\nouter: 0.5\n")
+    with pytest.raises(CliError, match="outer: is not a mapping"):
+        preset_overrides(str(bad))
 
 
 def test_every_behaviour_can_be_an_adversary() -> None:

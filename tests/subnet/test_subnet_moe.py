@@ -35,7 +35,6 @@ def argv(run: Path) -> list[str]:
         "chain.block_time_s=0.2",
         "window.blocks=100",  # 20 s windows: room for proof of work on a slow CI machine
         "data.max_documents=120",
-        "outer.lr=0.5",  # half a step for a sharded model, as the README says
         "subnet.sample_tokens=8",
         "subnet.refresh_s=0.5",
         "subnet.stop_grace_s=4",
