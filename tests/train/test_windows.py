@@ -9,7 +9,7 @@ from chain.ledger import Ledger
 from chain.local import LocalChain
 from tests.chain.conftest import fast_config
 from train.config import WindowConfig
-from train.windows import deadline, start_block, wait_for_block, window_of
+from train.windows import deadline, joinable_window, start_block, wait_for_block, window_of
 
 
 def test_window_arithmetic() -> None:
@@ -19,6 +19,14 @@ def test_window_arithmetic() -> None:
     assert deadline(2, cfg) == 88  # contributions for window 2 are late from block 88 on
     with pytest.raises(ValueError, match="publish_margin"):
         WindowConfig(blocks=5, publish_margin=5)
+
+
+def test_a_miner_joins_a_window_only_while_half_of_it_is_left() -> None:
+    cfg = WindowConfig(blocks=30, publish_margin=2)
+    # Window 2 is blocks 60..89: joinable up to block 75 (15 of 30 passed), then window 3.
+    assert [joinable_window(b, cfg) for b in (60, 74, 75, 76, 89, 90)] == [2, 2, 2, 3, 3, 3]
+    odd = WindowConfig(blocks=7, publish_margin=1)
+    assert [joinable_window(b, odd) for b in (7, 10, 11)] == [1, 1, 2]  # 3 · 2 ≤ 7 < 4 · 2
 
 
 def test_waiting_on_a_stalled_ledger_says_why(tmp_path: Path) -> None:
