@@ -90,4 +90,7 @@ def test_subnet_up_with_experts_as_shards(tmp_path: Path) -> None:
     final = max(summary["checkpoints"])
     config = json.loads((run / "final" / f"window-{final}" / "config.json").read_text())
     assert config["model_type"] == "mixtral" and config["num_local_experts"] == 8, config
+    # `--preset moe` brought the preset's half plain outer step with its model.
+    meta = json.loads((run / "final" / f"window-{final}" / "tensormine.json").read_text())
+    assert meta["run_config"]["outer"] == {"lr": 0.5, "momentum": 0.0, "nesterov": False}
     assert "sample (transformers" in out and "untrained initial model" not in out
