@@ -131,7 +131,7 @@ def main() -> None:
         Path(f"{args.out}.json").parent.mkdir(parents=True, exist_ok=True)
         Path(f"{args.out}.json").write_text(json.dumps(results, indent=1) + "\n")
     report(results)
-    plot(results, f"{args.out}.png")
+    plot(results, f"{args.out}.png", args.miners)
     print(f"\nJSON: {args.out}.json, plot: {args.out}.png")
 
 
@@ -271,7 +271,7 @@ def report(results: dict[str, Any]) -> None:
         )
 
 
-def plot(results: dict[str, Any], path: str) -> None:
+def plot(results: dict[str, Any], path: str, miners: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -293,7 +293,9 @@ def plot(results: dict[str, Any], path: str) -> None:
             if pts:
                 ax_own.scatter(*zip(*pts, strict=True), color=f"C{i}", marker=marker, s=14,
                                alpha=0.7, label=f"{name}: {kind}")  # fmt: skip
-    ax_loss.set(xlabel="window", ylabel="held-out loss (nats)", title="held-out loss, 4 miners")
+    ax_loss.set(
+        xlabel="window", ylabel="held-out loss (nats)", title=f"held-out loss, {miners} miners"
+    )
     if ax_route is not None:
         ax_route.axhline(1 / 8, color="black", linewidth=0.8)
         ax_route.set(xlabel="window", ylabel="share of a layer's routed slots (mean over layers)",
