@@ -365,13 +365,12 @@ class LedgerAllReduceRunner(AllReduceRunner):  # type: ignore[misc]
         total = int(sum(self.tensor_part_container.num_parts_by_peer))
         return total - len(self.contributors)
 
-    def to_block(self) -> set[PeerID]:
-        """Whom this attempt leaves out of the retry (`left_out`), counting reducer strikes
-        into the round's log."""
+    def to_block(self, sets: set[frozenset[PeerID]]) -> set[PeerID]:
+        """Whom this attempt leaves out of the retry (`left_out`; `sets`: this attempt's
+        `contributor_sets`), counting reducer strikes into the round's log."""
         return left_out(
             failed=self.failed_reducers, misbehaved=self.misbehaved_reducers,
-            banned=set(self.banned_senders), contributor_sets=self.contributor_sets(),
-            strikes=self._log.strikes,
+            banned=set(self.banned_senders), contributor_sets=sets, strikes=self._log.strikes,
         )  # fmt: skip
 
     def delivered_spans(self) -> list[tuple[int, int]]:

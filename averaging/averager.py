@@ -538,7 +538,7 @@ class LedgerAverager(DecentralizedAverager):  # type: ignore[misc]
             # Whoever failed us this attempt does not get into the next one (a reducer that
             # only did not answer in time: once it did so twice).
             sets = runner.contributor_sets()
-            self.tm_log.blocked.update(runner.to_block())
+            self.tm_log.blocked.update(runner.to_block(sets))
             # Parts that counted us reached the others, unless (strict mode) their sets
             # differ: then every member saw it and refused the attempt.
             if not (self.tm_config.strict and len(sets) > 1):

@@ -49,9 +49,10 @@ def commit_before_deadline(
     None when it was too late to try or the chain refused it (logged; no reveal follows
     either way). `anyway` commits past the deadline too (a backdater's cheat, for the
     tests that show it earns nothing)."""
-    if chain.block_number() >= deadline_block and not anyway:
+    head = chain.block_number()
+    if head >= deadline_block and not anyway:
         return None
-    blocks = max(1, deadline_block - chain.block_number()) + 2
+    blocks = max(1, deadline_block - head) + 2
     try:
         return commit_contribution(
             chain, window, digest, timeout=blocks * chain.block_time_s + 10.0

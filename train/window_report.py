@@ -3,7 +3,7 @@
 report = WindowReport(window=w, uid=uid, shard=s, ...)
 round_report(report, outcomes, shard)    # members, bytes, seconds of a round
 tracker.log(step_metrics(stat, w, s))    # every inner step
-tracker.log(window_metrics(report, stats, moe))
+tracker.log(window_metrics(report, moe_report(report, stats)))
 logger.info("%s", summary(report))       # the miner's one line per window
 """
 
